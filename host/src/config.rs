@@ -1,0 +1,406 @@
+//! Command line and config file.
+//!
+//! `vhost-plug` accepts every command line and YAML config file that starts rust-vmm's
+//! `vhost-device-vsock` 0.3.0 (the "peer"), with the same defaults, plus a few options of its
+//! own. Three mutually exclusive ways describe the VMs to serve:
+//!
+//! * one VM from flags: `--guest-cid 3 --socket S --uds-path U [--tx-buffer-size N]
+//!   [--queue-size N] [--groups a+b]`;
+//! * one VM per `--vm key=value,...` (keys spelled with `-` or `_`, `groups=a+b`);
+//! * `--config FILE`, a YAML file with a `vms:` list (field names with `_`, as the peer).
+//!
+//! Ours on top: `--max-connections N` (default for every VM), the per-VM key
+//! `max-connections`/`max_connections`, and `--log-format text|json`.
+//!
+//! What the peer accepts but is unusable (CID below 3, a zero TX buffer, a queue size that is
+//! not a power of two, two VMs on one CID or one socket path) is rejected here with a message
+//! naming the flag, `--vm` or YAML field at fault. The peer's vsock forwarding backend
+//! (`forward-cid`, `forward-listen`) is not implemented: asking for it is an error, except a
+//! `forward-listen` next to a `uds-path`, which the peer ignores and so do we (with a warning).
+//!
+//! Subcommands (`vhost-plug ctl ...` and others) go into [`Command`]; when one is given the
+//! daemon flags are refused (clap's `args_conflicts_with_subcommands`), and
+//! [`parse_invocation_from`] returns it instead of a [`DaemonConfig`].
+
+mod cli;
+mod yaml;
+
+use std::ffi::OsString;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+pub use cli::Command;
+
+/// Guest CID when none is given (same as the peer).
+pub const DEFAULT_GUEST_CID: u64 = 3;
+/// Per-connection buffer size when none is given (same as the peer).
+pub const DEFAULT_TX_BUFFER_SIZE: u32 = 64 * 1024;
+/// Largest accepted per-connection buffer size. The peer takes any `u32`, and allocates that
+/// much per connection.
+pub const MAX_TX_BUFFER_SIZE: u32 = 64 * 1024 * 1024;
+/// Largest vring size we accept when none is given (same as the peer).
+pub const DEFAULT_QUEUE_SIZE: u16 = 1024;
+/// Largest split-ring size (virtio spec; `virtio_queue::Queue::new` refuses anything larger).
+pub const MAX_QUEUE_SIZE: u16 = 32768;
+/// Sibling group every VM belongs to when none is given (same as the peer).
+pub const DEFAULT_GROUP: &str = "default";
+/// Connections per VM when neither `--max-connections` nor the VM's own key says otherwise.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 16384;
+
+/// One VM served by the daemon.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmConfig {
+    /// The guest's CID (3 ..= 0xffff_fffe).
+    pub guest_cid: u64,
+    /// vhost-user socket the VMM connects to.
+    pub socket: PathBuf,
+    /// Hybrid vsock socket host programs connect to; guest connections to port P go to
+    /// `<uds_path>_P`.
+    pub uds_path: PathBuf,
+    /// Per-connection buffer, also the `buf_alloc` we advertise (1 ..= 64 MiB).
+    pub tx_buffer_size: u32,
+    /// Largest vring size we accept (a power of two, 1 ..= 32768).
+    pub queue_size: u16,
+    /// Sibling groups: VMs sharing a group can reach each other by CID.
+    pub groups: Vec<String>,
+    /// Most connections open at once for this VM (at least 1).
+    pub max_connections: usize,
+}
+
+impl VmConfig {
+    /// A VM with the default buffer size, queue size, group and connection limit.
+    pub fn new(guest_cid: u64, socket: impl Into<PathBuf>, uds_path: impl Into<PathBuf>) -> Self {
+        VmConfig {
+            guest_cid,
+            socket: socket.into(),
+            uds_path: uds_path.into(),
+            tx_buffer_size: DEFAULT_TX_BUFFER_SIZE,
+            queue_size: DEFAULT_QUEUE_SIZE,
+            groups: vec![DEFAULT_GROUP.to_string()],
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+        }
+    }
+}
+
+/// Format of the daemon's log lines (stderr).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Everything the daemon needs to start.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DaemonConfig {
+    /// The VMs, in the order given.
+    pub vms: Vec<VmConfig>,
+    pub log_format: LogFormat,
+    /// Things accepted for compatibility that the operator should know about (ignored YAML
+    /// fields, ignored `forward-listen`, ...). Parsing happens before logging is set up, so
+    /// the caller logs these once it is.
+    pub warnings: Vec<String>,
+}
+
+impl DaemonConfig {
+    /// A config serving `vms` with text logs and no warnings.
+    pub fn new(vms: Vec<VmConfig>) -> Self {
+        DaemonConfig {
+            vms,
+            log_format: LogFormat::Text,
+            warnings: Vec::new(),
+        }
+    }
+
+    /// Checks a config built in code with the same rules the parser applies.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.vms.is_empty() {
+            return Err(ConfigError::Invalid {
+                what: "config".into(),
+                message: "no VM to serve".into(),
+            });
+        }
+        for (i, vm) in self.vms.iter().enumerate() {
+            let what = |field: &str| format!("vms[{i}].{field}");
+            let invalid = |field: &str, message: String| ConfigError::Invalid {
+                what: what(field),
+                message,
+            };
+            check_guest_cid(vm.guest_cid).map_err(|m| invalid("guest_cid", m))?;
+            check_path(&vm.socket).map_err(|m| invalid("socket", m))?;
+            check_path(&vm.uds_path).map_err(|m| invalid("uds_path", m))?;
+            check_tx_buffer_size(u64::from(vm.tx_buffer_size))
+                .map_err(|m| invalid("tx_buffer_size", m))?;
+            check_queue_size(u64::from(vm.queue_size)).map_err(|m| invalid("queue_size", m))?;
+            check_max_connections(vm.max_connections as u64)
+                .map_err(|m| invalid("max_connections", m))?;
+        }
+        let labelled: Vec<_> = self
+            .vms
+            .iter()
+            .enumerate()
+            .map(|(i, vm)| (vm, Origin::Code(i)))
+            .collect();
+        check_unique(&labelled)
+    }
+}
+
+/// What the command line asks for.
+#[derive(Debug)]
+pub enum Invocation {
+    /// Run the daemon.
+    Daemon(DaemonConfig),
+    /// Run a subcommand.
+    Command(Command),
+}
+
+/// Why the command line or config file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Refused by clap, or `--help`/`--version` (see [`ConfigError::exit`]). Bad `--vm`
+    /// values and bad flag values arrive here too, formatted with the usage line.
+    #[error("{0}")]
+    Cli(#[from] clap::Error),
+    /// The config file could not be read.
+    #[error("cannot read config file {}: {source}", path.display())]
+    ReadConfig {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The config file is not valid YAML or breaks the schema. `field` is the path to the
+    /// offending value, like `vms[1].guest_cid` (absent for YAML syntax errors); `line` and
+    /// `column` start at 1.
+    #[error("{}:{line}:{column}: {}{message}", path.display(), field_prefix(.field))]
+    Yaml {
+        path: PathBuf,
+        field: Option<String>,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    /// The config file is wrong in a way that has no position (e.g. it is empty).
+    #[error("{}: {message}", path.display())]
+    ConfigFile { path: PathBuf, message: String },
+    /// Two VMs claim one CID.
+    #[error("guest CID {cid} is given to both {first} and {second}")]
+    DuplicateCid {
+        cid: u64,
+        first: String,
+        second: String,
+    },
+    /// Two sockets of the daemon (vhost-user or hybrid vsock) are at one path.
+    #[error("path {} is used twice: as {first} and as {second}", path.display())]
+    DuplicatePath {
+        path: PathBuf,
+        first: String,
+        second: String,
+    },
+    /// A [`DaemonConfig`] built in code breaks a rule ([`DaemonConfig::validate`]).
+    #[error("{what}: {message}")]
+    Invalid { what: String, message: String },
+}
+
+fn field_prefix(field: &Option<String>) -> String {
+    field.as_ref().map(|f| format!("{f}: ")).unwrap_or_default()
+}
+
+impl ConfigError {
+    /// Prints the error (or the help / version text) and gives the exit code: 0 for `--help`
+    /// and `--version`, 2 for everything else.
+    pub fn exit(&self) -> ExitCode {
+        match self {
+            ConfigError::Cli(e) => {
+                let _ = e.print();
+                ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2))
+            }
+            other => {
+                eprintln!("error: {other}");
+                ExitCode::from(2)
+            }
+        }
+    }
+}
+
+/// Parses a daemon command line (`args` starts with the program name).
+pub fn parse_from<I, T>(args: I) -> Result<DaemonConfig, ConfigError>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    match parse_invocation_from(args)? {
+        Invocation::Daemon(cfg) => Ok(cfg),
+        Invocation::Command(cmd) => match cmd {},
+    }
+}
+
+/// Parses a command line that may name a subcommand (`args` starts with the program name).
+pub fn parse_invocation_from<I, T>(args: I) -> Result<Invocation, ConfigError>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    cli::parse(args)
+}
+
+/// One VM as written by the user, before defaults. Per-field values are already checked.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct VmSpec {
+    guest_cid: Option<u64>,
+    socket: Option<PathBuf>,
+    uds_path: Option<PathBuf>,
+    tx_buffer_size: Option<u32>,
+    queue_size: Option<u16>,
+    groups: Option<Vec<String>>,
+    max_connections: Option<usize>,
+    warnings: Vec<String>,
+}
+
+impl VmSpec {
+    /// Fills in defaults. `socket` and `uds_path` must have been checked present.
+    fn finish(self, max_connections: usize) -> (VmConfig, Vec<String>) {
+        let vm = VmConfig {
+            guest_cid: self.guest_cid.unwrap_or(DEFAULT_GUEST_CID),
+            socket: self.socket.expect("socket checked present"),
+            uds_path: self.uds_path.expect("uds_path checked present"),
+            tx_buffer_size: self.tx_buffer_size.unwrap_or(DEFAULT_TX_BUFFER_SIZE),
+            queue_size: self.queue_size.unwrap_or(DEFAULT_QUEUE_SIZE),
+            groups: self
+                .groups
+                .unwrap_or_else(|| vec![DEFAULT_GROUP.to_string()]),
+            max_connections: self.max_connections.unwrap_or(max_connections),
+        };
+        (vm, self.warnings)
+    }
+}
+
+/// Where a VM was described, for messages about two VMs.
+#[derive(Clone, Debug)]
+enum Origin {
+    Flags,
+    VmArg(usize),
+    File(PathBuf, usize),
+    Code(usize),
+}
+
+impl Origin {
+    /// `field` spelled the way this origin spells it.
+    fn field(&self, dashed: &str) -> String {
+        match self {
+            Origin::Flags => format!("--{dashed}"),
+            Origin::VmArg(_) => format!("{dashed} of {self}"),
+            Origin::File(..) | Origin::Code(_) => format!("{} of {self}", dashed.replace('-', "_")),
+        }
+    }
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::Flags => f.write_str("the command-line flags"),
+            Origin::VmArg(i) => write!(f, "--vm #{}", i + 1),
+            Origin::File(path, i) => write!(f, "vms[{i}] in {}", path.display()),
+            Origin::Code(i) => write!(f, "vms[{i}]"),
+        }
+    }
+}
+
+/// Rules across VMs: CIDs unique; every socket path (vhost-user and hybrid vsock, of all VMs)
+/// distinct. Paths compare lexically (`a//b` equals `a/b`; symlinks are not resolved).
+fn check_unique(vms: &[(&VmConfig, Origin)]) -> Result<(), ConfigError> {
+    let mut cids: Vec<(u64, &Origin)> = Vec::new();
+    let mut paths: Vec<(&Path, String)> = Vec::new();
+    for (vm, origin) in vms {
+        if let Some((_, first)) = cids.iter().find(|(c, _)| *c == vm.guest_cid) {
+            return Err(ConfigError::DuplicateCid {
+                cid: vm.guest_cid,
+                first: first.to_string(),
+                second: origin.to_string(),
+            });
+        }
+        cids.push((vm.guest_cid, origin));
+        for (path, field) in [(&vm.socket, "socket"), (&vm.uds_path, "uds-path")] {
+            let label = origin.field(field);
+            if let Some((_, first)) = paths.iter().find(|(p, _)| *p == path.as_path()) {
+                return Err(ConfigError::DuplicatePath {
+                    path: path.clone(),
+                    first: first.clone(),
+                    second: label,
+                });
+            }
+            paths.push((path, label));
+        }
+    }
+    Ok(())
+}
+
+fn check_guest_cid(cid: u64) -> Result<u64, String> {
+    if cid < 3 {
+        Err(format!(
+            "guest CID {cid} is reserved (0: hypervisor, 1: local, 2: host); use 3 or more"
+        ))
+    } else if cid >= u64::from(u32::MAX) {
+        Err(format!(
+            "guest CID {cid} is out of range: virtio-vsock reserves the upper 32 bits and \
+             0xffffffff means any CID; use at most 4294967294"
+        ))
+    } else {
+        Ok(cid)
+    }
+}
+
+fn check_tx_buffer_size(size: u64) -> Result<u32, String> {
+    if size == 0 {
+        Err("TX buffer size must be greater than 0".into())
+    } else if size > u64::from(MAX_TX_BUFFER_SIZE) {
+        Err(format!(
+            "TX buffer size {size} is too large; the limit is {MAX_TX_BUFFER_SIZE} (64 MiB)"
+        ))
+    } else {
+        Ok(size as u32)
+    }
+}
+
+fn check_queue_size(size: u64) -> Result<u16, String> {
+    if size == 0 || size > u64::from(MAX_QUEUE_SIZE) || !size.is_power_of_two() {
+        Err(format!(
+            "queue size {size} is not a power of two between 1 and {MAX_QUEUE_SIZE}"
+        ))
+    } else {
+        Ok(size as u16)
+    }
+}
+
+fn check_max_connections(n: u64) -> Result<usize, String> {
+    match usize::try_from(n) {
+        Ok(0) => Err("max connections must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("max connections {n} is too large")),
+    }
+}
+
+fn check_path(path: &Path) -> Result<(), String> {
+    if path.as_os_str().is_empty() {
+        Err("path must not be empty".into())
+    } else {
+        Ok(())
+    }
+}
+
+/// Parses a decimal number (leading `+` allowed, as Rust's and so the peer's parser).
+fn parse_number(value: &str) -> Result<u64, String> {
+    value
+        .parse::<u64>()
+        .map_err(|e| format!("`{value}` is not a non-negative integer: {e}"))
+}
+
+/// `a+b` -> `["a", "b"]`, kept literally as the peer does (`""` is a group named `""`).
+fn split_groups(value: &str) -> Vec<String> {
+    value.split('+').map(String::from).collect()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,343 @@
+//! The clap command line.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use clap::error::ErrorKind;
+use clap::{Args, CommandFactory, Parser, Subcommand};
+
+use super::{
+    check_guest_cid, check_max_connections, check_path, check_queue_size, check_tx_buffer_size,
+    check_unique, parse_number, split_groups, yaml, ConfigError, DaemonConfig, Invocation,
+    LogFormat, Origin, VmSpec, DEFAULT_MAX_CONNECTIONS,
+};
+
+/// Subcommands of `vhost-plug`. None yet: `vhost-plug` alone runs the daemon.
+///
+/// To add one, add a variant here (its arguments can be an `Args` struct defined in the
+/// module that implements it), then handle it where [`super::parse_invocation_from`]'s
+/// result is matched; [`super::parse_from`] will stop compiling until it decides what a
+/// subcommand means there. Daemon flags given together with a subcommand are refused by
+/// clap, and so is any option before the subcommand name: `--log-format` is global but must
+/// come after it (`vhost-plug ctl --log-format json ...`).
+#[derive(Debug, Subcommand)]
+pub enum Command {}
+
+const UNSUPPORTED_FORWARD: &str = "vhost-device-vsock's vsock forwarding backend \
+     (forward-cid / forward-listen) is not supported by vhost-plug; use uds-path";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "vhost-plug",
+    version,
+    about = "vhost-user virtio-vsock backend (command line compatible with vhost-device-vsock 0.3.0)",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(flatten)]
+    single: SingleVm,
+
+    /// One VM as comma-separated key=value pairs; repeat for more VMs.
+    ///
+    /// Keys (`-` or `_`): guest-cid, socket, uds-path, tx-buffer-size, queue-size,
+    /// groups (names joined by '+'), max-connections. socket and uds-path are required.
+    ///
+    /// Example:
+    ///   --vm guest-cid=3,socket=/tmp/vhost3.socket,uds-path=/tmp/vm3.vsock,
+    ///        tx-buffer-size=65536,queue-size=1024,groups=group1+group2
+    #[arg(
+        long,
+        value_name = "KEY=VALUE,...",
+        value_parser = parse_vm_arg,
+        conflicts_with = "config",
+        verbatim_doc_comment
+    )]
+    vm: Vec<VmSpec>,
+
+    /// Load the VMs from a YAML file holding a `vms:` list (fields as the --vm keys, with '_').
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    /// Most connections open at once per VM, for VMs that do not set their own
+    /// max-connections [default: 16384]
+    #[arg(long, value_name = "N", value_parser = max_connections_value)]
+    max_connections: Option<usize>,
+
+    /// Log line format (on stderr).
+    #[arg(long, value_enum, value_name = "FORMAT", default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+/// One VM described by flags (the peer's original single-VM form).
+#[derive(Debug, Args)]
+struct SingleVm {
+    /// Context identifier of the guest: 3 or more, unique in this daemon [default: 3]
+    #[arg(long, value_name = "CID", value_parser = cid_value, conflicts_with_all = ["config", "vm"])]
+    guest_cid: Option<u64>,
+
+    /// Unix socket the VMM connects to (vhost-user control path); required with this form
+    #[arg(long, value_name = "PATH", value_parser = path_value, conflicts_with_all = ["config", "vm"])]
+    socket: Option<PathBuf>,
+
+    /// Unix socket host programs connect to (hybrid vsock); required with this form
+    #[arg(
+        long,
+        value_name = "PATH",
+        value_parser = path_value,
+        conflicts_with_all = ["config", "vm", "forward_cid", "forward_listen"]
+    )]
+    uds_path: Option<PathBuf>,
+
+    /// vhost-device-vsock's vsock backend: accepted by the parser, refused.
+    #[arg(long, hide = true, conflicts_with_all = ["config", "vm"])]
+    forward_cid: Option<u32>,
+
+    /// vhost-device-vsock's vsock backend: accepted by the parser, refused.
+    #[arg(long, hide = true, conflicts_with_all = ["config", "vm"])]
+    forward_listen: Option<String>,
+
+    /// Per-connection buffer size in bytes, 1 to 64 MiB [default: 65536]
+    #[arg(long, value_name = "BYTES", value_parser = tx_buffer_size_value, conflicts_with_all = ["config", "vm"])]
+    tx_buffer_size: Option<u32>,
+
+    /// Largest vring size accepted, a power of two up to 32768 [default: 1024]
+    #[arg(long, value_name = "N", value_parser = queue_size_value, conflicts_with_all = ["config", "vm"])]
+    queue_size: Option<u16>,
+
+    /// Sibling groups joined by '+'; VMs sharing a group reach each other [default: default]
+    #[arg(long, value_name = "GROUPS", conflicts_with_all = ["config", "vm"])]
+    groups: Option<String>,
+}
+
+impl SingleVm {
+    fn is_used(&self) -> bool {
+        let SingleVm {
+            guest_cid,
+            socket,
+            uds_path,
+            forward_cid,
+            forward_listen,
+            tx_buffer_size,
+            queue_size,
+            groups,
+        } = self;
+        guest_cid.is_some()
+            || socket.is_some()
+            || uds_path.is_some()
+            || forward_cid.is_some()
+            || forward_listen.is_some()
+            || tx_buffer_size.is_some()
+            || queue_size.is_some()
+            || groups.is_some()
+    }
+
+    fn into_spec(self) -> Result<VmSpec, ConfigError> {
+        let mut cmd = Cli::command();
+        if self.forward_cid.is_some() || self.forward_listen.is_some() {
+            let flag = if self.forward_cid.is_some() {
+                "--forward-cid"
+            } else {
+                "--forward-listen"
+            };
+            return Err(cmd
+                .error(
+                    ErrorKind::ArgumentConflict,
+                    format!("{flag}: {UNSUPPORTED_FORWARD}"),
+                )
+                .into());
+        }
+        for (missing, flag) in [
+            (self.socket.is_none(), "--socket <PATH>"),
+            (self.uds_path.is_none(), "--uds-path <PATH>"),
+        ] {
+            if missing {
+                return Err(cmd
+                    .error(
+                        ErrorKind::MissingRequiredArgument,
+                        format!("{flag} is required to describe a VM with flags"),
+                    )
+                    .into());
+            }
+        }
+        Ok(VmSpec {
+            guest_cid: self.guest_cid,
+            socket: self.socket,
+            uds_path: self.uds_path,
+            tx_buffer_size: self.tx_buffer_size,
+            queue_size: self.queue_size,
+            // The peer trims the whole --groups value (not the --vm one).
+            groups: self.groups.map(|g| split_groups(g.trim())),
+            max_connections: None,
+            warnings: Vec::new(),
+        })
+    }
+}
+
+pub(super) fn parse<I, T>(args: I) -> Result<Invocation, ConfigError>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let cli = Cli::try_parse_from(args)?;
+    if let Some(command) = cli.command {
+        return Ok(Invocation::Command(command));
+    }
+    let mut warnings = Vec::new();
+    let specs: Vec<(VmSpec, Origin)> = if let Some(path) = cli.config {
+        let loaded = yaml::load(&path)?;
+        warnings.extend(loaded.warnings);
+        loaded
+            .specs
+            .into_iter()
+            .enumerate()
+            .map(|(i, spec)| (spec, Origin::File(path.clone(), i)))
+            .collect()
+    } else if !cli.vm.is_empty() {
+        cli.vm
+            .into_iter()
+            .enumerate()
+            .map(|(i, spec)| (spec, Origin::VmArg(i)))
+            .collect()
+    } else if cli.single.is_used() {
+        vec![(cli.single.into_spec()?, Origin::Flags)]
+    } else {
+        return Err(Cli::command()
+            .error(
+                ErrorKind::MissingRequiredArgument,
+                "no VM to serve: give --socket and --uds-path, one or more --vm, or --config FILE",
+            )
+            .into());
+    };
+
+    let max_connections = cli.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
+    let mut vms = Vec::with_capacity(specs.len());
+    let mut origins = Vec::with_capacity(specs.len());
+    for (spec, origin) in specs {
+        let (vm, spec_warnings) = spec.finish(max_connections);
+        warnings.extend(spec_warnings.into_iter().map(|w| format!("{origin}: {w}")));
+        vms.push(vm);
+        origins.push(origin);
+    }
+    let labelled: Vec<_> = vms.iter().zip(origins).collect();
+    check_unique(&labelled)?;
+    Ok(Invocation::Daemon(DaemonConfig {
+        vms,
+        log_format: cli.log_format,
+        warnings,
+    }))
+}
+
+fn number_value<T>(value: &str, check: fn(u64) -> Result<T, String>) -> Result<T, String> {
+    parse_number(value).and_then(check)
+}
+
+fn cid_value(value: &str) -> Result<u64, String> {
+    number_value(value, check_guest_cid)
+}
+
+fn tx_buffer_size_value(value: &str) -> Result<u32, String> {
+    number_value(value, check_tx_buffer_size)
+}
+
+fn queue_size_value(value: &str) -> Result<u16, String> {
+    number_value(value, check_queue_size)
+}
+
+fn max_connections_value(value: &str) -> Result<usize, String> {
+    number_value(value, check_max_connections)
+}
+
+fn path_value(value: &str) -> Result<PathBuf, String> {
+    let path = PathBuf::from(value);
+    check_path(&path)?;
+    Ok(path)
+}
+
+fn in_key<T>(key: &str, r: Result<T, String>) -> Result<T, String> {
+    r.map_err(|m| format!("{key}: {m}"))
+}
+
+/// One `--vm` value. Like the peer: the whole value is trimmed, items are split on `,`, every
+/// item must be `key=value`, a repeated key keeps its last value, unknown keys are refused.
+/// Unlike the peer, a value may itself contain `=` (the peer silently cuts it there).
+fn parse_vm_arg(arg: &str) -> Result<VmSpec, String> {
+    let mut spec = VmSpec::default();
+    let mut forward_listen = false;
+    for item in arg.trim().split(',') {
+        let Some((key, value)) = item.split_once('=') else {
+            return Err(format!("expected key=value, found `{item}`"));
+        };
+        match key {
+            "guest_cid" | "guest-cid" => spec.guest_cid = Some(in_key(key, cid_value(value))?),
+            "socket" => spec.socket = Some(in_key(key, path_value(value))?),
+            "uds_path" | "uds-path" => spec.uds_path = Some(in_key(key, path_value(value))?),
+            "tx_buffer_size" | "tx-buffer-size" => {
+                spec.tx_buffer_size = Some(in_key(key, tx_buffer_size_value(value))?)
+            }
+            "queue_size" | "queue-size" => {
+                spec.queue_size = Some(in_key(key, queue_size_value(value))?)
+            }
+            "groups" => spec.groups = Some(split_groups(value)),
+            "max_connections" | "max-connections" => {
+                spec.max_connections = Some(in_key(key, max_connections_value(value))?)
+            }
+            "forward_cid" | "forward-cid" => return Err(format!("{key}: {UNSUPPORTED_FORWARD}")),
+            "forward_listen" | "forward-listen" => forward_listen = true,
+            _ => {
+                return Err(format!(
+                    "unknown key `{key}` (known keys: guest-cid, socket, uds-path, \
+                     tx-buffer-size, queue-size, groups, max-connections)"
+                ))
+            }
+        }
+    }
+    if spec.socket.is_none() {
+        return Err("missing required key `socket`".into());
+    }
+    if spec.uds_path.is_none() {
+        return Err("missing required key `uds-path`".into());
+    }
+    if forward_listen {
+        spec.warnings
+            .push("forward-listen is ignored next to uds-path (as vhost-device-vsock does)".into());
+    }
+    Ok(spec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    /// How a future subcommand will interact with the daemon flags.
+    #[test]
+    fn subcommands_exclude_daemon_flags() {
+        let cmd =
+            || Cli::command().subcommand(clap::Command::new("ctl").arg(clap::Arg::new("what")));
+        let m = cmd()
+            .try_get_matches_from(["vhost-plug", "ctl", "status", "--log-format", "json"])
+            .unwrap();
+        let (name, sub) = m.subcommand().unwrap();
+        assert_eq!(name, "ctl");
+        assert_eq!(
+            sub.get_one::<LogFormat>("log_format"),
+            Some(&LogFormat::Json)
+        );
+        for args in [
+            // Global options go after the subcommand name.
+            &["vhost-plug", "--log-format", "json", "ctl"][..],
+            &["vhost-plug", "--vm", "socket=/a,uds-path=/b", "ctl"],
+            &["vhost-plug", "ctl", "--socket", "/s"],
+            &["vhost-plug", "--config", "/c", "ctl"],
+        ] {
+            assert!(cmd().try_get_matches_from(args).is_err(), "{args:?}");
+        }
+    }
+}

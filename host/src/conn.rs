@@ -1,0 +1,326 @@
+//! One vsock connection: addressing, state, credit accounting and the bounded buffer of
+//! guest bytes a host socket could not take yet. No I/O happens here.
+
+use std::collections::VecDeque;
+use std::os::fd::OwnedFd;
+use std::time::Instant;
+
+use crate::vsock::header::SockType;
+
+/// Identifies a connection inside one VM: the non-guest end and the guest's port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    /// CID of the non-guest end: the host (2) or a sibling VM.
+    pub local_cid: u64,
+    pub local_port: u32,
+    pub peer_port: u32,
+}
+
+/// What the device still has to tell the guest about a connection.
+pub mod pending {
+    pub const REQUEST: u8 = 1;
+    pub const RESPONSE: u8 = 2;
+    pub const RST: u8 = 4;
+    pub const SHUTDOWN: u8 = 8;
+    pub const CREDIT_UPDATE: u8 = 16;
+    pub const CREDIT_REQUEST: u8 = 32;
+}
+
+/// How a host- or sibling-initiated connection is confirmed once the guest accepts it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AcceptReply {
+    /// Write `OK <local_port>\n` to the host socket (hybrid vsock).
+    HybridOk,
+    /// Write one byte to the sibling socketpair.
+    SiblingAck,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    /// A host program connected to the uds path; its `CONNECT <port>` line is not complete.
+    AwaitConnectLine,
+    /// REQUEST sent (or queued) to the guest, waiting for RESPONSE.
+    Requesting(AcceptReply),
+    /// Guest connected to a sibling VM; waiting for that VM's guest to accept.
+    SiblingConnecting,
+    Established,
+}
+
+/// Guest bytes waiting for the host socket: whole chunks for a stream, whole messages for
+/// SEQPACKET. Its size never exceeds the `buf_alloc` we advertised.
+#[derive(Default)]
+pub struct TxBuf {
+    chunks: VecDeque<Vec<u8>>,
+    /// Bytes of the front chunk already written (streams only).
+    front_off: usize,
+    bytes: usize,
+}
+
+impl TxBuf {
+    /// True when nothing is queued (an empty SEQPACKET message counts as something).
+    pub fn is_empty(&self) -> bool {
+        self.chunks.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.bytes
+    }
+
+    pub fn push(&mut self, chunk: Vec<u8>) {
+        self.bytes += chunk.len();
+        if !chunk.is_empty() {
+            self.chunks.push_back(chunk);
+        }
+    }
+
+    /// Queues one whole SEQPACKET message (which may be empty).
+    pub fn push_msg(&mut self, msg: Vec<u8>) {
+        self.bytes += msg.len();
+        self.chunks.push_back(msg);
+    }
+
+    /// Drops the front message after it was sent whole; returns its length.
+    pub fn pop_msg(&mut self) -> usize {
+        let n = self.chunks.pop_front().map_or(0, |m| m.len());
+        self.bytes -= n;
+        self.front_off = 0;
+        n
+    }
+
+    /// The unwritten part of the front chunk.
+    pub fn front(&self) -> Option<&[u8]> {
+        self.chunks.front().map(|c| &c[self.front_off..])
+    }
+
+    /// Up to `max` iovecs over the buffered bytes, in order.
+    pub fn iovecs(&self, max: usize, out: &mut Vec<libc::iovec>) {
+        out.clear();
+        for (i, c) in self.chunks.iter().take(max).enumerate() {
+            let s = if i == 0 { &c[self.front_off..] } else { &c[..] };
+            out.push(libc::iovec {
+                iov_base: s.as_ptr() as *mut libc::c_void,
+                iov_len: s.len(),
+            });
+        }
+    }
+
+    /// Drops `n` written bytes from the front.
+    pub fn consume(&mut self, mut n: usize) {
+        self.bytes -= n.min(self.bytes);
+        while n > 0 {
+            let Some(front) = self.chunks.front() else {
+                break;
+            };
+            let left = front.len() - self.front_off;
+            if n >= left {
+                n -= left;
+                self.chunks.pop_front();
+                self.front_off = 0;
+            } else {
+                self.front_off += n;
+                n = 0;
+            }
+        }
+    }
+
+    pub fn clear(&mut self) {
+        *self = TxBuf::default();
+    }
+}
+
+pub struct Conn {
+    /// Distinguishes this connection from earlier ones that used the same table slot.
+    pub gen: u32,
+    pub key: ConnKey,
+    pub kind: SockType,
+    pub fd: OwnedFd,
+    pub state: State,
+    /// When `state` was entered; bounds how long a handshake may take.
+    pub since: Instant,
+
+    // Guest -> host direction: we are the receiver.
+    /// Payload bytes received from the guest.
+    pub rx_cnt: u32,
+    /// Payload bytes handed to the host socket.
+    pub fwd_cnt: u32,
+    /// `fwd_cnt` as last told to the guest.
+    pub last_fwd_sent: u32,
+    pub buf: TxBuf,
+    /// A SEQPACKET message from the guest still missing its EOM packet.
+    pub partial_msg: Vec<u8>,
+
+    // Host -> guest direction: we are the sender.
+    pub tx_cnt: u32,
+    pub peer_buf_alloc: u32,
+    pub peer_fwd_cnt: u32,
+    pub credit_requested: bool,
+    /// A SEQPACKET message read from the host that did not fit in one packet.
+    pub out_msg: Vec<u8>,
+    pub out_off: usize,
+
+    /// The host socket may have bytes (edge-triggered readiness, cleared on EAGAIN).
+    pub readable: bool,
+    /// The host end hung up completely.
+    pub host_hup: bool,
+    /// Read returned end of stream; SHUTDOWN(SEND) is or was queued.
+    pub host_eof: bool,
+    /// The guest will send no more: shut the socket's write side once `buf` drains.
+    pub guest_shut_send: bool,
+    /// The guest will receive no more.
+    pub guest_shut_rcv: bool,
+
+    pub pending: u8,
+    pub shutdown_flags: u32,
+    /// Queued in the device's rx work list.
+    pub in_rx_list: bool,
+}
+
+impl Conn {
+    pub fn new(gen: u32, key: ConnKey, kind: SockType, fd: OwnedFd, state: State) -> Self {
+        Conn {
+            gen,
+            key,
+            kind,
+            fd,
+            state,
+            since: Instant::now(),
+            rx_cnt: 0,
+            fwd_cnt: 0,
+            last_fwd_sent: 0,
+            buf: TxBuf::default(),
+            partial_msg: Vec::new(),
+            tx_cnt: 0,
+            peer_buf_alloc: 0,
+            peer_fwd_cnt: 0,
+            credit_requested: false,
+            out_msg: Vec::new(),
+            out_off: 0,
+            readable: false,
+            host_hup: false,
+            host_eof: false,
+            guest_shut_send: false,
+            guest_shut_rcv: false,
+            pending: 0,
+            shutdown_flags: 0,
+            in_rx_list: false,
+        }
+    }
+
+    /// Records the guest's receive buffer state carried by every packet it sends.
+    pub fn update_peer_credit(&mut self, buf_alloc: u32, fwd_cnt: u32) {
+        self.peer_buf_alloc = buf_alloc;
+        self.peer_fwd_cnt = fwd_cnt;
+    }
+
+    /// Bytes the guest can take now: `peer_buf_alloc - (tx_cnt - peer_fwd_cnt)`, and zero
+    /// when a lying guest makes that negative.
+    pub fn peer_credit(&self) -> u32 {
+        let in_flight = self.tx_cnt.wrapping_sub(self.peer_fwd_cnt);
+        self.peer_buf_alloc.saturating_sub(in_flight)
+    }
+
+    /// Whether the guest, judging by the last `fwd_cnt` we told it, may be about to stall:
+    /// more than half of `buf_alloc` looks used although we have forwarded more since.
+    pub fn needs_credit_update(&self, buf_alloc: u32) -> bool {
+        self.fwd_cnt != self.last_fwd_sent
+            && self.rx_cnt.wrapping_sub(self.last_fwd_sent) >= buf_alloc / 2
+    }
+
+    /// Moves to `state` and restarts its clock.
+    pub fn set_state(&mut self, state: State) {
+        self.state = state;
+        self.since = Instant::now();
+    }
+
+    /// Still waiting for the other side to accept or to finish its CONNECT line.
+    pub fn in_handshake(&self) -> bool {
+        self.state != State::Established
+    }
+
+    pub fn is_seqpacket(&self) -> bool {
+        self.kind == SockType::Seqpacket
+    }
+
+    /// True when the host side may still deliver data to the guest.
+    pub fn may_read_host(&self) -> bool {
+        self.state == State::Established && !self.host_eof && !self.guest_shut_rcv
+    }
+
+    /// Whether this connection has anything for the rx queue right now.
+    pub fn wants_rx(&self) -> bool {
+        if self.pending != 0 {
+            return true;
+        }
+        if !self.may_read_host() {
+            return false;
+        }
+        if self.out_off < self.out_msg.len() {
+            return self.peer_credit() > 0;
+        }
+        self.readable && (self.peer_credit() > 0 || !self.credit_requested)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn() -> Conn {
+        let (a, _b) = crate::sys::socketpair(crate::sys::UnixKind::Stream).expect("socketpair");
+        Conn::new(
+            1,
+            ConnKey {
+                local_cid: 2,
+                local_port: 1,
+                peer_port: 2,
+            },
+            SockType::Stream,
+            a,
+            State::Established,
+        )
+    }
+
+    #[test]
+    fn credit_is_zero_when_the_guest_lies() {
+        let mut c = conn();
+        c.update_peer_credit(1000, 0);
+        c.tx_cnt = 400;
+        assert_eq!(c.peer_credit(), 600);
+        // fwd_cnt "going backwards" past tx_cnt makes in-flight huge: no credit.
+        c.update_peer_credit(1000, 500);
+        assert_eq!(c.peer_credit(), 0);
+        // Counters wrap.
+        c.tx_cnt = 5;
+        c.update_peer_credit(1000, u32::MAX - 10);
+        assert_eq!(c.peer_credit(), 1000 - 16);
+    }
+
+    #[test]
+    fn credit_update_when_half_the_buffer_looks_used() {
+        let mut c = conn();
+        c.rx_cnt = 40_000;
+        c.fwd_cnt = 40_000;
+        assert!(c.needs_credit_update(65536));
+        c.last_fwd_sent = 40_000;
+        assert!(!c.needs_credit_update(65536));
+        c.rx_cnt = 50_000;
+        assert!(!c.needs_credit_update(65536), "nothing new was forwarded");
+    }
+
+    #[test]
+    fn txbuf_consumes_across_chunks() {
+        let mut b = TxBuf::default();
+        b.push(vec![1, 2, 3]);
+        b.push(vec![4, 5]);
+        assert_eq!(b.len(), 5);
+        b.consume(2);
+        assert_eq!(b.front(), Some(&[3u8][..]));
+        let mut iov = Vec::new();
+        b.iovecs(8, &mut iov);
+        assert_eq!(iov.len(), 2);
+        assert_eq!(iov[0].iov_len + iov[1].iov_len, 3);
+        b.consume(3);
+        assert!(b.is_empty());
+        assert_eq!(b.front(), None);
+    }
+}

@@ -1,0 +1,55 @@
+//! The daemon: every configured VM on its own thread, and a clean exit on SIGINT/SIGTERM.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+use tracing::{error, info};
+
+use crate::config::DaemonConfig;
+use crate::siblings::Registry;
+use crate::vm::Vm;
+
+/// Runs until SIGINT or SIGTERM; then removes the sockets it created and returns.
+pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
+    let mut signals = Signals::new([SIGINT, SIGTERM]).context("installing signal handlers")?;
+    let registry = Arc::new(Registry::default());
+    let mut paths: Vec<PathBuf> = Vec::new();
+    let mut vms = Vec::new();
+    for vm_cfg in cfg.vms {
+        let cid = vm_cfg.guest_cid;
+        let vm = Vm::new(vm_cfg, registry.clone());
+        let vm = match vm {
+            Ok(vm) => vm,
+            Err(e) => {
+                remove_all(&paths);
+                return Err(e).with_context(|| format!("VM with CID {cid}"));
+            }
+        };
+        paths.extend(vm.socket_paths());
+        vms.push(vm);
+    }
+    for vm in vms {
+        std::thread::Builder::new()
+            .name("vm".into())
+            .spawn(move || {
+                if let Err(e) = vm.run() {
+                    error!(error = %e, "VM stopped");
+                }
+            })
+            .context("spawning VM thread")?;
+    }
+    if let Some(sig) = signals.forever().next() {
+        info!(signal = sig, "exiting");
+    }
+    remove_all(&paths);
+    Ok(())
+}
+
+fn remove_all(paths: &[PathBuf]) {
+    for p in paths {
+        let _ = std::fs::remove_file(p);
+    }
+}

@@ -1,0 +1,266 @@
+//! Host-side events: listeners, the CONNECT handshake, sibling requests and readiness of
+//! connected host sockets.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use tracing::{debug, warn};
+use vmm_sys_util::epoll::{EpollEvent, EventSet};
+
+use super::{
+    Device, MAX_HANDSHAKES, TOKEN_LISTEN_SEQ, TOKEN_LISTEN_STREAM, TOKEN_SIBLING, TOKEN_TIMER,
+};
+use crate::conn::{pending, AcceptReply, Conn, ConnKey, State};
+use crate::siblings::SiblingConnect;
+use crate::sys;
+use crate::vsock::header::{SockType, HOST_CID};
+
+/// Longest `CONNECT <port>\n` line accepted.
+const MAX_CONNECT_LINE: usize = 64;
+/// Connections accepted per listener wakeup, so one busy listener cannot starve the rings.
+const ACCEPT_BATCH: usize = 64;
+
+/// Parses `CONNECT <port>` (the newline already removed).
+pub fn parse_connect_line(line: &[u8]) -> Option<u32> {
+    let s = std::str::from_utf8(line).ok()?;
+    let s = s.strip_suffix('\r').unwrap_or(s);
+    let mut parts = s.split(' ');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some("CONNECT"), Some(port), None) => port.parse().ok(),
+        _ => None,
+    }
+}
+
+impl Device {
+    /// Handles everything the host-socket epoll reports.
+    pub fn handle_host_events(&mut self) {
+        let mut events = [EpollEvent::default(); 64];
+        loop {
+            let n = match self.epoll.wait(0, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    warn!(error = %e, "host epoll wait failed");
+                    return;
+                }
+            };
+            for ev in &events[..n] {
+                let evset = EventSet::from_bits_truncate(ev.events);
+                match ev.data() {
+                    TOKEN_LISTEN_STREAM => self.accept(SockType::Stream),
+                    TOKEN_LISTEN_SEQ => self.accept(SockType::Seqpacket),
+                    TOKEN_SIBLING => self.sibling_requests(),
+                    TOKEN_TIMER => self.expire_handshakes(),
+                    tok => self.conn_event(tok, evset),
+                }
+            }
+            if n < events.len() {
+                return;
+            }
+        }
+    }
+
+    fn accept(&mut self, kind: SockType) {
+        let Some(l) = self.listeners else { return };
+        let fd = match kind {
+            SockType::Stream => l.stream,
+            SockType::Seqpacket => l.seqpacket,
+        };
+        for _ in 0..ACCEPT_BATCH {
+            let sock = match sys::accept(fd) {
+                Ok(s) => s,
+                Err(e) if sys::would_block(&e) => return,
+                Err(e) => {
+                    warn!(error = %e, "accept on uds path failed");
+                    return;
+                }
+            };
+            if self.at_capacity() || self.handshakes >= MAX_HANDSHAKES {
+                warn!(
+                    cid = self.cfg.guest_cid,
+                    "too many host connections; closing a new one"
+                );
+                continue;
+            }
+            self.host_connected(sock, kind);
+        }
+    }
+
+    fn host_connected(&mut self, sock: OwnedFd, kind: SockType) {
+        let key = ConnKey {
+            local_cid: HOST_CID,
+            local_port: 0,
+            peer_port: 0,
+        };
+        let conn = Conn::new(0, key, kind, sock, State::AwaitConnectLine);
+        match self.insert(conn, false) {
+            Ok(idx) => {
+                self.handshakes += 1;
+                self.conns[idx].readable = true;
+                self.read_connect_line(idx);
+            }
+            Err(e) => warn!(error = %e, "cannot watch host socket"),
+        }
+    }
+
+    /// Consumes exactly the CONNECT line, leaving any bytes after it in the socket for the
+    /// guest, and offers the connection to the guest.
+    fn read_connect_line(&mut self, idx: usize) {
+        let c = &mut self.conns[idx];
+        let fd = c.fd.as_raw_fd();
+        let mut line = [0u8; MAX_CONNECT_LINE];
+        let n = match sys::peek(fd, &mut line) {
+            Ok(0) => return self.remove(idx),
+            Ok(n) => n,
+            Err(e) if sys::would_block(&e) => {
+                c.readable = false;
+                return;
+            }
+            Err(_) => return self.remove(idx),
+        };
+        let end = match line[..n].iter().position(|&b| b == b'\n') {
+            Some(p) => p + 1,
+            // A SEQPACKET CONNECT message needs no newline.
+            None if c.is_seqpacket() => n,
+            None if n == MAX_CONNECT_LINE => {
+                warn!(cid = self.cfg.guest_cid, "overlong CONNECT line; closing");
+                return self.remove(idx);
+            }
+            None => return,
+        };
+        // Consume the line (or the whole first message) and nothing more.
+        let mut sink = [0u8; MAX_CONNECT_LINE];
+        if sys::recv(fd, &mut sink[..end]).ok() != Some(end) {
+            return self.remove(idx);
+        }
+        let text = line[..end].strip_suffix(b"\n").unwrap_or(&line[..end]);
+        let Some(port) = parse_connect_line(text) else {
+            warn!(
+                cid = self.cfg.guest_cid,
+                line = %String::from_utf8_lossy(text),
+                "bad CONNECT line; closing"
+            );
+            return self.remove(idx);
+        };
+        let local_port = self.alloc_host_port(port);
+        let c = &mut self.conns[idx];
+        c.key = ConnKey {
+            local_cid: HOST_CID,
+            local_port,
+            peer_port: port,
+        };
+        c.set_state(State::Requesting(AcceptReply::HybridOk));
+        c.pending = pending::REQUEST;
+        self.handshakes -= 1;
+        self.keys.insert(self.conns[idx].key, idx);
+        debug!(cid = self.cfg.guest_cid, port, local_port, "host connect");
+        self.wake_rx(idx);
+    }
+
+    fn sibling_requests(&mut self) {
+        let Some(inbox) = &self.inbox else { return };
+        let _ = inbox.wake.read();
+        let mut reqs = Vec::new();
+        while let Ok(r) = inbox.rx.try_recv() {
+            reqs.push(r);
+        }
+        for r in reqs {
+            self.sibling_connect(r);
+        }
+    }
+
+    fn sibling_connect(&mut self, r: SiblingConnect) {
+        let key = ConnKey {
+            local_cid: r.from_cid,
+            local_port: r.from_port,
+            peer_port: r.to_port,
+        };
+        if self.at_capacity() || self.keys.contains_key(&key) {
+            // Dropping the socket tells the other VM to reset its guest.
+            warn!(
+                cid = self.cfg.guest_cid,
+                from = r.from_cid,
+                "refusing sibling connection"
+            );
+            return;
+        }
+        if r.kind == SockType::Seqpacket && !self.seqpacket {
+            return;
+        }
+        let mut conn = Conn::new(
+            0,
+            key,
+            r.kind,
+            r.fd,
+            State::Requesting(AcceptReply::SiblingAck),
+        );
+        conn.pending = pending::REQUEST;
+        match self.insert(conn, true) {
+            Ok(idx) => self.wake_rx(idx),
+            Err(e) => warn!(error = %e, "cannot watch sibling socket"),
+        }
+    }
+
+    fn conn_event(&mut self, tok: u64, ev: EventSet) {
+        let idx = (tok & 0xffff_ffff) as usize;
+        let gen = (tok >> 32) as u32;
+        let Some(c) = self.conns.get_mut(idx) else {
+            return;
+        };
+        if c.gen != gen {
+            return;
+        }
+        if ev
+            .intersects(EventSet::IN | EventSet::READ_HANG_UP | EventSet::HANG_UP | EventSet::ERROR)
+        {
+            c.readable = true;
+        }
+        if ev.contains(EventSet::HANG_UP) {
+            c.host_hup = true;
+        }
+        if ev.contains(EventSet::OUT) {
+            self.flush(idx);
+        }
+        let Some(c) = self.conns.get_mut(idx) else {
+            return;
+        };
+        match c.state {
+            State::AwaitConnectLine => self.read_connect_line(idx),
+            State::SiblingConnecting => self.sibling_answer(idx),
+            State::Requesting(_) | State::Established => self.wake_rx(idx),
+        }
+    }
+
+    /// The sibling VM's guest accepted (one byte) or refused (the socket closed).
+    fn sibling_answer(&mut self, idx: usize) {
+        let c = &mut self.conns[idx];
+        let mut b = [0u8; 1];
+        match sys::recv(c.fd.as_raw_fd(), &mut b) {
+            Ok(1) => {
+                c.set_state(State::Established);
+                c.pending |= pending::RESPONSE;
+                self.wake_rx(idx);
+            }
+            Err(e) if sys::would_block(&e) => c.readable = false,
+            _ => self.reset(idx, "sibling refused the connection"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_connect_line;
+
+    #[test]
+    fn connect_lines() {
+        assert_eq!(parse_connect_line(b"CONNECT 1234"), Some(1234));
+        assert_eq!(parse_connect_line(b"CONNECT 1234\r"), Some(1234));
+        assert_eq!(parse_connect_line(b"CONNECT 4294967295"), Some(u32::MAX));
+        assert_eq!(parse_connect_line(b"CONNECT 4294967296"), None);
+        assert_eq!(parse_connect_line(b"CONNECT"), None);
+        assert_eq!(parse_connect_line(b"CONNECT  1"), None);
+        assert_eq!(parse_connect_line(b"connect 1"), None);
+        assert_eq!(parse_connect_line(b"CONNECT 1 2"), None);
+        assert_eq!(parse_connect_line(b"CONNECT -1"), None);
+        assert_eq!(parse_connect_line(&[0xff, 0xfe]), None);
+    }
+}

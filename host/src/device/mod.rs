@@ -1,0 +1,341 @@
+//! The vsock device of one VM: connection table, guest packet handling and host sockets.
+//!
+//! Runs on the VM's vring worker thread. Host sockets live in an epoll of their own whose fd
+//! is one more event source of that worker, so one thread owns all state of a VM and no lock
+//! is taken on the data path.
+
+mod host;
+mod rx;
+mod tx;
+
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use slab::Slab;
+use tracing::{debug, warn};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::timerfd::TimerFd;
+
+use crate::conn::{pending, Conn, ConnKey};
+use crate::mem::GuestMemAtomic;
+use crate::siblings::{Inbox, Registry};
+use crate::vsock::header::{Header, HOST_CID, OP_RST};
+
+/// Largest payload of one packet we build or accept (Linux uses 64 KiB).
+pub const MAX_PKT_PAYLOAD: usize = 64 * 1024;
+/// Largest SEQPACKET message read from a host socket.
+pub const MAX_SEQ_MSG: usize = 256 * 1024;
+/// RST replies to packets without a connection that may wait for rx buffers.
+pub const MAX_STRAY_RST: usize = 1024;
+/// Host connections that may sit in the CONNECT handshake at once.
+pub const MAX_HANDSHAKES: usize = 1024;
+
+const TOKEN_LISTEN_STREAM: u64 = 1 << 63;
+const TOKEN_LISTEN_SEQ: u64 = (1 << 63) | 1;
+const TOKEN_SIBLING: u64 = (1 << 63) | 2;
+const TOKEN_TIMER: u64 = (1 << 63) | 3;
+
+/// How long a host program may take to send its CONNECT line, and a guest or sibling to
+/// answer a connection request, before the connection is dropped.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Period of the handshake timer while any handshake is pending.
+const TIMER_TICK: Duration = Duration::from_secs(1);
+
+/// Static settings of a VM's device.
+#[derive(Clone, Debug)]
+pub struct DeviceConfig {
+    pub guest_cid: u64,
+    /// Hybrid vsock path: host programs connect here; guest connects reach `<uds_path>_<port>`.
+    pub uds_path: PathBuf,
+    /// Our receive buffer per connection, advertised as `buf_alloc`.
+    pub buf_alloc: u32,
+    pub max_connections: usize,
+}
+
+/// Host-side listening sockets of a VM; they outlive frontend sessions.
+#[derive(Clone, Copy, Debug)]
+pub struct Listeners {
+    pub stream: RawFd,
+    pub seqpacket: RawFd,
+}
+
+pub struct Device {
+    cfg: DeviceConfig,
+    seqpacket: bool,
+    mem: Option<GuestMemAtomic>,
+    epoll: Epoll,
+    conns: Slab<Conn>,
+    keys: HashMap<ConnKey, usize>,
+    /// Connections with something for the rx queue, in service order.
+    rx_list: VecDeque<usize>,
+    /// RST replies to packets that match no connection.
+    stray_rst: VecDeque<Header>,
+    /// Guest packets are left in the tx queue until `stray_rst` has room again.
+    tx_stalled: bool,
+    handshakes: usize,
+    next_gen: u32,
+    next_port: u32,
+    registry: Arc<Registry>,
+    inbox: Option<Inbox>,
+    listeners: Option<Listeners>,
+    timer: TimerFd,
+    timer_armed: bool,
+    iov: Vec<libc::iovec>,
+}
+
+// SAFETY: the raw iovec pointers in the scratch vector are only used while a syscall runs and
+// never outlive the call that filled them; everything else in `Device` is Send.
+unsafe impl Send for Device {}
+
+fn token(idx: usize, gen: u32) -> u64 {
+    (u64::from(gen) << 32) | idx as u64
+}
+
+impl Device {
+    pub fn new(cfg: DeviceConfig, registry: Arc<Registry>) -> std::io::Result<Self> {
+        let epoll = Epoll::new()?;
+        let timer = TimerFd::new()?;
+        epoll.ctl(
+            ControlOperation::Add,
+            timer.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, TOKEN_TIMER),
+        )?;
+        Ok(Device {
+            cfg,
+            seqpacket: false,
+            mem: None,
+            epoll,
+            conns: Slab::new(),
+            keys: HashMap::new(),
+            rx_list: VecDeque::new(),
+            stray_rst: VecDeque::new(),
+            tx_stalled: false,
+            handshakes: 0,
+            next_gen: 1,
+            next_port: 1024,
+            registry,
+            inbox: None,
+            listeners: None,
+            timer,
+            timer_armed: false,
+            iov: Vec::with_capacity(64),
+        })
+    }
+
+    /// Starts taking host and sibling connections; called once a frontend is connected, so
+    /// that until then host programs wait in the listen backlog.
+    pub fn attach(&mut self, listeners: Listeners, inbox: Inbox) -> std::io::Result<()> {
+        for (fd, tok) in [
+            (listeners.stream, TOKEN_LISTEN_STREAM),
+            (listeners.seqpacket, TOKEN_LISTEN_SEQ),
+            (inbox.wake.as_raw_fd(), TOKEN_SIBLING),
+        ] {
+            self.epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, tok),
+            )?;
+        }
+        self.listeners = Some(listeners);
+        self.inbox = Some(inbox);
+        Ok(())
+    }
+
+    /// The fd that becomes readable when a host socket needs attention.
+    pub fn epoll_fd(&self) -> RawFd {
+        self.epoll.as_raw_fd()
+    }
+
+    pub fn guest_cid(&self) -> u64 {
+        self.cfg.guest_cid
+    }
+
+    pub fn set_memory(&mut self, mem: GuestMemAtomic) {
+        self.mem = Some(mem);
+    }
+
+    pub fn set_seqpacket(&mut self, on: bool) {
+        self.seqpacket = on;
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Drops every connection without telling the guest (device reset or frontend gone):
+    /// host peers see their sockets close.
+    pub fn drop_all(&mut self) {
+        let n = self.conns.len();
+        for c in self.conns.drain() {
+            let _ = self.epoll.ctl(
+                ControlOperation::Delete,
+                c.fd.as_raw_fd(),
+                EpollEvent::default(),
+            );
+        }
+        self.keys.clear();
+        self.rx_list.clear();
+        self.stray_rst.clear();
+        self.tx_stalled = false;
+        self.handshakes = 0;
+        if n > 0 {
+            debug!(cid = self.cfg.guest_cid, n, "dropped all connections");
+        }
+    }
+
+    fn insert(&mut self, mut conn: Conn, keyed: bool) -> std::io::Result<usize> {
+        let entry = self.conns.vacant_entry();
+        let idx = entry.key();
+        conn.gen = self.next_gen;
+        self.next_gen = self.next_gen.wrapping_add(1).max(1);
+        self.epoll.ctl(
+            ControlOperation::Add,
+            conn.fd.as_raw_fd(),
+            EpollEvent::new(
+                EventSet::IN | EventSet::OUT | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED,
+                token(idx, conn.gen),
+            ),
+        )?;
+        if keyed {
+            self.keys.insert(conn.key, idx);
+        }
+        let handshake = conn.in_handshake();
+        entry.insert(conn);
+        if handshake {
+            self.arm_timer();
+        }
+        Ok(idx)
+    }
+
+    fn remove(&mut self, idx: usize) {
+        if let Some(c) = self.conns.try_remove(idx) {
+            let _ = self.epoll.ctl(
+                ControlOperation::Delete,
+                c.fd.as_raw_fd(),
+                EpollEvent::default(),
+            );
+            if self.keys.get(&c.key) == Some(&idx) {
+                self.keys.remove(&c.key);
+            }
+            if c.state == crate::conn::State::AwaitConnectLine {
+                self.handshakes -= 1;
+            }
+        }
+    }
+
+    /// Puts a connection on the rx work list if it has something to send.
+    fn wake_rx(&mut self, idx: usize) {
+        if let Some(c) = self.conns.get_mut(idx) {
+            if !c.in_rx_list && c.wants_rx() {
+                c.in_rx_list = true;
+                self.rx_list.push_back(idx);
+            }
+        }
+    }
+
+    /// Aborts a connection: RST to the guest, host socket closed once that is sent.
+    fn reset(&mut self, idx: usize, why: &str) {
+        if let Some(c) = self.conns.get_mut(idx) {
+            debug!(cid = self.cfg.guest_cid, key = ?c.key, why, "reset connection");
+            c.pending = pending::RST;
+            c.buf.clear();
+            c.partial_msg = Vec::new();
+            c.out_msg = Vec::new();
+            c.out_off = 0;
+            let _ = crate::sys::shutdown(c.fd.as_raw_fd(), std::net::Shutdown::Both);
+            self.wake_rx(idx);
+        }
+    }
+
+    /// Answers a guest packet that has no connection with RST.
+    fn reply_rst(&mut self, h: &Header, why: &str) {
+        warn!(
+            cid = self.cfg.guest_cid,
+            src_cid = h.src_cid,
+            src_port = h.src_port,
+            dst_cid = h.dst_cid,
+            dst_port = h.dst_port,
+            op = h.op,
+            why,
+            "rejecting guest packet"
+        );
+        if h.op == OP_RST {
+            return;
+        }
+        self.stray_rst.push_back(Header {
+            src_cid: h.dst_cid,
+            dst_cid: self.cfg.guest_cid,
+            src_port: h.dst_port,
+            dst_port: h.src_port,
+            len: 0,
+            type_: h.type_,
+            op: OP_RST,
+            flags: 0,
+            buf_alloc: 0,
+            fwd_cnt: 0,
+        });
+        if self.stray_rst.len() >= MAX_STRAY_RST {
+            self.tx_stalled = true;
+        }
+    }
+
+    /// A free local port for a host-initiated connection to guest port `peer_port`.
+    fn alloc_host_port(&mut self, peer_port: u32) -> u32 {
+        loop {
+            let p = self.next_port;
+            self.next_port = if p == u32::MAX - 1 { 1024 } else { p + 1 };
+            let key = ConnKey {
+                local_cid: HOST_CID,
+                local_port: p,
+                peer_port,
+            };
+            if !self.keys.contains_key(&key) {
+                return p;
+            }
+        }
+    }
+
+    fn arm_timer(&mut self) {
+        if !self.timer_armed {
+            match self.timer.reset(TIMER_TICK, Some(TIMER_TICK)) {
+                Ok(()) => self.timer_armed = true,
+                Err(e) => warn!(error = %e, "cannot arm handshake timer"),
+            }
+        }
+    }
+
+    /// Drops handshakes that took longer than [`HANDSHAKE_TIMEOUT`]; disarms the timer
+    /// when none is left.
+    fn expire_handshakes(&mut self) {
+        let _ = self.timer.wait();
+        let mut expired = Vec::new();
+        let mut pending = false;
+        for (idx, c) in self.conns.iter() {
+            if c.in_handshake() {
+                if c.since.elapsed() >= HANDSHAKE_TIMEOUT {
+                    expired.push((idx, c.state));
+                } else {
+                    pending = true;
+                }
+            }
+        }
+        for (idx, state) in expired {
+            warn!(cid = self.cfg.guest_cid, ?state, "handshake timed out");
+            match state {
+                // Nothing was told to the guest yet.
+                crate::conn::State::AwaitConnectLine => self.remove(idx),
+                _ => self.reset(idx, "handshake timed out"),
+            }
+        }
+        if !pending && self.timer.clear().is_ok() {
+            self.timer_armed = false;
+        }
+    }
+
+    fn at_capacity(&self) -> bool {
+        self.conns.len() >= self.cfg.max_connections
+    }
+}

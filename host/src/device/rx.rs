@@ -1,0 +1,293 @@
+//! Device -> guest: the rx queue. Control packets come first; data is read from the host
+//! socket straight into the guest's rx buffer, never more than the guest's credit allows.
+
+use std::os::fd::AsRawFd;
+
+use tracing::{debug, warn};
+use vhost_user_backend::{VringRwLock, VringT};
+use virtio_queue::{QueueOwnedT, QueueT};
+use vm_memory::GuestAddressSpace;
+
+use super::{Device, MAX_PKT_PAYLOAD, MAX_SEQ_MSG, MAX_STRAY_RST};
+use crate::conn::{pending, Conn};
+use crate::mem::GuestMemAtomic;
+use crate::sys;
+use crate::vsock::chain::ChainBuf;
+use crate::vsock::header::*;
+
+enum Work {
+    Stray(Header),
+    Conn(usize),
+}
+
+/// What filling one rx buffer for a connection produced.
+enum Fill {
+    /// A packet of this many bytes (header included) was written.
+    Packet(u32),
+    /// Nothing to send after all; the buffer goes back to the ring.
+    Nothing,
+}
+
+impl Device {
+    /// Fills rx buffers while there is work and buffers. Returns true when the tx queue was
+    /// stalled on RST replies and may run again.
+    pub fn process_rx(&mut self, vring: &VringRwLock<GuestMemAtomic>) -> bool {
+        let Some(atomic) = self.mem.clone() else {
+            return false;
+        };
+        let mem = atomic.memory();
+        let mut vr = vring.get_mut();
+        if !vr.get_queue().ready() || !vr.is_enabled() {
+            return false;
+        }
+        let mut used = false;
+        while let Some(work) = self.next_work() {
+            let chain = match vr.get_queue_mut().pop_descriptor_chain(mem.clone()) {
+                Some(c) => c,
+                None => {
+                    self.unpop_work(work);
+                    // Re-arm the notification, then look once more to close the race with a
+                    // driver that added buffers in between.
+                    match vr.enable_notification() {
+                        Ok(true) => continue,
+                        _ => break,
+                    }
+                }
+            };
+            let head = chain.head_index();
+            let buf = match ChainBuf::new(&mem, chain, true, HDR_LEN + MAX_PKT_PAYLOAD) {
+                Ok(b) if b.len() >= HDR_LEN => b,
+                Ok(_) | Err(_) => {
+                    warn!(cid = self.cfg.guest_cid, "unusable rx descriptor chain");
+                    let _ = vr.add_used(head, 0);
+                    used = true;
+                    self.unpop_work(work);
+                    continue;
+                }
+            };
+            let fill = match work {
+                Work::Stray(h) => {
+                    buf.write_at(0, &h.to_le_bytes());
+                    Fill::Packet(HDR_LEN as u32)
+                }
+                Work::Conn(idx) => self.fill_conn(idx, &buf),
+            };
+            match fill {
+                Fill::Packet(n) => {
+                    if let Err(e) = vr.add_used(head, n) {
+                        warn!(error = %e, "rx queue: add_used failed");
+                    }
+                    used = true;
+                }
+                Fill::Nothing => vr.get_queue_mut().go_to_previous_position(),
+            }
+        }
+        if used && vr.needs_notification().unwrap_or(true) {
+            if let Err(e) = vr.signal_used_queue() {
+                debug!(error = %e, "rx queue: signal failed");
+            }
+        }
+        if self.tx_stalled && self.stray_rst.len() < MAX_STRAY_RST / 2 {
+            self.tx_stalled = false;
+            return true;
+        }
+        false
+    }
+
+    fn next_work(&mut self) -> Option<Work> {
+        if let Some(h) = self.stray_rst.pop_front() {
+            return Some(Work::Stray(h));
+        }
+        while let Some(idx) = self.rx_list.pop_front() {
+            if let Some(c) = self.conns.get_mut(idx) {
+                c.in_rx_list = false;
+                if c.wants_rx() {
+                    return Some(Work::Conn(idx));
+                }
+            }
+        }
+        None
+    }
+
+    fn unpop_work(&mut self, w: Work) {
+        match w {
+            Work::Stray(h) => self.stray_rst.push_front(h),
+            Work::Conn(idx) => {
+                if let Some(c) = self.conns.get_mut(idx) {
+                    c.in_rx_list = true;
+                    self.rx_list.push_front(idx);
+                }
+            }
+        }
+    }
+
+    fn fill_conn(&mut self, idx: usize, buf: &ChainBuf<'_>) -> Fill {
+        let guest_cid = self.cfg.guest_cid;
+        let buf_alloc = self.cfg.buf_alloc;
+        let c = &mut self.conns[idx];
+        let mut h = Header {
+            src_cid: c.key.local_cid,
+            dst_cid: guest_cid,
+            src_port: c.key.local_port,
+            dst_port: c.key.peer_port,
+            len: 0,
+            type_: c.kind.wire(),
+            op: 0,
+            flags: 0,
+            buf_alloc,
+            fwd_cnt: c.fwd_cnt,
+        };
+        let mut remove = false;
+        if c.pending & pending::RST != 0 {
+            h.op = OP_RST;
+            remove = true;
+        } else if c.pending & pending::REQUEST != 0 {
+            h.op = OP_REQUEST;
+            c.pending &= !pending::REQUEST;
+        } else if c.pending & pending::RESPONSE != 0 {
+            h.op = OP_RESPONSE;
+            c.pending &= !pending::RESPONSE;
+        } else if c.pending & pending::SHUTDOWN != 0 {
+            h.op = OP_SHUTDOWN;
+            h.flags = c.shutdown_flags;
+            c.pending &= !pending::SHUTDOWN;
+        } else if c.pending & pending::CREDIT_REQUEST != 0 {
+            h.op = OP_CREDIT_REQUEST;
+            c.pending &= !pending::CREDIT_REQUEST;
+        } else if c.pending & pending::CREDIT_UPDATE != 0 {
+            h.op = OP_CREDIT_UPDATE;
+        } else {
+            match read_host(c, buf, &mut self.iov, &mut h) {
+                Ok(true) => {}
+                Ok(false) => return Fill::Nothing,
+                Err(e) => {
+                    warn!(cid = guest_cid, key = ?c.key, error = %e, "host socket read failed");
+                    h.op = OP_RST;
+                    h.len = 0;
+                    remove = true;
+                }
+            }
+        }
+        // Every packet carries our fwd_cnt, so it is also a credit update.
+        c.last_fwd_sent = c.fwd_cnt;
+        c.pending &= !pending::CREDIT_UPDATE;
+        buf.write_at(0, &h.to_le_bytes());
+        let n = HDR_LEN as u32 + h.len;
+        if remove {
+            self.remove(idx);
+        } else {
+            self.wake_rx(idx);
+        }
+        Fill::Packet(n)
+    }
+}
+
+/// Reads host data (or end of stream) into `buf` and completes `h` for it.
+/// Returns false when there was nothing to send.
+fn read_host(
+    c: &mut Conn,
+    buf: &ChainBuf<'_>,
+    iov: &mut Vec<libc::iovec>,
+    h: &mut Header,
+) -> std::io::Result<bool> {
+    let credit = c.peer_credit() as usize;
+    let room = buf.len() - HDR_LEN;
+    if credit == 0 {
+        if c.credit_requested {
+            return Ok(false);
+        }
+        c.credit_requested = true;
+        h.op = OP_CREDIT_REQUEST;
+        return Ok(true);
+    }
+    let fd = c.fd.as_raw_fd();
+    if c.is_seqpacket() {
+        return read_host_msg(c, buf, credit.min(room), h);
+    }
+    let want = credit.min(room);
+    buf.iovecs(HDR_LEN, want, iov);
+    match sys::recv_iov(fd, iov) {
+        Ok((0, _)) => {
+            end_of_stream(c, h);
+            Ok(true)
+        }
+        Ok((n, _)) => {
+            buf.mark_dirty(HDR_LEN, n);
+            c.tx_cnt = c.tx_cnt.wrapping_add(n as u32);
+            h.op = OP_RW;
+            h.len = n as u32;
+            Ok(true)
+        }
+        Err(e) if sys::would_block(&e) => {
+            c.readable = false;
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The host closed its sending side: tell the guest with SHUTDOWN.
+fn end_of_stream(c: &mut Conn, h: &mut Header) {
+    c.host_eof = true;
+    c.readable = false;
+    h.op = OP_SHUTDOWN;
+    h.flags = SHUTDOWN_SEND | if c.host_hup { SHUTDOWN_RCV } else { 0 };
+}
+
+/// SEQPACKET: a message that fits goes straight into the rx buffer with EOM; a larger one
+/// is read whole into the connection and sent in credit-sized pieces.
+fn read_host_msg(
+    c: &mut Conn,
+    buf: &ChainBuf<'_>,
+    max: usize,
+    h: &mut Header,
+) -> std::io::Result<bool> {
+    let fd = c.fd.as_raw_fd();
+    if c.out_off >= c.out_msg.len() {
+        let len = match sys::next_msg_len(fd) {
+            Ok(0) => {
+                end_of_stream(c, h);
+                return Ok(true);
+            }
+            Ok(n) => n,
+            Err(e) if sys::would_block(&e) => {
+                c.readable = false;
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
+        };
+        if len <= max {
+            let mut iov = Vec::with_capacity(4);
+            buf.iovecs(HDR_LEN, len, &mut iov);
+            let (n, _) = sys::recv_iov(fd, &iov)?;
+            buf.mark_dirty(HDR_LEN, n);
+            c.tx_cnt = c.tx_cnt.wrapping_add(n as u32);
+            h.op = OP_RW;
+            h.len = n as u32;
+            h.flags = SEQ_EOM;
+            return Ok(true);
+        }
+        if len > MAX_SEQ_MSG {
+            return Err(std::io::Error::other(format!(
+                "SEQPACKET message of {len} bytes exceeds {MAX_SEQ_MSG}"
+            )));
+        }
+        let mut msg = vec![0u8; len];
+        let n = sys::recv(fd, &mut msg)?;
+        msg.truncate(n);
+        c.out_msg = msg;
+        c.out_off = 0;
+    }
+    let chunk = (c.out_msg.len() - c.out_off).min(max);
+    buf.write_at(HDR_LEN, &c.out_msg[c.out_off..c.out_off + chunk]);
+    c.out_off += chunk;
+    c.tx_cnt = c.tx_cnt.wrapping_add(chunk as u32);
+    h.op = OP_RW;
+    h.len = chunk as u32;
+    if c.out_off == c.out_msg.len() {
+        h.flags = SEQ_EOM;
+        c.out_msg = Vec::new();
+        c.out_off = 0;
+    }
+    Ok(true)
+}

@@ -1,0 +1,384 @@
+//! Guest -> device: the tx queue. Packets are validated, then their payload goes straight
+//! from guest memory to the host socket with one sendmsg over the chain's segments.
+
+use std::net::Shutdown;
+use std::os::fd::AsRawFd;
+
+use tracing::{debug, warn};
+use vhost_user_backend::{VringRwLock, VringT};
+use virtio_queue::QueueT;
+use vm_memory::GuestAddressSpace;
+
+use super::{Device, MAX_PKT_PAYLOAD};
+use crate::conn::{pending, AcceptReply, Conn, ConnKey, State};
+use crate::mem::GuestMemAtomic;
+use crate::siblings::SiblingConnect;
+use crate::sys::{self, UnixKind};
+use crate::vsock::chain::ChainBuf;
+use crate::vsock::header::*;
+
+impl Device {
+    /// Consumes the tx queue. Stops early when too many RST replies wait for rx buffers.
+    pub fn process_tx(&mut self, vring: &VringRwLock<GuestMemAtomic>) {
+        let Some(atomic) = self.mem.clone() else {
+            return;
+        };
+        let mem = atomic.memory();
+        let mut vr = vring.get_mut();
+        if !vr.get_queue().ready() || !vr.is_enabled() {
+            return;
+        }
+        let mut used = false;
+        loop {
+            if let Err(e) = vr.disable_notification() {
+                warn!(error = %e, "tx queue: cannot disable notifications");
+            }
+            while !self.tx_stalled {
+                let Some(chain) = vr.get_queue_mut().pop_descriptor_chain(mem.clone()) else {
+                    break;
+                };
+                let head = chain.head_index();
+                match ChainBuf::new(&mem, chain, false, HDR_LEN + MAX_PKT_PAYLOAD) {
+                    Ok(buf) => self.handle_packet(&buf),
+                    Err(e) => {
+                        warn!(cid = self.cfg.guest_cid, error = %e, "bad tx descriptor chain")
+                    }
+                }
+                if let Err(e) = vr.add_used(head, 0) {
+                    warn!(error = %e, "tx queue: add_used failed");
+                }
+                used = true;
+            }
+            if self.tx_stalled {
+                break;
+            }
+            match vr.enable_notification() {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    warn!(error = %e, "tx queue: cannot enable notifications");
+                    break;
+                }
+            }
+        }
+        if used && vr.needs_notification().unwrap_or(true) {
+            if let Err(e) = vr.signal_used_queue() {
+                debug!(error = %e, "tx queue: signal failed");
+            }
+        }
+    }
+
+    fn handle_packet(&mut self, buf: &ChainBuf<'_>) {
+        let h = match buf.read_header() {
+            Ok(h) => h,
+            Err(e) => {
+                warn!(cid = self.cfg.guest_cid, error = %e, "malformed tx packet");
+                return;
+            }
+        };
+        let Some(kind) = SockType::from_wire(h.type_) else {
+            return self.reply_rst(&h, "unknown socket type");
+        };
+        if kind == SockType::Seqpacket && !self.seqpacket {
+            return self.reply_rst(&h, "SEQPACKET not negotiated");
+        }
+        if h.src_cid != self.cfg.guest_cid {
+            return self.reply_rst(&h, "spoofed source CID");
+        }
+        if h.dst_cid != HOST_CID {
+            if let Err(e) = self.registry.check(self.cfg.guest_cid, h.dst_cid) {
+                return self.reply_rst(&h, &e.to_string());
+            }
+        }
+        let payload_len = h.len as usize;
+        if payload_len > buf.len() - HDR_LEN {
+            let why = "payload length beyond the descriptor chain";
+            return match self.lookup(&h) {
+                Some(idx) => {
+                    warn!(cid = self.cfg.guest_cid, len = h.len, why);
+                    self.reset(idx, why)
+                }
+                None => self.reply_rst(&h, why),
+            };
+        }
+        let Some(idx) = self.lookup(&h) else {
+            return match h.op {
+                OP_REQUEST => self.guest_connect(&h, kind),
+                _ => self.reply_rst(&h, "no such connection"),
+            };
+        };
+        if self.conns[idx].kind != kind {
+            return self.reset(idx, "socket type changed");
+        }
+        if self.conns[idx].pending & pending::RST != 0 {
+            return; // already being torn down
+        }
+        self.conns[idx].update_peer_credit(h.buf_alloc, h.fwd_cnt);
+        match h.op {
+            OP_RW => self.guest_rw(idx, &h, buf),
+            OP_RESPONSE => self.guest_response(idx),
+            OP_SHUTDOWN => self.guest_shutdown(idx, h.flags),
+            OP_RST => {
+                debug!(cid = self.cfg.guest_cid, key = ?self.conns[idx].key, "guest reset");
+                self.remove(idx);
+                return;
+            }
+            OP_CREDIT_UPDATE => self.conns[idx].credit_requested = false,
+            OP_CREDIT_REQUEST => self.conns[idx].pending |= pending::CREDIT_UPDATE,
+            OP_REQUEST => self.reset(idx, "REQUEST on an open connection"),
+            _ => self.reset(idx, "unknown operation"),
+        }
+        self.wake_rx(idx);
+    }
+
+    fn lookup(&self, h: &Header) -> Option<usize> {
+        self.keys
+            .get(&ConnKey {
+                local_cid: h.dst_cid,
+                local_port: h.dst_port,
+                peer_port: h.src_port,
+            })
+            .copied()
+    }
+
+    /// The guest opens a connection to the host or to a sibling VM.
+    fn guest_connect(&mut self, h: &Header, kind: SockType) {
+        if self.at_capacity() {
+            return self.reply_rst(h, "connection limit reached");
+        }
+        let ukind = match kind {
+            SockType::Stream => UnixKind::Stream,
+            SockType::Seqpacket => UnixKind::Seqpacket,
+        };
+        let key = ConnKey {
+            local_cid: h.dst_cid,
+            local_port: h.dst_port,
+            peer_port: h.src_port,
+        };
+        let (fd, state) = if h.dst_cid == HOST_CID {
+            let mut path = self.cfg.uds_path.clone().into_os_string();
+            path.push(format!("_{}", h.dst_port));
+            match sys::connect(std::path::Path::new(&path), ukind) {
+                Ok(fd) => (fd, State::Established),
+                Err(e) => {
+                    debug!(path = ?path, error = %e, "host connect failed");
+                    return self.reply_rst(h, "no host listener");
+                }
+            }
+        } else {
+            let (mine, theirs) = match sys::socketpair(ukind) {
+                Ok(p) => p,
+                Err(e) => {
+                    warn!(error = %e, "socketpair failed");
+                    return self.reply_rst(h, "out of sockets");
+                }
+            };
+            let msg = SiblingConnect {
+                from_cid: self.cfg.guest_cid,
+                from_port: h.src_port,
+                to_port: h.dst_port,
+                kind,
+                fd: theirs,
+            };
+            if let Err(e) = self.registry.deliver(h.dst_cid, msg) {
+                return self.reply_rst(h, &e.to_string());
+            }
+            (mine, State::SiblingConnecting)
+        };
+        let mut conn = Conn::new(0, key, kind, fd, state);
+        conn.update_peer_credit(h.buf_alloc, h.fwd_cnt);
+        if state == State::Established {
+            conn.pending = pending::RESPONSE;
+        }
+        match self.insert(conn, true) {
+            Ok(idx) => self.wake_rx(idx),
+            Err(e) => {
+                warn!(error = %e, "cannot watch host socket");
+                self.reply_rst(h, "cannot watch host socket");
+            }
+        }
+    }
+
+    fn guest_response(&mut self, idx: usize) {
+        let c = &mut self.conns[idx];
+        let State::Requesting(reply) = c.state else {
+            return self.reset(idx, "unexpected RESPONSE");
+        };
+        let fd = c.fd.as_raw_fd();
+        let res = match reply {
+            AcceptReply::HybridOk => {
+                let line = format!("OK {}\n", c.key.local_port);
+                sys::send(fd, line.as_bytes()).map(|n| n == line.len())
+            }
+            AcceptReply::SiblingAck => sys::send(fd, &[1]).map(|n| n == 1),
+        };
+        match res {
+            Ok(true) => {
+                c.set_state(State::Established);
+                // Bytes the host sent right after its CONNECT line are waiting.
+                c.readable = true;
+            }
+            _ => self.reset(idx, "host end went away before the guest accepted"),
+        }
+    }
+
+    fn guest_rw(&mut self, idx: usize, h: &Header, buf: &ChainBuf<'_>) {
+        let buf_alloc = self.cfg.buf_alloc as usize;
+        let c = &mut self.conns[idx];
+        if c.state != State::Established {
+            return self.reset(idx, "data before the connection was established");
+        }
+        if c.guest_shut_send {
+            return self.reset(idx, "data after SHUTDOWN(SEND)");
+        }
+        let len = h.len as usize;
+        c.rx_cnt = c.rx_cnt.wrapping_add(h.len);
+        let ok = if c.is_seqpacket() {
+            seq_from_guest(c, buf, len, h.flags & SEQ_EOM != 0, &mut self.iov)
+        } else {
+            stream_from_guest(c, buf, len, &mut self.iov)
+        };
+        match ok {
+            Err(e) => {
+                let why = format!("host socket write failed: {e}");
+                self.reset(idx, &why)
+            }
+            Ok(()) if c.buf.len() + c.partial_msg.len() > buf_alloc => {
+                self.reset(idx, "guest sent beyond its credit")
+            }
+            Ok(()) => {
+                if c.needs_credit_update(self.cfg.buf_alloc) {
+                    c.pending |= pending::CREDIT_UPDATE;
+                }
+            }
+        }
+    }
+
+    fn guest_shutdown(&mut self, idx: usize, flags: u32) {
+        let c = &mut self.conns[idx];
+        let fd = c.fd.as_raw_fd();
+        if flags & SHUTDOWN_RCV != 0 && !c.guest_shut_rcv {
+            c.guest_shut_rcv = true;
+            let _ = sys::shutdown(fd, Shutdown::Read);
+        }
+        if flags & SHUTDOWN_SEND != 0 {
+            c.guest_shut_send = true;
+        }
+        self.finish_guest_shutdown(idx);
+    }
+
+    /// Once the buffered guest bytes are out, applies the guest's SHUTDOWN(SEND) to the host
+    /// socket, and completes a full close with the RST the guest waits for.
+    pub(super) fn finish_guest_shutdown(&mut self, idx: usize) {
+        let c = &mut self.conns[idx];
+        if !c.buf.is_empty() || !c.guest_shut_send {
+            return;
+        }
+        let _ = sys::shutdown(c.fd.as_raw_fd(), Shutdown::Write);
+        if c.guest_shut_rcv {
+            c.pending = pending::RST;
+        }
+    }
+
+    /// Writes buffered guest bytes that the host socket can take now.
+    pub(super) fn flush(&mut self, idx: usize) {
+        let c = &mut self.conns[idx];
+        if c.buf.is_empty() {
+            return;
+        }
+        match flush_buf(c, &mut self.iov) {
+            Ok(()) => {
+                // A drained buffer means the guest may be waiting on credit.
+                if (c.needs_credit_update(self.cfg.buf_alloc) || c.buf.is_empty())
+                    && c.fwd_cnt != c.last_fwd_sent
+                {
+                    c.pending |= pending::CREDIT_UPDATE;
+                }
+                self.finish_guest_shutdown(idx);
+                self.wake_rx(idx);
+            }
+            Err(e) => {
+                let why = format!("host socket write failed: {e}");
+                self.reset(idx, &why)
+            }
+        }
+    }
+}
+
+/// Sends `len` payload bytes of a stream packet, buffering what the socket does not take.
+fn stream_from_guest(
+    c: &mut Conn,
+    buf: &ChainBuf<'_>,
+    len: usize,
+    iov: &mut Vec<libc::iovec>,
+) -> std::io::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    let mut sent = 0;
+    if c.buf.is_empty() {
+        buf.iovecs(HDR_LEN, len, iov);
+        sent = match sys::send_iov(c.fd.as_raw_fd(), iov) {
+            Ok(n) => n,
+            Err(e) if sys::would_block(&e) => 0,
+            Err(e) => return Err(e),
+        };
+        c.fwd_cnt = c.fwd_cnt.wrapping_add(sent as u32);
+    }
+    if sent < len {
+        let mut rest = Vec::with_capacity(len - sent);
+        buf.copy_out(HDR_LEN + sent, len - sent, &mut rest);
+        c.buf.push(rest);
+    }
+    Ok(())
+}
+
+/// Handles one SEQPACKET packet: a whole message (EOM) goes out with one sendmsg straight
+/// from guest memory; pieces of a longer message are collected first.
+fn seq_from_guest(
+    c: &mut Conn,
+    buf: &ChainBuf<'_>,
+    len: usize,
+    eom: bool,
+    iov: &mut Vec<libc::iovec>,
+) -> std::io::Result<()> {
+    if eom && c.partial_msg.is_empty() && c.buf.is_empty() {
+        buf.iovecs(HDR_LEN, len, iov);
+        match sys::send_iov(c.fd.as_raw_fd(), iov) {
+            Ok(_) => {
+                c.fwd_cnt = c.fwd_cnt.wrapping_add(len as u32);
+                return Ok(());
+            }
+            Err(e) if sys::would_block(&e) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buf.copy_out(HDR_LEN, len, &mut c.partial_msg);
+    if eom {
+        let msg = std::mem::take(&mut c.partial_msg);
+        c.buf.push_msg(msg);
+        flush_buf(c, iov)?;
+    }
+    Ok(())
+}
+
+/// Writes as much of the buffer as the socket takes.
+fn flush_buf(c: &mut Conn, iov: &mut Vec<libc::iovec>) -> std::io::Result<()> {
+    let fd = c.fd.as_raw_fd();
+    while !c.buf.is_empty() {
+        let max = if c.is_seqpacket() { 1 } else { 64 };
+        c.buf.iovecs(max, iov);
+        match sys::send_iov(fd, iov) {
+            Ok(n) => {
+                let n = if c.is_seqpacket() { c.buf.pop_msg() } else { n };
+                if !c.is_seqpacket() {
+                    c.buf.consume(n);
+                }
+                c.fwd_cnt = c.fwd_cnt.wrapping_add(n as u32);
+            }
+            Err(e) if sys::would_block(&e) => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}

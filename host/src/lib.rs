@@ -1,0 +1,11 @@
+//! vhost-plug: a vhost-user virtio-vsock backend.
+pub mod backend;
+pub mod config;
+pub mod conn;
+pub mod daemon;
+pub mod device;
+pub mod mem;
+pub mod siblings;
+pub mod sys;
+pub mod vm;
+pub mod vsock;

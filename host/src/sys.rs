@@ -1,0 +1,223 @@
+//! Thin wrappers over the socket syscalls the data path needs and std does not offer:
+//! scatter/gather I/O on raw iovecs pointing into guest memory, SOCK_SEQPACKET sockets and
+//! peeking. Every call is non-blocking.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+/// Unix socket type used on the host side of a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnixKind {
+    Stream,
+    Seqpacket,
+}
+
+impl UnixKind {
+    fn raw(self) -> libc::c_int {
+        match self {
+            UnixKind::Stream => libc::SOCK_STREAM,
+            UnixKind::Seqpacket => libc::SOCK_SEQPACKET,
+        }
+    }
+}
+
+fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn cvt_size(ret: libc::ssize_t) -> io::Result<usize> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret as usize)
+    }
+}
+
+fn sockaddr(path: &Path) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
+    // SAFETY: sockaddr_un is plain old data; all zeroes is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("unix socket path too long or invalid: {}", path.display()),
+        ));
+    }
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
+    Ok((addr, len as libc::socklen_t))
+}
+
+fn socket(kind: UnixKind) -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall; the returned descriptor is owned by the OwnedFd below.
+    let fd = cvt(unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            kind.raw() | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    })?;
+    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Connects a non-blocking unix socket of `kind` to `path`.
+pub fn connect(path: &Path, kind: UnixKind) -> io::Result<OwnedFd> {
+    let fd = socket(kind)?;
+    let (addr, len) = sockaddr(path)?;
+    // SAFETY: `addr` is a valid sockaddr_un of `len` bytes.
+    cvt(unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_un).cast(),
+            len,
+        )
+    })?;
+    Ok(fd)
+}
+
+/// Binds and listens on `path` (removing a stale socket file first).
+pub fn listen(path: &Path, kind: UnixKind, backlog: i32) -> io::Result<OwnedFd> {
+    let fd = socket(kind)?;
+    let (addr, len) = sockaddr(path)?;
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    // SAFETY: `addr` is a valid sockaddr_un of `len` bytes.
+    cvt(unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_un).cast(),
+            len,
+        )
+    })?;
+    // SAFETY: plain syscall on a socket we own.
+    cvt(unsafe { libc::listen(fd.as_raw_fd(), backlog) })?;
+    Ok(fd)
+}
+
+/// Accepts one connection, non-blocking and close-on-exec.
+pub fn accept(listener: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: null address pointers are allowed by accept4.
+    let fd = cvt(unsafe {
+        libc::accept4(
+            listener,
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+        )
+    })?;
+    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// A connected non-blocking pair.
+pub fn socketpair(kind: UnixKind) -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: `fds` has room for the two descriptors.
+    cvt(unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            kind.raw() | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    })?;
+    // SAFETY: both descriptors are fresh and owned by nothing else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Sends the bytes behind `iov` as one sendmsg (one message on SOCK_SEQPACKET).
+/// Never raises SIGPIPE.
+pub fn send_iov(fd: RawFd, iov: &[libc::iovec]) -> io::Result<usize> {
+    // SAFETY: msghdr is plain old data; all zeroes is valid.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
+    msg.msg_iovlen = iov.len();
+    // SAFETY: the caller guarantees the iovecs point to readable memory of their lengths.
+    cvt_size(unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) })
+}
+
+/// Sends a plain byte slice.
+pub fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    let iov = [libc::iovec {
+        iov_base: buf.as_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
+    }];
+    send_iov(fd, &iov)
+}
+
+/// Receives into `iov`. Returns the bytes received and whether a SEQPACKET message was
+/// longer than the buffers (the rest of it is then lost, so callers size buffers first).
+pub fn recv_iov(fd: RawFd, iov: &[libc::iovec]) -> io::Result<(usize, bool)> {
+    // SAFETY: msghdr is plain old data; all zeroes is valid.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
+    msg.msg_iovlen = iov.len();
+    // SAFETY: the caller guarantees the iovecs point to writable memory of their lengths.
+    let n = cvt_size(unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_DONTWAIT) })?;
+    Ok((n, msg.msg_flags & libc::MSG_TRUNC != 0))
+}
+
+/// Receives into a plain buffer.
+pub fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    let iov = [libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    }];
+    recv_iov(fd, &iov).map(|(n, _)| n)
+}
+
+/// Copies the next bytes without consuming them.
+pub fn peek(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for writes of its length.
+    cvt_size(unsafe {
+        libc::recv(
+            fd,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    })
+}
+
+/// Length of the next SEQPACKET message without consuming it (0 means end of stream).
+pub fn next_msg_len(fd: RawFd) -> io::Result<usize> {
+    // SAFETY: a zero-length buffer is never written; MSG_TRUNC makes the kernel report the
+    // real message length.
+    cvt_size(unsafe {
+        libc::recv(
+            fd,
+            std::ptr::null_mut(),
+            0,
+            libc::MSG_PEEK | libc::MSG_TRUNC | libc::MSG_DONTWAIT,
+        )
+    })
+}
+
+/// Shuts down one or both directions of a socket.
+pub fn shutdown(fd: RawFd, how: std::net::Shutdown) -> io::Result<()> {
+    let how = match how {
+        std::net::Shutdown::Read => libc::SHUT_RD,
+        std::net::Shutdown::Write => libc::SHUT_WR,
+        std::net::Shutdown::Both => libc::SHUT_RDWR,
+    };
+    // SAFETY: plain syscall on a descriptor the caller owns.
+    cvt(unsafe { libc::shutdown(fd, how) }).map(|_| ())
+}
+
+/// True for errors that only mean "try again later".
+pub fn would_block(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EINTR))
+}

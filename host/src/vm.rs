@@ -1,0 +1,136 @@
+//! One VM: its listening sockets and the loop that serves one frontend after another.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use thiserror::Error;
+use tracing::{info, warn};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::VhostUserDaemon;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+
+use crate::backend::{VsockBackend, HOST_EVENT};
+use crate::config::VmConfig;
+use crate::device::{Device, DeviceConfig, Listeners};
+use crate::siblings::Registry;
+use crate::sys::{self, UnixKind};
+
+#[derive(Debug, Error)]
+pub enum VmError {
+    #[error("cannot listen on {path}: {source}")]
+    Listen {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("vhost-user socket {path}: {source}")]
+    VhostSocket {
+        path: PathBuf,
+        source: vhost::vhost_user::Error,
+    },
+    #[error("vhost-user daemon: {0}")]
+    Daemon(String),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Where host programs reach a VM: `<uds_path>` for streams and `<uds_path>.seqpacket` for
+/// SEQPACKET connections.
+pub fn seqpacket_path(uds_path: &std::path::Path) -> PathBuf {
+    let mut p = uds_path.as_os_str().to_owned();
+    p.push(".seqpacket");
+    PathBuf::from(p)
+}
+
+pub struct Vm {
+    cfg: VmConfig,
+    registry: Arc<Registry>,
+    stream: OwnedFd,
+    seqpacket: OwnedFd,
+    listener: Listener,
+}
+
+impl Vm {
+    /// Creates the host-side listeners (they persist across frontend sessions, so host
+    /// programs can connect while no VMM is attached and are served when one is).
+    pub fn new(cfg: VmConfig, registry: Arc<Registry>) -> Result<Self, VmError> {
+        let listen = |path: PathBuf, kind| {
+            sys::listen(&path, kind, 1024).map_err(|source| VmError::Listen { path, source })
+        };
+        let stream = listen(cfg.uds_path.clone(), UnixKind::Stream)?;
+        let seqpacket = listen(seqpacket_path(&cfg.uds_path), UnixKind::Seqpacket)?;
+        let listener = Listener::new(&cfg.socket, true).map_err(|source| VmError::VhostSocket {
+            path: cfg.socket.clone(),
+            source,
+        })?;
+        registry.add_vm(cfg.guest_cid, cfg.groups.clone());
+        Ok(Vm {
+            cfg,
+            registry,
+            stream,
+            seqpacket,
+            listener,
+        })
+    }
+
+    /// Files this VM created, to remove on exit.
+    pub fn socket_paths(&self) -> Vec<PathBuf> {
+        vec![
+            self.cfg.socket.clone(),
+            self.cfg.uds_path.clone(),
+            seqpacket_path(&self.cfg.uds_path),
+        ]
+    }
+
+    /// Serves frontends on the vhost-user socket, one after another, forever.
+    pub fn run(mut self) -> Result<(), VmError> {
+        info!(cid = self.cfg.guest_cid, socket = ?self.cfg.socket, "waiting for a frontend");
+        loop {
+            self.serve_one()?;
+        }
+    }
+
+    fn serve_one(&mut self) -> Result<(), VmError> {
+        let cid = self.cfg.guest_cid;
+        let dev = Device::new(
+            DeviceConfig {
+                guest_cid: cid,
+                uds_path: self.cfg.uds_path.clone(),
+                buf_alloc: self.cfg.tx_buffer_size,
+                max_connections: self.cfg.max_connections,
+            },
+            self.registry.clone(),
+        )?;
+        let backend = Arc::new(VsockBackend::new(dev, usize::from(self.cfg.queue_size))?);
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let mut daemon = VhostUserDaemon::new(format!("vsock-{cid}"), backend.clone(), mem)
+            .map_err(|e| VmError::Daemon(e.to_string()))?;
+        let host_fd = backend.device().epoll_fd();
+        for h in daemon.get_epoll_handlers() {
+            h.register_listener(host_fd, EventSet::IN, u64::from(HOST_EVENT))?;
+        }
+        daemon
+            .start(&mut self.listener)
+            .map_err(|e| VmError::Daemon(e.to_string()))?;
+        info!(cid, "frontend connected");
+        let inbox = self.registry.open(cid)?;
+        backend.device().attach(
+            Listeners {
+                stream: self.stream.as_raw_fd(),
+                seqpacket: self.seqpacket.as_raw_fd(),
+            },
+            inbox,
+        )?;
+        match daemon.wait() {
+            Ok(()) => info!(cid, "frontend disconnected"),
+            Err(e) => warn!(cid, error = %e, "frontend session ended"),
+        }
+        self.registry.close(cid);
+        for h in daemon.get_epoll_handlers() {
+            h.send_exit_event();
+        }
+        backend.device().drop_all();
+        Ok(())
+    }
+}
