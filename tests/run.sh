@@ -5,6 +5,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Plugins are WebAssembly components built for wasm32-wasip2 during the normal build.
+if ! rustup target list --installed | grep -qx wasm32-wasip2; then
+    echo "== installing the wasm32-wasip2 target"
+    rustup target add wasm32-wasip2
+fi
+
 PEER_VERSION=0.3.0
 PEER_ROOT=target/peer
 if [ ! -x "$PEER_ROOT/bin/vhost-device-vsock" ]; then

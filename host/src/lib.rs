@@ -9,3 +9,4 @@ pub mod siblings;
 pub mod sys;
 pub mod vm;
 pub mod vsock;
+pub mod plugin;

@@ -1,0 +1,34 @@
+//! Host-side bindings generated from `wit/` (one `bindgen!` per world; the later ones reuse the
+//! first one's `types` and `host` modules so every world shares one set of Rust types).
+
+pub(crate) mod policy_world {
+    wasmtime::component::bindgen!({
+        world: "policy-plugin",
+        path: "../wit",
+        additional_derives: [PartialEq, Eq],
+    });
+}
+
+pub(crate) mod bridge_world {
+    wasmtime::component::bindgen!({
+        world: "bridge-plugin",
+        path: "../wit",
+        with: {
+            "vhost-plug:plugin/types": super::policy_world::vhost_plug::plugin::types,
+            "vhost-plug:plugin/host": super::policy_world::vhost_plug::plugin::host,
+        },
+    });
+}
+
+pub(crate) mod serializer_world {
+    wasmtime::component::bindgen!({
+        world: "serializer-plugin",
+        path: "../wit",
+        with: {
+            "vhost-plug:plugin/types": super::policy_world::vhost_plug::plugin::types,
+            "vhost-plug:plugin/host": super::policy_world::vhost_plug::plugin::host,
+        },
+    });
+}
+
+pub(crate) use policy_world::vhost_plug::plugin::{host, types};

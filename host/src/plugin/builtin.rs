@@ -1,0 +1,41 @@
+//! First-party plugins embedded in the binary (built by host/build.rs), so the daemon works with
+//! no plugin flags.
+
+macro_rules! wasm {
+    ($file:literal) => {
+        include_bytes!(concat!(env!("VHOST_PLUG_PLUGIN_DIR"), "/", $file, ".wasm"))
+    };
+}
+
+pub const ALLOW_GROUP: &[u8] = wasm!("allow_group");
+pub const PORT_ALLOWLIST: &[u8] = wasm!("port_allowlist");
+pub const TCP_BRIDGE: &[u8] = wasm!("tcp_bridge");
+pub const AUDIT: &[u8] = wasm!("audit");
+pub const SERIALIZER_POSTCARD: &[u8] = wasm!("serializer_postcard");
+pub const SERIALIZER_JSON: &[u8] = wasm!("serializer_json");
+
+/// Names accepted by `builtin:NAME`.
+pub const NAMES: &[&str] = &[
+    "allow-group",
+    "port-allowlist",
+    "tcp-bridge",
+    "audit",
+    "serializer-postcard",
+    "serializer-json",
+];
+
+pub fn get(name: &str) -> Option<&'static [u8]> {
+    Some(match name {
+        "allow-group" => ALLOW_GROUP,
+        "port-allowlist" => PORT_ALLOWLIST,
+        "tcp-bridge" => TCP_BRIDGE,
+        "audit" => AUDIT,
+        "serializer-postcard" => SERIALIZER_POSTCARD,
+        "serializer-json" => SERIALIZER_JSON,
+        _ => return None,
+    })
+}
+
+/// Directory of every plugin built with this binary, hostile test fixtures included
+/// (`<name>.wasm`, underscores). Only meaningful on the build machine (tests, benches).
+pub const BUILD_DIR: &str = env!("VHOST_PLUG_PLUGIN_DIR");

@@ -1,0 +1,230 @@
+//! One plugin instance for one VM: store + bindings, the fail-closed call wrapper, counters and
+//! quarantine.
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use wasmtime::Store;
+
+use super::bindings::{bridge_world, policy_world, serializer_world};
+use super::runtime::{HostState, KindPre, RuntimeShared};
+use super::{FailureKind, Plugin, PluginError, PluginRuntime};
+
+/// Per-instance counters, readable from any thread (for metrics).
+#[derive(Debug, Default)]
+pub struct PluginCounters {
+    pub calls: AtomicU64,
+    pub denials: AtomicU64,
+    pub failures: AtomicU64,
+    /// Calls refused without running because the plugin is quarantined.
+    pub quarantine_refusals: AtomicU64,
+    pub instantiations: AtomicU64,
+    pub total_call_ns: AtomicU64,
+    pub max_call_ns: AtomicU64,
+    pub quarantined: AtomicBool,
+}
+
+/// A point-in-time copy of [`PluginCounters`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PluginStats {
+    pub calls: u64,
+    pub denials: u64,
+    pub failures: u64,
+    pub quarantine_refusals: u64,
+    pub instantiations: u64,
+    pub total_call_ns: u64,
+    pub max_call_ns: u64,
+    pub quarantined: bool,
+}
+
+impl PluginCounters {
+    pub fn snapshot(&self) -> PluginStats {
+        let r = Ordering::Relaxed;
+        PluginStats {
+            calls: self.calls.load(r),
+            denials: self.denials.load(r),
+            failures: self.failures.load(r),
+            quarantine_refusals: self.quarantine_refusals.load(r),
+            instantiations: self.instantiations.load(r),
+            total_call_ns: self.total_call_ns.load(r),
+            max_call_ns: self.max_call_ns.load(r),
+            quarantined: self.quarantined.load(r),
+        }
+    }
+}
+
+pub(crate) trait World: Sized + Send {
+    fn instantiate(pre: &KindPre, store: &mut Store<HostState>) -> wasmtime::Result<Self>;
+}
+
+impl World for policy_world::PolicyPlugin {
+    fn instantiate(pre: &KindPre, store: &mut Store<HostState>) -> wasmtime::Result<Self> {
+        match pre {
+            KindPre::Policy(p) => p.instantiate(store),
+            _ => wasmtime::bail!("not a policy plugin"),
+        }
+    }
+}
+
+impl World for bridge_world::BridgePlugin {
+    fn instantiate(pre: &KindPre, store: &mut Store<HostState>) -> wasmtime::Result<Self> {
+        match pre {
+            KindPre::Bridge(p) => p.instantiate(store),
+            _ => wasmtime::bail!("not a bridge plugin"),
+        }
+    }
+}
+
+impl World for serializer_world::SerializerPlugin {
+    fn instantiate(pre: &KindPre, store: &mut Store<HostState>) -> wasmtime::Result<Self> {
+        match pre {
+            KindPre::Serializer(p) => p.instantiate(store),
+            _ => wasmtime::bail!("not a serializer plugin"),
+        }
+    }
+}
+
+pub(crate) struct Slot<W: World> {
+    pub(crate) plugin: Plugin,
+    rt: Arc<RuntimeShared>,
+    vm: Arc<str>,
+    live: Option<(Store<HostState>, W)>,
+    pub(crate) counters: Arc<PluginCounters>,
+    consecutive: u32,
+    quarantine: Option<String>,
+}
+
+impl<W: World> Slot<W> {
+    /// Instantiate right away so that a plugin that cannot even start is reported at setup.
+    pub(crate) fn new(rt: &PluginRuntime, plugin: Plugin, vm: &str) -> Result<Self, PluginError> {
+        let mut slot = Slot {
+            plugin,
+            rt: rt.shared.clone(),
+            vm: vm.into(),
+            live: None,
+            counters: Arc::default(),
+            consecutive: 0,
+            quarantine: None,
+        };
+        slot.live = Some(slot.instantiate().map_err(|detail| PluginError::Call {
+            plugin: slot.plugin.name().to_string(),
+            kind: FailureKind::Instantiate,
+            detail,
+        })?);
+        Ok(slot)
+    }
+
+    pub(crate) fn name(&self) -> &str {
+        self.plugin.name()
+    }
+
+    fn instantiate(&self) -> Result<(Store<HostState>, W), String> {
+        let inner = &self.plugin.inner;
+        let mut store =
+            self.rt
+                .new_store(inner.name.clone(), self.vm.clone(), inner.config.clone());
+        store.data_mut().begin_call();
+        store.set_epoch_deadline(self.rt.deadline_ticks);
+        self.counters.instantiations.fetch_add(1, Ordering::Relaxed);
+        match W::instantiate(&inner.pre, &mut store) {
+            Ok(w) => Ok((store, w)),
+            Err(e) => Err(describe(&store, &e).1),
+        }
+    }
+
+    pub(crate) fn quarantined(&self) -> bool {
+        self.quarantine.is_some()
+    }
+
+    /// Run one call under the deadline, then validate its result with `check`. Any failure is
+    /// counted, poisons the instance if it came from inside wasm (a fresh one serves the next
+    /// call) and after `max_consecutive_failures` quarantines the plugin.
+    pub(crate) fn call<R, T>(
+        &mut self,
+        what: &str,
+        f: impl FnOnce(&mut Store<HostState>, &W) -> wasmtime::Result<R>,
+        check: impl FnOnce(R) -> Result<T, String>,
+    ) -> Result<T, PluginError> {
+        if let Some(last) = &self.quarantine {
+            self.counters
+                .quarantine_refusals
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(PluginError::Quarantined {
+                plugin: self.name().to_string(),
+                failures: self.consecutive,
+                last: last.clone(),
+            });
+        }
+        if self.live.is_none() {
+            match self.instantiate() {
+                Ok(l) => {
+                    tracing::info!(
+                        plugin = self.name(),
+                        vm = &*self.vm,
+                        "plugin re-instantiated (previous state lost)"
+                    );
+                    self.live = Some(l);
+                }
+                Err(detail) => return Err(self.fail(FailureKind::Instantiate, detail)),
+            }
+        }
+        let (store, w) = self.live.as_mut().expect("instance present");
+        store.data_mut().begin_call();
+        store.set_epoch_deadline(self.rt.deadline_ticks);
+        let t0 = Instant::now();
+        let r = f(store, w);
+        let ns = t0.elapsed().as_nanos() as u64;
+        self.counters.calls.fetch_add(1, Ordering::Relaxed);
+        self.counters.total_call_ns.fetch_add(ns, Ordering::Relaxed);
+        self.counters.max_call_ns.fetch_max(ns, Ordering::Relaxed);
+        match r {
+            Ok(v) => match check(v) {
+                Ok(t) => {
+                    self.consecutive = 0;
+                    Ok(t)
+                }
+                Err(detail) => Err(self.fail(FailureKind::Malformed, format!("{what}: {detail}"))),
+            },
+            Err(e) => {
+                let (kind, detail) = describe(store, &e);
+                // A component that trapped cannot be entered again: drop it (and its store).
+                self.live = None;
+                Err(self.fail(kind, format!("{what}: {detail}")))
+            }
+        }
+    }
+
+    fn fail(&mut self, kind: FailureKind, detail: String) -> PluginError {
+        self.counters.failures.fetch_add(1, Ordering::Relaxed);
+        self.consecutive += 1;
+        let plugin = self.name().to_string();
+        tracing::warn!(
+            plugin,
+            vm = &*self.vm,
+            failures = self.consecutive,
+            "plugin failure ({kind}): {detail}"
+        );
+        if self.consecutive >= self.rt.cfg.max_consecutive_failures.max(1) {
+            tracing::error!(plugin, vm = &*self.vm, "plugin quarantined after {} consecutive failures; every decision is deny until it is replaced", self.consecutive);
+            self.quarantine = Some(format!("{kind}: {detail}"));
+            self.counters.quarantined.store(true, Ordering::Relaxed);
+            self.live = None;
+        }
+        PluginError::Call {
+            plugin,
+            kind,
+            detail,
+        }
+    }
+}
+
+fn describe(store: &Store<HostState>, e: &wasmtime::Error) -> (FailureKind, String) {
+    if let Some(hit) = &store.data().limiter.hit {
+        return (FailureKind::MemoryLimit, hit.clone());
+    }
+    match e.downcast_ref::<wasmtime::Trap>() {
+        Some(wasmtime::Trap::Interrupt) => (FailureKind::Deadline, "deadline expired".into()),
+        Some(t) => (FailureKind::Trap, t.to_string()),
+        None => (FailureKind::Trap, format!("{e:#}")),
+    }
+}

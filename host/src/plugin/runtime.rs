@@ -1,0 +1,716 @@
+//! The engine: configuration, epoch ticker, compilation (with an optional on-disk cache of
+//! precompiled artifacts), world detection (`check`) and per-store host state.
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store,
+    StoreLimits, StoreLimitsBuilder,
+};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::bindings::{bridge_world, host, policy_world, serializer_world};
+use super::{PluginError, PluginKind, PluginSource, PluginSpec};
+
+/// Limits on what a plugin may return; anything beyond is a malformed answer (fails closed).
+#[derive(Debug, Clone)]
+pub struct ReturnLimits {
+    /// Deny reasons and bridge error strings (bytes).
+    pub max_reason: usize,
+    /// `plugin-state.data` (bytes).
+    pub max_state: usize,
+    /// Serializer output and input blobs (bytes).
+    pub max_blob: usize,
+    /// Connections in a decoded device state.
+    pub max_connections: usize,
+    /// Plugin states in a decoded device state.
+    pub max_plugin_states: usize,
+    /// Bytes pending per direction per connection in a decoded device state.
+    pub max_pending: usize,
+}
+
+impl Default for ReturnLimits {
+    fn default() -> Self {
+        Self {
+            max_reason: 256,
+            max_state: 4 << 20,
+            max_blob: 256 << 20,
+            max_connections: 65_536,
+            max_plugin_states: 64,
+            max_pending: 4 << 20,
+        }
+    }
+}
+
+/// Pooling-allocator sizing (slots are reserved up front, virtual memory only).
+#[derive(Debug, Clone)]
+pub struct PoolingLimits {
+    /// Live plugin instances across the whole daemon (all VMs, all plugins).
+    pub component_instances: u32,
+}
+
+/// Runtime settings. `Default` gives the documented defaults.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Wall-clock budget of one plugin call (default 10 ms).
+    pub call_deadline: Duration,
+    /// Epoch ticker period (default 1 ms); deadlines are enforced to this granularity.
+    pub epoch_tick: Duration,
+    /// Linear memory cap per plugin instance (default 64 MiB).
+    pub memory_limit: usize,
+    /// Table elements per table (default 20 000).
+    pub table_elements: usize,
+    /// Core instances, tables and memories per store (default 32 each).
+    pub instances: usize,
+    /// Consecutive failures before a plugin is quarantined (default 5).
+    pub max_consecutive_failures: u32,
+    /// `Some` = pooling allocator (default, 256 instances); falls back to on-demand allocation
+    /// with a warning if the pool cannot be reserved.
+    pub pooling: Option<PoolingLimits>,
+    /// Directory for precompiled artifacts (`<sha256>.cwasm`); `None` = compile in memory.
+    /// Must be trusted like the daemon binary itself (artifacts are native code).
+    pub cache_dir: Option<PathBuf>,
+    pub returns: ReturnLimits,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            call_deadline: Duration::from_millis(10),
+            epoch_tick: Duration::from_millis(1),
+            memory_limit: 64 << 20,
+            table_elements: 20_000,
+            instances: 32,
+            max_consecutive_failures: 5,
+            pooling: Some(PoolingLimits {
+                component_instances: 256,
+            }),
+            cache_dir: None,
+            returns: ReturnLimits::default(),
+        }
+    }
+}
+
+/// What `check` found out about a component.
+#[derive(Debug, Clone)]
+pub struct PluginInfo {
+    pub kind: PluginKind,
+    /// WIT world name, e.g. `vhost-plug:plugin/policy-plugin@0.1.0`.
+    pub world: &'static str,
+    /// Component imports (interface names).
+    pub imports: Vec<String>,
+    /// Component exports (interface names).
+    pub exports: Vec<String>,
+    /// Subset of `imports` that are WASI interfaces (served with nothing granted).
+    pub wasi_imports: Vec<String>,
+    /// Size of the component in bytes.
+    pub size: usize,
+    /// SHA-256 of the component bytes (hex).
+    pub sha256: String,
+}
+
+/// Per-store host data: WASI context with nothing granted, limits and the plugin's identity.
+pub(crate) struct HostState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    pub(crate) limiter: Limiter,
+    plugin: Arc<str>,
+    vm: Arc<str>,
+    config: Arc<str>,
+    clock: Instant,
+    logs_left: u32,
+}
+
+const MAX_LOG_LINES_PER_CALL: u32 = 32;
+const MAX_LOG_BYTES: usize = 1024;
+
+impl HostState {
+    fn new(rt: &RuntimeShared, plugin: Arc<str>, vm: Arc<str>, config: Arc<str>) -> Self {
+        // Nothing granted: no preopened dirs, no env/args, stdio not inherited (stdin empty,
+        // stdout/stderr discarded), no TCP/UDP/name lookup. Clocks and random remain (WASI
+        // always provides them; they reveal nothing the host clock doesn't).
+        let wasi = WasiCtx::builder()
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        let limits = StoreLimitsBuilder::new()
+            .memory_size(rt.cfg.memory_limit)
+            .table_elements(rt.cfg.table_elements)
+            .instances(rt.cfg.instances)
+            .tables(rt.cfg.instances)
+            .memories(rt.cfg.instances)
+            .trap_on_grow_failure(true)
+            .build();
+        Self {
+            wasi,
+            table: ResourceTable::new(),
+            limiter: Limiter {
+                inner: limits,
+                hit: None,
+            },
+            plugin,
+            vm,
+            config,
+            clock: rt.clock,
+            logs_left: MAX_LOG_LINES_PER_CALL,
+        }
+    }
+
+    pub(crate) fn begin_call(&mut self) {
+        self.logs_left = MAX_LOG_LINES_PER_CALL;
+        self.limiter.hit = None;
+    }
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl policy_world::vhost_plug::plugin::types::Host for HostState {}
+
+impl host::Host for HostState {
+    fn log(&mut self, level: host::LogLevel, msg: String) {
+        if self.logs_left == 0 {
+            return;
+        }
+        self.logs_left -= 1;
+        let mut msg = msg;
+        if msg.len() > MAX_LOG_BYTES {
+            let mut end = MAX_LOG_BYTES;
+            while !msg.is_char_boundary(end) {
+                end -= 1;
+            }
+            msg.truncate(end);
+            msg.push_str("...");
+        }
+        let (plugin, vm) = (&*self.plugin, &*self.vm);
+        match level {
+            host::LogLevel::Trace => tracing::trace!(plugin, vm, "{msg}"),
+            host::LogLevel::Debug => tracing::debug!(plugin, vm, "{msg}"),
+            host::LogLevel::Info => tracing::info!(plugin, vm, "{msg}"),
+            host::LogLevel::Warn => tracing::warn!(plugin, vm, "{msg}"),
+            host::LogLevel::Error => tracing::error!(plugin, vm, "{msg}"),
+        }
+    }
+
+    fn now_ns(&mut self) -> u64 {
+        self.clock.elapsed().as_nanos() as u64
+    }
+
+    fn config(&mut self) -> String {
+        self.config.to_string()
+    }
+}
+
+/// `StoreLimits` that remembers when a limit was hit, to report "memory limit" rather than a
+/// generic trap.
+pub(crate) struct Limiter {
+    inner: StoreLimits,
+    pub(crate) hit: Option<String>,
+}
+
+impl ResourceLimiter for Limiter {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let r = self.inner.memory_growing(current, desired, maximum);
+        if !matches!(r, Ok(true)) {
+            self.hit = Some(format!(
+                "memory grow from {current} to {desired} bytes refused"
+            ));
+        }
+        r
+    }
+
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let r = self.inner.table_growing(current, desired, maximum);
+        if !matches!(r, Ok(true)) {
+            self.hit = Some(format!(
+                "table grow from {current} to {desired} elements refused"
+            ));
+        }
+        r
+    }
+
+    fn instances(&self) -> usize {
+        self.inner.instances()
+    }
+
+    fn tables(&self) -> usize {
+        self.inner.tables()
+    }
+
+    fn memories(&self) -> usize {
+        self.inner.memories()
+    }
+}
+
+/// Stops the epoch ticker when the last runtime handle goes away.
+struct Ticker {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.thread().unpark();
+            let _ = t.join();
+        }
+    }
+}
+
+pub(crate) struct RuntimeShared {
+    pub(crate) engine: Engine,
+    pub(crate) linker: Linker<HostState>,
+    pub(crate) cfg: RuntimeConfig,
+    pub(crate) deadline_ticks: u64,
+    clock: Instant,
+    pooling: bool,
+    /// Serializes cache writes of the same artifact within this process.
+    cache_lock: Mutex<()>,
+    _ticker: Ticker,
+}
+
+impl RuntimeShared {
+    pub(crate) fn new_store(
+        &self,
+        plugin: Arc<str>,
+        vm: Arc<str>,
+        config: Arc<str>,
+    ) -> Store<HostState> {
+        let mut store = Store::new(&self.engine, HostState::new(self, plugin, vm, config));
+        store.limiter(|s| &mut s.limiter);
+        store.epoch_deadline_trap();
+        store.set_epoch_deadline(self.deadline_ticks);
+        store
+    }
+}
+
+/// The plugin runtime: one per daemon. Cheap to clone (shared engine, linker and ticker).
+#[derive(Clone)]
+pub struct PluginRuntime {
+    pub(crate) shared: Arc<RuntimeShared>,
+}
+
+impl std::fmt::Debug for PluginRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginRuntime")
+            .field("cfg", &self.shared.cfg)
+            .field("pooling", &self.shared.pooling)
+            .finish()
+    }
+}
+
+fn engine_config(cfg: &RuntimeConfig, pooling: Option<&PoolingLimits>) -> Config {
+    let mut c = Config::new();
+    c.wasm_component_model(true);
+    // The async component-model machinery costs ~3x per call; plugins are synchronous.
+    c.concurrency_support(false);
+    c.epoch_interruption(true);
+    if let Some(p) = pooling {
+        let n = p.component_instances.max(1);
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_component_instances(n)
+            .total_core_instances(n.saturating_mul(4))
+            .total_memories(n.saturating_mul(2))
+            .total_tables(n.saturating_mul(4))
+            .max_memory_size(cfg.memory_limit)
+            .table_elements(cfg.table_elements)
+            .max_core_instances_per_component(cfg.instances as u32)
+            .max_memories_per_component(cfg.instances as u32)
+            .max_tables_per_component(cfg.instances as u32);
+        c.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    }
+    c
+}
+
+impl PluginRuntime {
+    /// Create the engine, the linker (host functions + WASI with nothing granted) and start the
+    /// epoch ticker thread.
+    pub fn new(cfg: RuntimeConfig) -> Result<Self, PluginError> {
+        let tick = cfg.epoch_tick.max(Duration::from_micros(100));
+        let (engine, pooling) = match cfg.pooling.as_ref() {
+            Some(p) => match Engine::new(&engine_config(&cfg, Some(p))) {
+                Ok(e) => (e, true),
+                Err(e) => {
+                    tracing::warn!(
+                        "pooling allocator unavailable ({e}); using on-demand allocation"
+                    );
+                    (Self::plain_engine(&cfg)?, false)
+                }
+            },
+            None => (Self::plain_engine(&cfg)?, false),
+        };
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
+            .map_err(|e| PluginError::Engine(format!("wasi: {e}")))?;
+        policy_world::PolicyPlugin::add_to_linker::<HostState, HasSelf<HostState>>(
+            &mut linker,
+            |s| s,
+        )
+        .map_err(|e| PluginError::Engine(format!("host functions: {e}")))?;
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let engine = engine.clone();
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("plugin-epoch".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::thread::park_timeout(tick);
+                        engine.increment_epoch();
+                    }
+                })
+                .map_err(|e| PluginError::Engine(format!("epoch thread: {e}")))?
+        };
+        // A deadline of N ticks fires between N-1 and N ticks after it is set: add one.
+        let deadline_ticks =
+            (cfg.call_deadline.as_nanos().div_ceil(tick.as_nanos()) as u64).max(1) + 1;
+        Ok(Self {
+            shared: Arc::new(RuntimeShared {
+                engine,
+                linker,
+                cfg,
+                deadline_ticks,
+                clock: Instant::now(),
+                pooling,
+                cache_lock: Mutex::new(()),
+                _ticker: Ticker {
+                    stop,
+                    thread: Some(thread),
+                },
+            }),
+        })
+    }
+
+    fn plain_engine(cfg: &RuntimeConfig) -> Result<Engine, PluginError> {
+        Engine::new(&engine_config(cfg, None)).map_err(|e| PluginError::Engine(e.to_string()))
+    }
+
+    pub fn config(&self) -> &RuntimeConfig {
+        &self.shared.cfg
+    }
+
+    /// Whether the pooling allocator is in use.
+    pub fn pooling(&self) -> bool {
+        self.shared.pooling
+    }
+
+    /// Compile `bytes` to a precompiled artifact for this engine (what the cache stores).
+    pub fn precompile(&self, bytes: &[u8]) -> Result<Vec<u8>, PluginError> {
+        self.shared
+            .engine
+            .precompile_component(bytes)
+            .map_err(|e| PluginError::Compile(format!("{e:#}")))
+    }
+
+    /// Tell which world a component implements, or precisely why it implements none.
+    pub fn check(&self, bytes: &[u8]) -> Result<PluginInfo, PluginError> {
+        let component = Component::new(&self.shared.engine, bytes)
+            .map_err(|e| PluginError::Compile(format!("{e:#}")))?;
+        self.inspect(&component, bytes).map(|(info, _)| info)
+    }
+
+    /// Read and compile a plugin (through the cache when configured) and check that it is of
+    /// the kind `spec` asks for.
+    pub fn load(&self, spec: &PluginSpec) -> Result<Plugin, PluginError> {
+        let bytes: std::borrow::Cow<'static, [u8]> = match &spec.source {
+            PluginSource::Path(p) => std::fs::read(p)
+                .map_err(|source| PluginError::Io {
+                    path: p.display().to_string(),
+                    source,
+                })?
+                .into(),
+            PluginSource::Builtin(name) => super::builtin::get(name)
+                .ok_or_else(|| PluginError::UnknownBuiltin(name.clone()))?
+                .into(),
+        };
+        let plugin = self.load_bytes(&spec.name(), &bytes, &spec.config)?;
+        if plugin.kind() != spec.kind {
+            return Err(PluginError::WrongKind {
+                name: plugin.name().to_string(),
+                expected: spec.kind,
+                actual: plugin.kind(),
+            });
+        }
+        Ok(plugin)
+    }
+
+    /// Compile a plugin from bytes; its kind is detected from its exports.
+    pub fn load_bytes(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        config: &str,
+    ) -> Result<Plugin, PluginError> {
+        let component = self.compile_cached(bytes)?;
+        let (info, pre) = self.inspect(&component, bytes)?;
+        Ok(Plugin {
+            inner: Arc::new(PluginInner {
+                name: name.into(),
+                config: config.into(),
+                info,
+                pre,
+            }),
+        })
+    }
+
+    fn compile_cached(&self, bytes: &[u8]) -> Result<Component, PluginError> {
+        let engine = &self.shared.engine;
+        let Some(dir) = &self.shared.cfg.cache_dir else {
+            return Component::new(engine, bytes)
+                .map_err(|e| PluginError::Compile(format!("{e:#}")));
+        };
+        let mut h = Sha256::new();
+        h.update(bytes);
+        // Artifacts depend on the engine's settings and version as well as on the source.
+        use std::hash::{Hash, Hasher};
+        let mut eh = std::collections::hash_map::DefaultHasher::new();
+        engine.precompile_compatibility_hash().hash(&mut eh);
+        h.update(eh.finish().to_le_bytes());
+        let path = dir.join(format!("{}.cwasm", hex(&h.finalize())));
+        let cache_err = |reason: String| PluginError::Cache {
+            path: path.display().to_string(),
+            reason,
+        };
+        if trusted_artifact(&path).map_err(&cache_err)? {
+            // SAFETY: `Component::deserialize_file` trusts the file to be an artifact produced
+            // by `Engine::precompile_component`/`Component::serialize` (it maps native code).
+            // The file lives in the operator-configured cache directory, which this runtime
+            // creates with mode 0700; `trusted_artifact` checked that it is a regular file
+            // owned by our effective uid and not writable by group or others, so only this
+            // daemon (or its operator) wrote it. Its name is the SHA-256 of the source bytes and
+            // of the engine's compatibility hash, so it was compiled from exactly these bytes by
+            // a compatible engine, and wasmtime itself re-checks the engine/version header.
+            match unsafe { Component::deserialize_file(engine, &path) } {
+                Ok(c) => return Ok(c),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), "discarding cached plugin artifact: {e}")
+                }
+            }
+        }
+        let component =
+            Component::new(engine, bytes).map_err(|e| PluginError::Compile(format!("{e:#}")))?;
+        let art = component
+            .serialize()
+            .map_err(|e| cache_err(e.to_string()))?;
+        let _g = self
+            .shared
+            .cache_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        write_artifact(dir, &path, &art).map_err(|e| cache_err(e.to_string()))?;
+        Ok(component)
+    }
+
+    fn inspect(
+        &self,
+        component: &Component,
+        bytes: &[u8],
+    ) -> Result<(PluginInfo, KindPre), PluginError> {
+        let engine = &self.shared.engine;
+        let ty = component.component_type();
+        let imports: Vec<String> = ty.imports(engine).map(|(n, _)| n.to_string()).collect();
+        let exports: Vec<String> = ty.exports(engine).map(|(n, _)| n.to_string()).collect();
+        let has = |iface: &str| exports.iter().any(|e| iface_matches(e, iface));
+        let candidates = [
+            (PluginKind::Policy, &["policy", "stateful"][..]),
+            (PluginKind::Bridge, &["bridge", "stateful"][..]),
+            (PluginKind::Serializer, &["serializer"][..]),
+        ];
+        let mut problems = Vec::new();
+        // The world whose distinguishing export is present decides; otherwise report for all.
+        let matching: Vec<_> = candidates.iter().filter(|(_, ifs)| has(ifs[0])).collect();
+        if matching.is_empty() {
+            problems.push(format!(
+                "exports none of `{p}policy{v}`, `{p}bridge{v}`, `{p}serializer{v}` (exports: [{}])",
+                exports.join(", "),
+                p = "vhost-plug:plugin/",
+                v = "@0.1.0",
+            ));
+        }
+        if matching.len() > 1 {
+            problems.push(format!(
+                "exports more than one plugin interface: [{}]",
+                exports.join(", ")
+            ));
+        }
+        if matching.len() == 1 {
+            let (kind, ifs) = matching[0];
+            for i in ifs.iter().filter(|i| !has(i)) {
+                problems.push(format!(
+                    "{} world: missing export `vhost-plug:plugin/{i}@0.1.0`",
+                    kind.world()
+                ));
+            }
+            if problems.is_empty() {
+                match self.pre(component, *kind) {
+                    Ok(pre) => {
+                        let wasi_imports = imports
+                            .iter()
+                            .filter(|i| i.starts_with("wasi:"))
+                            .cloned()
+                            .collect();
+                        let info = PluginInfo {
+                            kind: *kind,
+                            world: kind.world(),
+                            imports,
+                            exports,
+                            wasi_imports,
+                            size: bytes.len(),
+                            sha256: hex(&Sha256::digest(bytes)),
+                        };
+                        return Ok((info, pre));
+                    }
+                    Err(e) => problems.push(format!("{} world: {e}", kind.world())),
+                }
+            }
+        }
+        Err(PluginError::NotAPlugin { problems })
+    }
+
+    /// Link imports and type-check exports for one world. Errors name the unsatisfied import or
+    /// the export whose type does not match.
+    fn pre(&self, component: &Component, kind: PluginKind) -> Result<KindPre, String> {
+        let ipre = self
+            .shared
+            .linker
+            .instantiate_pre(component)
+            .map_err(|e| format!("{e:#}"))?;
+        Ok(match kind {
+            PluginKind::Policy => KindPre::Policy(
+                policy_world::PolicyPluginPre::new(ipre).map_err(|e| format!("{e:#}"))?,
+            ),
+            PluginKind::Bridge => KindPre::Bridge(
+                bridge_world::BridgePluginPre::new(ipre).map_err(|e| format!("{e:#}"))?,
+            ),
+            PluginKind::Serializer => KindPre::Serializer(
+                serializer_world::SerializerPluginPre::new(ipre).map_err(|e| format!("{e:#}"))?,
+            ),
+        })
+    }
+}
+
+/// `vhost-plug:plugin/policy@0.1.x` matches `policy` (any 0.1 patch version).
+fn iface_matches(export: &str, iface: &str) -> bool {
+    let Some(rest) = export.strip_prefix("vhost-plug:plugin/") else {
+        return false;
+    };
+    let (name, version) = rest.split_once('@').unwrap_or((rest, ""));
+    name == iface && (version.is_empty() || version.starts_with("0.1."))
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// True if `path` exists and may be deserialized (see the SAFETY comment at the call).
+fn trusted_artifact(path: &Path) -> Result<bool, String> {
+    use std::os::unix::fs::MetadataExt;
+    let md = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e.to_string()),
+    };
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    if !md.file_type().is_file() {
+        return Err("not a regular file".into());
+    }
+    if md.uid() != euid || md.mode() & 0o022 != 0 {
+        return Err(format!(
+            "refusing artifact owned by uid {} with mode {:o} (want uid {euid}, not group/other-writable)",
+            md.uid(),
+            md.mode() & 0o777
+        ));
+    }
+    Ok(true)
+}
+
+fn write_artifact(dir: &Path, path: &Path, art: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let tmp = dir.join(format!(
+        ".{}.{}.tmp",
+        std::process::id(),
+        path.file_name().unwrap_or_default().to_string_lossy()
+    ));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(art)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+pub(crate) enum KindPre {
+    Policy(policy_world::PolicyPluginPre<HostState>),
+    Bridge(bridge_world::BridgePluginPre<HostState>),
+    Serializer(serializer_world::SerializerPluginPre<HostState>),
+}
+
+pub(crate) struct PluginInner {
+    pub(crate) name: Arc<str>,
+    pub(crate) config: Arc<str>,
+    pub(crate) info: PluginInfo,
+    pub(crate) pre: KindPre,
+}
+
+/// A compiled, linked and type-checked plugin, ready to be instantiated per VM. Cheap to clone.
+#[derive(Clone)]
+pub struct Plugin {
+    pub(crate) inner: Arc<PluginInner>,
+}
+
+impl std::fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plugin")
+            .field("name", &self.name())
+            .field("kind", &self.kind())
+            .finish()
+    }
+}
+
+impl Plugin {
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+    pub fn kind(&self) -> PluginKind {
+        self.inner.info.kind
+    }
+    pub fn info(&self) -> &PluginInfo {
+        &self.inner.info
+    }
+    pub fn config(&self) -> &str {
+        &self.inner.config
+    }
+}

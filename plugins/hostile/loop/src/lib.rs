@@ -1,0 +1,19 @@
+//! Hostile test plugin: spins forever when the destination port is 666; allows anything else (so tests can
+//! check that the next call is served by a fresh instance).
+use vhost_plug_sdk_policy::*;
+
+struct Hostile;
+
+impl PolicyPlugin for Hostile {
+    fn on_connect(req: ConnRequest) -> Verdict {
+        if req.dst.port != 666 {
+            return Verdict::Allow;
+        }
+        let mut x: u64 = 0;
+        loop {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+    }
+}
+
+vhost_plug_sdk_policy::export_policy!(Hostile);
