@@ -1,0 +1,290 @@
+//! Spawning a backend daemon (vhost-plug or the reference vhost-device-vsock) for a test.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// Which daemon to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DaemonKind {
+    /// Our daemon (`host/`).
+    VhostPlug,
+    /// The reference daemon, vhost-device-vsock 0.3.0.
+    Peer,
+}
+
+impl DaemonKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            DaemonKind::VhostPlug => "vhost-plug",
+            DaemonKind::Peer => "vhost-device-vsock",
+        }
+    }
+
+    /// Locates the binary: an environment override, else the cargo target directory of the
+    /// running test executable (`<target>/<profile>/deps/<test>`).
+    pub fn binary(self) -> Result<PathBuf> {
+        let (var, hint) = match self {
+            DaemonKind::VhostPlug => (
+                "VHOST_PLUG_BIN",
+                "build it with `cargo build --release -p vhost-plug`",
+            ),
+            DaemonKind::Peer => (
+                "VHOST_DEVICE_VSOCK_BIN",
+                "install it with `cargo install vhost-device-vsock --locked --version 0.3.0 \
+                 --root target/peer`",
+            ),
+        };
+        if let Some(p) = std::env::var_os(var) {
+            let p = PathBuf::from(p);
+            if !p.is_file() {
+                bail!("{var}={} does not name a file", p.display());
+            }
+            return Ok(p);
+        }
+        let exe = std::env::current_exe().context("locating the test executable")?;
+        let deps = exe.parent().context("test executable has no parent dir")?;
+        let profile_dir = if deps.file_name().is_some_and(|n| n == "deps") {
+            deps.parent().context("deps dir has no parent")?
+        } else {
+            deps
+        };
+        let candidate = match self {
+            DaemonKind::VhostPlug => profile_dir.join("vhost-plug"),
+            DaemonKind::Peer => profile_dir
+                .parent()
+                .context("profile dir has no parent")?
+                .join("peer/bin/vhost-device-vsock"),
+        };
+        if !candidate.is_file() {
+            bail!(
+                "{} binary not found at {} (set {var} to override; {hint})",
+                self.name(),
+                candidate.display()
+            );
+        }
+        Ok(candidate)
+    }
+}
+
+/// One `--vm` argument.
+#[derive(Clone, Debug)]
+pub struct VmSpec {
+    pub guest_cid: u64,
+    /// vhost-user socket the VMM connects to.
+    pub socket: PathBuf,
+    /// Hybrid vsock base path for host programs.
+    pub uds_path: PathBuf,
+    pub tx_buffer_size: Option<u32>,
+    /// Sibling groups (`groups=a+b`); empty means the daemon's default.
+    pub groups: Vec<String>,
+}
+
+impl VmSpec {
+    /// Socket paths inside `dir`, named after the CID.
+    pub fn new(dir: &Path, guest_cid: u64) -> Self {
+        VmSpec {
+            guest_cid,
+            socket: dir.join(format!("vhost{guest_cid}.sock")),
+            uds_path: dir.join(format!("vm{guest_cid}.vsock")),
+            tx_buffer_size: None,
+            groups: Vec::new(),
+        }
+    }
+
+    pub fn groups(mut self, groups: &[&str]) -> Self {
+        self.groups = groups.iter().map(|g| g.to_string()).collect();
+        self
+    }
+
+    pub fn tx_buffer_size(mut self, n: u32) -> Self {
+        self.tx_buffer_size = Some(n);
+        self
+    }
+
+    /// The value of `--vm`.
+    pub fn to_arg(&self) -> String {
+        let mut s = format!(
+            "guest-cid={},socket={},uds-path={}",
+            self.guest_cid,
+            self.socket.display(),
+            self.uds_path.display()
+        );
+        if let Some(n) = self.tx_buffer_size {
+            s.push_str(&format!(",tx-buffer-size={n}"));
+        }
+        if !self.groups.is_empty() {
+            s.push_str(&format!(",groups={}", self.groups.join("+")));
+        }
+        s
+    }
+}
+
+/// A running daemon; killed on drop.
+pub struct Daemon {
+    kind: DaemonKind,
+    child: Option<Child>,
+    vms: Vec<VmSpec>,
+    stderr_path: PathBuf,
+}
+
+/// How long to wait for a daemon's sockets.
+pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Daemon {
+    /// Starts `kind` serving `vms`; stderr goes to `<dir>/<name>.stderr`. Returns once every
+    /// vhost-user socket exists (bounded by [`STARTUP_TIMEOUT`]).
+    pub fn spawn(
+        kind: DaemonKind,
+        dir: &Path,
+        vms: &[VmSpec],
+        extra_args: &[&str],
+    ) -> Result<Daemon> {
+        if vms.is_empty() {
+            bail!("a daemon needs at least one VM");
+        }
+        let bin = kind.binary()?;
+        let stderr_path = dir.join(format!("{}.stderr", kind.name()));
+        let stderr = File::create(&stderr_path)
+            .with_context(|| format!("creating {}", stderr_path.display()))?;
+        let mut cmd = Command::new(&bin);
+        for vm in vms {
+            cmd.arg("--vm").arg(vm.to_arg());
+        }
+        cmd.args(extra_args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr);
+        match kind {
+            DaemonKind::Peer if std::env::var_os("RUST_LOG").is_none() => {
+                cmd.env("RUST_LOG", "info");
+            }
+            DaemonKind::VhostPlug
+                if std::env::var_os("VHOST_PLUG_LOG").is_none()
+                    && std::env::var_os("RUST_LOG").is_none() =>
+            {
+                cmd.env("VHOST_PLUG_LOG", "info");
+            }
+            _ => {}
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("spawning {}", bin.display()))?;
+        let mut d = Daemon {
+            kind,
+            child: Some(child),
+            vms: vms.to_vec(),
+            stderr_path,
+        };
+        d.wait_sockets(STARTUP_TIMEOUT)?;
+        Ok(d)
+    }
+
+    fn wait_sockets(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.exit_status()? {
+                bail!(
+                    "{} exited during startup ({status}); stderr:\n{}",
+                    self.kind.name(),
+                    self.stderr()
+                );
+            }
+            if self.vms.iter().all(|vm| vm.socket.exists()) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                let missing: Vec<String> = self
+                    .vms
+                    .iter()
+                    .filter(|vm| !vm.socket.exists())
+                    .map(|vm| vm.socket.display().to_string())
+                    .collect();
+                bail!(
+                    "{} did not create {missing:?} within {timeout:?}; stderr:\n{}",
+                    self.kind.name(),
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// `Some(status)` if the process has exited.
+    pub fn exit_status(&mut self) -> Result<Option<std::process::ExitStatus>> {
+        match self.child.as_mut() {
+            Some(c) => c.try_wait().context("polling daemon"),
+            None => bail!("daemon already killed"),
+        }
+    }
+
+    /// True while the process runs.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.exit_status(), Ok(None))
+    }
+
+    pub fn kind(&self) -> DaemonKind {
+        self.kind
+    }
+
+    pub fn vms(&self) -> &[VmSpec] {
+        &self.vms
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    pub fn stderr_path(&self) -> &Path {
+        &self.stderr_path
+    }
+
+    /// What the daemon wrote to stderr so far (last 64 KiB).
+    pub fn stderr(&self) -> String {
+        match std::fs::read(&self.stderr_path) {
+            Ok(b) => {
+                let start = b.len().saturating_sub(64 * 1024);
+                String::from_utf8_lossy(&b[start..]).into_owned()
+            }
+            Err(e) => format!("<cannot read {}: {e}>", self.stderr_path.display()),
+        }
+    }
+
+    /// Kills the process and reaps it. Idempotent.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // Already-exited children make kill fail; wait reaps either way.
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_arg_format() {
+        let v = VmSpec::new(Path::new("/t"), 3)
+            .tx_buffer_size(4096)
+            .groups(&["a", "b"]);
+        assert_eq!(
+            v.to_arg(),
+            "guest-cid=3,socket=/t/vhost3.sock,uds-path=/t/vm3.vsock,tx-buffer-size=4096,groups=a+b"
+        );
+        assert_eq!(
+            VmSpec::new(Path::new("/t"), 4).to_arg(),
+            "guest-cid=4,socket=/t/vhost4.sock,uds-path=/t/vm4.vsock"
+        );
+    }
+}
