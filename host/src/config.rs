@@ -30,7 +30,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-pub use cli::Command;
+pub use cli::{Command, PluginCommand};
 
 /// Guest CID when none is given (same as the peer).
 pub const DEFAULT_GUEST_CID: u64 = 3;
@@ -99,6 +99,10 @@ pub struct DaemonConfig {
     /// The VMs, in the order given.
     pub vms: Vec<VmConfig>,
     pub log_format: LogFormat,
+    /// Plugins for every VM (`--plugin`); empty means the built-in defaults.
+    pub plugins: Vec<crate::plugin::PluginSpec>,
+    /// Where plugins may send connections (`--allow-route`).
+    pub allow_routes: Vec<RouteSpec>,
     /// Things accepted for compatibility that the operator should know about (ignored YAML
     /// fields, ignored `forward-listen`, ...). Parsing happens before logging is set up, so
     /// the caller logs these once it is.
@@ -111,6 +115,8 @@ impl DaemonConfig {
         DaemonConfig {
             vms,
             log_format: LogFormat::Text,
+            plugins: Vec::new(),
+            allow_routes: Vec::new(),
             warnings: Vec::new(),
         }
     }
@@ -145,6 +151,30 @@ impl DaemonConfig {
             .map(|(i, vm)| (vm, Origin::Code(i)))
             .collect();
         check_unique(&labelled)
+    }
+}
+
+/// A destination plugins may route to: `unix:DIR` (sockets inside DIR) or `tcp:HOST:PORT`
+/// (`HOST:*` for any port).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RouteSpec {
+    UnixDir(PathBuf),
+    Tcp(String),
+}
+
+impl std::str::FromStr for RouteSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(dir) = s.strip_prefix("unix:") {
+            if !dir.starts_with('/') {
+                return Err(format!("unix route directory must be absolute: {dir}"));
+            }
+            Ok(RouteSpec::UnixDir(PathBuf::from(dir)))
+        } else if let Some(t) = s.strip_prefix("tcp:") {
+            Ok(RouteSpec::Tcp(t.to_string()))
+        } else {
+            Err(format!("expected unix:DIR or tcp:HOST:PORT, got {s}"))
+        }
     }
 }
 
@@ -233,7 +263,10 @@ where
 {
     match parse_invocation_from(args)? {
         Invocation::Daemon(cfg) => Ok(cfg),
-        Invocation::Command(cmd) => match cmd {},
+        Invocation::Command(_) => Err(ConfigError::Invalid {
+            what: "command line".into(),
+            message: "a subcommand was given where the daemon was expected".into(),
+        }),
     }
 }
 

@@ -43,6 +43,8 @@ pub enum State {
     Requesting(AcceptReply),
     /// Guest connected to a sibling VM; waiting for that VM's guest to accept.
     SiblingConnecting,
+    /// Guest connected to a TCP route; the non-blocking connect has not finished.
+    TcpConnecting,
     Established,
 }
 
@@ -137,6 +139,14 @@ pub struct Conn {
     pub state: State,
     /// When `state` was entered; bounds how long a handshake may take.
     pub since: Instant,
+    /// Id the connection gate gave it (0: not admitted yet); reported on close.
+    pub id: u64,
+    pub opened: Instant,
+    /// Payload totals for the close report (the wire counters wrap).
+    pub bytes_to_guest: u64,
+    pub bytes_from_guest: u64,
+    /// Ended by RST rather than an orderly shutdown.
+    pub was_reset: bool,
 
     // Guest -> host direction: we are the receiver.
     /// Payload bytes received from the guest.
@@ -184,6 +194,11 @@ impl Conn {
             fd,
             state,
             since: Instant::now(),
+            id: 0,
+            opened: Instant::now(),
+            bytes_to_guest: 0,
+            bytes_from_guest: 0,
+            was_reset: false,
             rx_cnt: 0,
             fwd_cnt: 0,
             last_fwd_sent: 0,

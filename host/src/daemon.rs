@@ -9,6 +9,7 @@ use signal_hook::iterator::Signals;
 use tracing::{error, info};
 
 use crate::config::DaemonConfig;
+use crate::gate::PluginSet;
 use crate::siblings::Registry;
 use crate::vm::Vm;
 
@@ -16,11 +17,13 @@ use crate::vm::Vm;
 pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     let mut signals = Signals::new([SIGINT, SIGTERM]).context("installing signal handlers")?;
     let registry = Arc::new(Registry::default());
+    let plugins = PluginSet::load(&cfg.plugins, &cfg.allow_routes, registry.clone())
+        .context("loading plugins")?;
     let mut paths: Vec<PathBuf> = Vec::new();
     let mut vms = Vec::new();
     for vm_cfg in cfg.vms {
         let cid = vm_cfg.guest_cid;
-        let vm = Vm::new(vm_cfg, registry.clone());
+        let vm = Vm::new(vm_cfg, registry.clone(), &plugins);
         let vm = match vm {
             Ok(vm) => vm,
             Err(e) => {

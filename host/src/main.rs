@@ -3,15 +3,14 @@
 use std::process::ExitCode;
 
 use tracing_subscriber::EnvFilter;
-use vhost_plug::config::{self, LogFormat};
+use vhost_plug::config::{self, Command, Invocation, LogFormat, PluginCommand};
 
 fn main() -> ExitCode {
-    let cfg = match config::parse_from(std::env::args_os()) {
-        Ok(cfg) => cfg,
-        Err(e) => {
-            // clap's own help and version output also arrive here.
-            return e.exit();
-        }
+    let cfg = match config::parse_invocation_from(std::env::args_os()) {
+        Ok(Invocation::Daemon(cfg)) => cfg,
+        Ok(Invocation::Command(cmd)) => return run_command(cmd),
+        // clap's own help and version output also arrive here.
+        Err(e) => return e.exit(),
     };
     let filter = EnvFilter::try_from_env("VHOST_PLUG_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
@@ -31,6 +30,38 @@ fn main() -> ExitCode {
         Err(e) => {
             tracing::error!("{e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_command(cmd: Command) -> ExitCode {
+    match cmd {
+        Command::Plugin(PluginCommand::Check { file }) => {
+            let bytes = match std::fs::read(&file) {
+                Ok(b) => b,
+                Err(e) => {
+                    eprintln!("{}: {e}", file.display());
+                    return ExitCode::FAILURE;
+                }
+            };
+            match vhost_plug::plugin::check(&bytes) {
+                Ok(info) => {
+                    println!(
+                        "{}: {} plugin (world {})",
+                        file.display(),
+                        info.kind,
+                        info.world
+                    );
+                    println!("  size: {} bytes, sha256: {}", info.size, info.sha256);
+                    println!("  exports: {}", info.exports.join(", "));
+                    println!("  imports: {}", info.imports.join(", "));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{}: {e}", file.display());
+                    ExitCode::FAILURE
+                }
+            }
         }
     }
 }

@@ -14,6 +14,7 @@ use vmm_sys_util::epoll::EventSet;
 use crate::backend::{VsockBackend, HOST_EVENT};
 use crate::config::VmConfig;
 use crate::device::{Device, DeviceConfig, Listeners};
+use crate::gate::{Gate, PluginSet};
 use crate::siblings::Registry;
 use crate::sys::{self, UnixKind};
 
@@ -31,6 +32,8 @@ pub enum VmError {
     },
     #[error("vhost-user daemon: {0}")]
     Daemon(String),
+    #[error("plugins: {0}")]
+    Plugin(#[from] crate::plugin::PluginError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -49,12 +52,21 @@ pub struct Vm {
     stream: OwnedFd,
     seqpacket: OwnedFd,
     listener: Listener,
+    /// Outlives frontend sessions, so plugin state survives a VMM reconnect.
+    gate: Arc<std::sync::Mutex<Gate>>,
 }
 
 impl Vm {
     /// Creates the host-side listeners (they persist across frontend sessions, so host
     /// programs can connect while no VMM is attached and are served when one is).
-    pub fn new(cfg: VmConfig, registry: Arc<Registry>) -> Result<Self, VmError> {
+    pub fn new(
+        cfg: VmConfig,
+        registry: Arc<Registry>,
+        plugins: &PluginSet,
+    ) -> Result<Self, VmError> {
+        let gate = Arc::new(std::sync::Mutex::new(
+            plugins.gate(&format!("cid-{}", cfg.guest_cid))?,
+        ));
         let listen = |path: PathBuf, kind| {
             sys::listen(&path, kind, 1024).map_err(|source| VmError::Listen { path, source })
         };
@@ -71,6 +83,7 @@ impl Vm {
             stream,
             seqpacket,
             listener,
+            gate,
         })
     }
 
@@ -93,7 +106,7 @@ impl Vm {
 
     fn serve_one(&mut self) -> Result<(), VmError> {
         let cid = self.cfg.guest_cid;
-        let dev = Device::new(
+        let mut dev = Device::new(
             DeviceConfig {
                 guest_cid: cid,
                 uds_path: self.cfg.uds_path.clone(),
@@ -102,6 +115,7 @@ impl Vm {
             },
             self.registry.clone(),
         )?;
+        dev.set_gate(self.gate.clone());
         let backend = Arc::new(VsockBackend::new(dev, usize::from(self.cfg.queue_size))?);
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let mut daemon = VhostUserDaemon::new(format!("vsock-{cid}"), backend.clone(), mem)

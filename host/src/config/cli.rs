@@ -21,7 +21,21 @@ use super::{
 /// clap, and so is any option before the subcommand name: `--log-format` is global but must
 /// come after it (`vhost-plug ctl --log-format json ...`).
 #[derive(Debug, Subcommand)]
-pub enum Command {}
+pub enum Command {
+    /// Work with plugin components.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+}
+
+/// `vhost-plug plugin ...`
+#[derive(Debug, Subcommand)]
+pub enum PluginCommand {
+    /// Say which world a component implements, or what is wrong with it.
+    Check {
+        /// The component (.wasm) to inspect.
+        file: PathBuf,
+    },
+}
 
 const UNSUPPORTED_FORWARD: &str = "vhost-device-vsock's vsock forwarding backend \
      (forward-cid / forward-listen) is not supported by vhost-plug; use uds-path";
@@ -62,6 +76,18 @@ struct Cli {
     /// max-connections [default: 16384]
     #[arg(long, value_name = "N", value_parser = max_connections_value)]
     max_connections: Option<usize>,
+
+    /// Load a plugin for every VM: KIND=PATH|builtin:NAME[,name=NAME][,config=STRING]
+    /// with KIND one of policy, bridge, serializer. Policy plugins form a chain in the
+    /// order given (the first deny wins). Without any --plugin the built-in defaults load
+    /// (policy allow-group, serializer serializer-postcard).
+    #[arg(long = "plugin", value_name = "SPEC", value_parser = plugin_value, verbatim_doc_comment)]
+    plugins: Vec<crate::plugin::PluginSpec>,
+
+    /// Where plugins may route connections: unix:DIR (sockets inside DIR) or
+    /// tcp:HOST:PORT (HOST an IP address or localhost; PORT may be *). Repeatable.
+    #[arg(long = "allow-route", value_name = "ROUTE", value_parser = route_value, verbatim_doc_comment)]
+    allow_routes: Vec<super::RouteSpec>,
 
     /// Log line format (on stderr).
     #[arg(long, value_enum, value_name = "FORMAT", default_value_t = LogFormat::Text, global = true)]
@@ -226,8 +252,20 @@ where
     Ok(Invocation::Daemon(DaemonConfig {
         vms,
         log_format: cli.log_format,
+        plugins: cli.plugins,
+        allow_routes: cli.allow_routes,
         warnings,
     }))
+}
+
+fn plugin_value(value: &str) -> Result<crate::plugin::PluginSpec, String> {
+    value
+        .parse()
+        .map_err(|e: crate::plugin::PluginError| e.to_string())
+}
+
+fn route_value(value: &str) -> Result<super::RouteSpec, String> {
+    value.parse()
 }
 
 fn number_value<T>(value: &str, check: fn(u64) -> Result<T, String>) -> Result<T, String> {

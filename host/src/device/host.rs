@@ -10,6 +10,7 @@ use super::{
     Device, MAX_HANDSHAKES, TOKEN_LISTEN_SEQ, TOKEN_LISTEN_STREAM, TOKEN_SIBLING, TOKEN_TIMER,
 };
 use crate::conn::{pending, AcceptReply, Conn, ConnKey, State};
+use crate::gate::{Admission, Request, Target};
 use crate::siblings::SiblingConnect;
 use crate::sys;
 use crate::vsock::header::{SockType, HOST_CID};
@@ -133,7 +134,7 @@ impl Device {
             return self.remove(idx);
         }
         let text = line[..end].strip_suffix(b"\n").unwrap_or(&line[..end]);
-        let Some(port) = parse_connect_line(text) else {
+        let Some(asked) = parse_connect_line(text) else {
             warn!(
                 cid = self.cfg.guest_cid,
                 line = %String::from_utf8_lossy(text),
@@ -141,8 +142,36 @@ impl Device {
             );
             return self.remove(idx);
         };
-        let local_port = self.alloc_host_port(port);
+        let local_port = self.alloc_host_port(asked);
+        let kind = self.conns[idx].kind;
+        let (id, port) = match self.admit(&Request {
+            src: (HOST_CID, local_port),
+            dst: (self.cfg.guest_cid, asked),
+            kind,
+            from_guest: false,
+        }) {
+            Admission::Admit {
+                id,
+                target: Target::Default,
+            } => (id, asked),
+            Admission::Admit {
+                id,
+                target: Target::Vsock { cid, port },
+            } if cid == self.cfg.guest_cid => (id, port),
+            Admission::Admit { .. } => {
+                warn!(
+                    cid = self.cfg.guest_cid,
+                    "host connect redirected off this guest; closing"
+                );
+                return self.remove(idx);
+            }
+            Admission::Refuse(why) => {
+                debug!(cid = self.cfg.guest_cid, port = asked, %why, "host connect refused");
+                return self.remove(idx);
+            }
+        };
         let c = &mut self.conns[idx];
+        c.id = id;
         c.key = ConnKey {
             local_cid: HOST_CID,
             local_port,
@@ -226,7 +255,24 @@ impl Device {
         match c.state {
             State::AwaitConnectLine => self.read_connect_line(idx),
             State::SiblingConnecting => self.sibling_answer(idx),
+            State::TcpConnecting => self.tcp_connected(idx, ev),
             State::Requesting(_) | State::Established => self.wake_rx(idx),
+        }
+    }
+
+    /// A TCP route's non-blocking connect finished, one way or the other.
+    fn tcp_connected(&mut self, idx: usize, ev: EventSet) {
+        if !ev.intersects(EventSet::OUT | EventSet::ERROR | EventSet::HANG_UP) {
+            return;
+        }
+        let c = &mut self.conns[idx];
+        match sys::take_error(c.fd.as_raw_fd()) {
+            Ok(None) => {
+                c.set_state(State::Established);
+                c.pending |= pending::RESPONSE;
+                self.wake_rx(idx);
+            }
+            Ok(Some(e)) | Err(e) => self.reset(idx, &format!("tcp connect failed: {e}")),
         }
     }
 

@@ -11,7 +11,7 @@ mod tx;
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use slab::Slab;
@@ -20,6 +20,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::conn::{pending, Conn, ConnKey};
+use crate::gate::{Admission, Closed, Gate, Request, Target};
 use crate::mem::GuestMemAtomic;
 use crate::siblings::{Inbox, Registry};
 use crate::vsock::header::{Header, HOST_CID, OP_RST};
@@ -83,6 +84,7 @@ pub struct Device {
     listeners: Option<Listeners>,
     timer: TimerFd,
     timer_armed: bool,
+    gate: Option<Arc<Mutex<Gate>>>,
     iov: Vec<libc::iovec>,
 }
 
@@ -121,6 +123,7 @@ impl Device {
             listeners: None,
             timer,
             timer_armed: false,
+            gate: None,
             iov: Vec::with_capacity(64),
         })
     }
@@ -151,6 +154,25 @@ impl Device {
 
     pub fn guest_cid(&self) -> u64 {
         self.cfg.guest_cid
+    }
+
+    /// Puts every new connection to `gate` (policy and bridge plugins).
+    pub fn set_gate(&mut self, gate: Arc<Mutex<Gate>>) {
+        self.gate = Some(gate);
+    }
+
+    /// Asks the gate about a new connection; without one, everything is admitted as is.
+    fn admit(&self, r: &Request) -> Admission {
+        match &self.gate {
+            None => Admission::Admit {
+                id: 0,
+                target: Target::Default,
+            },
+            Some(g) => match g.lock() {
+                Ok(mut g) => g.admit(r),
+                Err(_) => Admission::Refuse("plugin gate unavailable".into()),
+            },
+        }
     }
 
     pub fn set_memory(&mut self, mem: GuestMemAtomic) {
@@ -223,6 +245,19 @@ impl Device {
             if c.state == crate::conn::State::AwaitConnectLine {
                 self.handshakes -= 1;
             }
+            if c.id != 0 {
+                if let Some(Ok(mut g)) = self.gate.as_ref().map(|g| g.lock()) {
+                    g.closed(
+                        c.id,
+                        &Closed {
+                            bytes_to_guest: c.bytes_to_guest,
+                            bytes_from_guest: c.bytes_from_guest,
+                            opened: c.opened,
+                            reset: c.was_reset,
+                        },
+                    );
+                }
+            }
         }
     }
 
@@ -241,6 +276,7 @@ impl Device {
         if let Some(c) = self.conns.get_mut(idx) {
             debug!(cid = self.cfg.guest_cid, key = ?c.key, why, "reset connection");
             c.pending = pending::RST;
+            c.was_reset = true;
             c.buf.clear();
             c.partial_msg = Vec::new();
             c.out_msg = Vec::new();

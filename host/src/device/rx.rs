@@ -162,6 +162,7 @@ impl Device {
                 Ok(false) => return Fill::Nothing,
                 Err(e) => {
                     warn!(cid = guest_cid, key = ?c.key, error = %e, "host socket read failed");
+                    c.was_reset = true;
                     h.op = OP_RST;
                     h.len = 0;
                     remove = true;
@@ -214,6 +215,7 @@ fn read_host(
         Ok((n, _)) => {
             buf.mark_dirty(HDR_LEN, n);
             c.tx_cnt = c.tx_cnt.wrapping_add(n as u32);
+            c.bytes_to_guest += n as u64;
             h.op = OP_RW;
             h.len = n as u32;
             Ok(true)
@@ -262,6 +264,7 @@ fn read_host_msg(
             let (n, _) = sys::recv_iov(fd, &iov)?;
             buf.mark_dirty(HDR_LEN, n);
             c.tx_cnt = c.tx_cnt.wrapping_add(n as u32);
+            c.bytes_to_guest += n as u64;
             h.op = OP_RW;
             h.len = n as u32;
             h.flags = SEQ_EOM;
@@ -282,6 +285,7 @@ fn read_host_msg(
     buf.write_at(HDR_LEN, &c.out_msg[c.out_off..c.out_off + chunk]);
     c.out_off += chunk;
     c.tx_cnt = c.tx_cnt.wrapping_add(chunk as u32);
+    c.bytes_to_guest += chunk as u64;
     h.op = OP_RW;
     h.len = chunk as u32;
     if c.out_off == c.out_msg.len() {

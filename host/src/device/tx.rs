@@ -11,6 +11,7 @@ use vm_memory::GuestAddressSpace;
 
 use super::{Device, MAX_PKT_PAYLOAD};
 use crate::conn::{pending, AcceptReply, Conn, ConnKey, State};
+use crate::gate::{Admission, Request, Target};
 use crate::mem::GuestMemAtomic;
 use crate::siblings::SiblingConnect;
 use crate::sys::{self, UnixKind};
@@ -120,6 +121,7 @@ impl Device {
             OP_SHUTDOWN => self.guest_shutdown(idx, h.flags),
             OP_RST => {
                 debug!(cid = self.cfg.guest_cid, key = ?self.conns[idx].key, "guest reset");
+                self.conns[idx].was_reset = true;
                 self.remove(idx);
                 return;
             }
@@ -141,51 +143,61 @@ impl Device {
             .copied()
     }
 
-    /// The guest opens a connection to the host or to a sibling VM.
+    /// The guest opens a connection: the gate decides, then the target is connected.
     fn guest_connect(&mut self, h: &Header, kind: SockType) {
         if self.at_capacity() {
             return self.reply_rst(h, "connection limit reached");
         }
+        let (id, target) = match self.admit(&Request {
+            src: (h.src_cid, h.src_port),
+            dst: (h.dst_cid, h.dst_port),
+            kind,
+            from_guest: true,
+        }) {
+            Admission::Admit { id, target } => (id, target),
+            Admission::Refuse(why) => return self.reply_rst(h, &why),
+        };
         let ukind = match kind {
             SockType::Stream => UnixKind::Stream,
             SockType::Seqpacket => UnixKind::Seqpacket,
+        };
+        let opened = match target {
+            Target::Default if h.dst_cid == HOST_CID => {
+                let mut path = self.cfg.uds_path.clone().into_os_string();
+                path.push(format!("_{}", h.dst_port));
+                sys::connect(std::path::Path::new(&path), ukind).map(|fd| (fd, State::Established))
+            }
+            Target::Default => self.sibling_open(h, kind, h.dst_cid, h.dst_port),
+            Target::Vsock { cid, port } => self.sibling_open(h, kind, cid, port),
+            Target::Unix(path) => sys::connect(&path, ukind).map(|fd| (fd, State::Established)),
+            Target::Tcp(addr) if kind == SockType::Stream => {
+                sys::tcp_connect(&addr).map(|(fd, done)| {
+                    (
+                        fd,
+                        if done {
+                            State::Established
+                        } else {
+                            State::TcpConnecting
+                        },
+                    )
+                })
+            }
+            Target::Tcp(_) => Err(std::io::Error::other("SEQPACKET cannot go over TCP")),
+        };
+        let (fd, state) = match opened {
+            Ok(o) => o,
+            Err(e) => {
+                debug!(cid = self.cfg.guest_cid, error = %e, "connect failed");
+                return self.reply_rst(h, &format!("connect failed: {e}"));
+            }
         };
         let key = ConnKey {
             local_cid: h.dst_cid,
             local_port: h.dst_port,
             peer_port: h.src_port,
         };
-        let (fd, state) = if h.dst_cid == HOST_CID {
-            let mut path = self.cfg.uds_path.clone().into_os_string();
-            path.push(format!("_{}", h.dst_port));
-            match sys::connect(std::path::Path::new(&path), ukind) {
-                Ok(fd) => (fd, State::Established),
-                Err(e) => {
-                    debug!(path = ?path, error = %e, "host connect failed");
-                    return self.reply_rst(h, "no host listener");
-                }
-            }
-        } else {
-            let (mine, theirs) = match sys::socketpair(ukind) {
-                Ok(p) => p,
-                Err(e) => {
-                    warn!(error = %e, "socketpair failed");
-                    return self.reply_rst(h, "out of sockets");
-                }
-            };
-            let msg = SiblingConnect {
-                from_cid: self.cfg.guest_cid,
-                from_port: h.src_port,
-                to_port: h.dst_port,
-                kind,
-                fd: theirs,
-            };
-            if let Err(e) = self.registry.deliver(h.dst_cid, msg) {
-                return self.reply_rst(h, &e.to_string());
-            }
-            (mine, State::SiblingConnecting)
-        };
         let mut conn = Conn::new(0, key, kind, fd, state);
+        conn.id = id;
         conn.update_peer_credit(h.buf_alloc, h.fwd_cnt);
         if state == State::Established {
             conn.pending = pending::RESPONSE;
@@ -197,6 +209,33 @@ impl Device {
                 self.reply_rst(h, "cannot watch host socket");
             }
         }
+    }
+
+    /// Mails a socketpair end to sibling VM `cid`, whose guest will be asked to accept on
+    /// `port`; our end answers once it did.
+    fn sibling_open(
+        &self,
+        h: &Header,
+        kind: SockType,
+        cid: u64,
+        port: u32,
+    ) -> std::io::Result<(std::os::fd::OwnedFd, State)> {
+        let ukind = match kind {
+            SockType::Stream => UnixKind::Stream,
+            SockType::Seqpacket => UnixKind::Seqpacket,
+        };
+        let (mine, theirs) = sys::socketpair(ukind)?;
+        let msg = SiblingConnect {
+            from_cid: self.cfg.guest_cid,
+            from_port: h.src_port,
+            to_port: port,
+            kind,
+            fd: theirs,
+        };
+        self.registry
+            .deliver(cid, msg)
+            .map_err(std::io::Error::other)?;
+        Ok((mine, State::SiblingConnecting))
     }
 
     fn guest_response(&mut self, idx: usize) {
@@ -233,6 +272,7 @@ impl Device {
         }
         let len = h.len as usize;
         c.rx_cnt = c.rx_cnt.wrapping_add(h.len);
+        c.bytes_from_guest += u64::from(h.len);
         let ok = if c.is_seqpacket() {
             seq_from_guest(c, buf, len, h.flags & SEQ_EOM != 0, &mut self.iov)
         } else {

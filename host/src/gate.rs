@@ -1,0 +1,288 @@
+//! The per-VM connection gate: every new connection (guest, host or sibling initiated) is
+//! put to the policy chain, and then to the bridge plugin if there is one, before any packet
+//! is answered. The answer becomes a [`Target`] the device knows how to connect to.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tracing::{info, warn};
+
+use crate::config::RouteSpec;
+use crate::plugin::types::{ConnRequest, ConnStats, Endpoint, Route, SocketType};
+use crate::plugin::{
+    Bridge, Decision, Plugin, PluginError, PluginKind, PluginRuntime, PluginSpec, PolicyChain,
+    RouteAllowlist, RoutePolicy, RuntimeConfig,
+};
+use crate::siblings::Registry;
+use crate::vsock::header::SockType;
+
+static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Where an admitted connection goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// What the daemon does without plugins: `<uds_path>_<port>` for the host, the sibling
+    /// VM for its CID, the guest port asked for in a CONNECT line.
+    Default,
+    Unix(PathBuf),
+    Tcp(SocketAddr),
+    /// A vsock endpoint: a sibling VM, or for host-initiated connections another port of
+    /// this guest.
+    Vsock {
+        cid: u64,
+        port: u32,
+    },
+}
+
+/// The gate's answer for one connection.
+pub enum Admission {
+    Admit { id: u64, target: Target },
+    Refuse(String),
+}
+
+/// One connection as the gate sees it.
+pub struct Request {
+    pub src: (u64, u32),
+    pub dst: (u64, u32),
+    pub kind: SockType,
+    pub from_guest: bool,
+}
+
+pub struct Gate {
+    vm: String,
+    chain: PolicyChain,
+    bridge: Option<Bridge>,
+}
+
+/// Statistics of a connection when it closes.
+pub struct Closed {
+    pub bytes_to_guest: u64,
+    pub bytes_from_guest: u64,
+    pub opened: Instant,
+    pub reset: bool,
+}
+
+impl Gate {
+    pub fn new(vm: String, chain: PolicyChain, bridge: Option<Bridge>) -> Self {
+        Gate { vm, chain, bridge }
+    }
+
+    pub fn chain_mut(&mut self) -> &mut PolicyChain {
+        &mut self.chain
+    }
+
+    /// Asks the plugins about a new connection.
+    pub fn admit(&mut self, r: &Request) -> Admission {
+        let id = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
+        let req = ConnRequest {
+            id,
+            vm: self.vm.clone(),
+            src: Endpoint {
+                cid: r.src.0,
+                port: r.src.1,
+            },
+            dst: Endpoint {
+                cid: r.dst.0,
+                port: r.dst.1,
+            },
+            kind: match r.kind {
+                SockType::Stream => SocketType::Stream,
+                SockType::Seqpacket => SocketType::Seqpacket,
+            },
+            from_guest: r.from_guest,
+        };
+        let route = match self.chain.decide(&req) {
+            Decision::Deny {
+                plugin,
+                reason,
+                failure,
+            } => {
+                if failure {
+                    warn!(vm = %self.vm, %plugin, %reason, "plugin failed; connection refused");
+                } else {
+                    info!(vm = %self.vm, %plugin, %reason, "connection denied by policy");
+                }
+                return Admission::Refuse(format!("{plugin}: {reason}"));
+            }
+            Decision::Redirect { route, .. } => route,
+            Decision::Allow => match &mut self.bridge {
+                None => Route::Default,
+                Some(b) => match b.route(&req) {
+                    Ok(route) => route,
+                    Err(e) => {
+                        info!(vm = %self.vm, error = %e, "bridge refused the connection");
+                        return Admission::Refuse(e.to_string());
+                    }
+                },
+            },
+        };
+        match target_of(route) {
+            Ok(target) => Admission::Admit { id, target },
+            Err(why) => Admission::Refuse(why),
+        }
+    }
+
+    /// Reports a closed connection to the policy plugins.
+    pub fn closed(&mut self, id: u64, c: &Closed) {
+        let stats = ConnStats {
+            bytes_to_guest: c.bytes_to_guest,
+            bytes_from_guest: c.bytes_from_guest,
+            duration_ms: c.opened.elapsed().as_millis().min(u128::from(u64::MAX)) as u64,
+            reset: c.reset,
+        };
+        self.chain.on_close(id, &stats);
+    }
+}
+
+/// Turns a route (already checked against the operator's allowlist by the runtime) into a
+/// target. TCP targets must be IP addresses (or `localhost`): the worker thread never waits
+/// on name resolution.
+fn target_of(route: Route) -> Result<Target, String> {
+    Ok(match route {
+        Route::Default => Target::Default,
+        Route::UnixSocket(p) => Target::Unix(PathBuf::from(p)),
+        Route::Tcp(t) => Target::Tcp(parse_tcp_target(&t)?),
+        Route::Vsock(e) => Target::Vsock {
+            cid: e.cid,
+            port: e.port,
+        },
+    })
+}
+
+fn parse_tcp_target(t: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = t.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    let (host, port) = t
+        .rsplit_once(':')
+        .ok_or_else(|| format!("tcp route without port: {t}"))?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("tcp route with a bad port: {t}"))?;
+    let ip = match host.trim_start_matches('[').trim_end_matches(']') {
+        h if h.eq_ignore_ascii_case("localhost") => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        h => h
+            .parse()
+            .map_err(|_| format!("tcp route host must be an IP address: {t}"))?,
+    };
+    Ok(SocketAddr::new(ip, port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tcp_targets() {
+        assert_eq!(
+            parse_tcp_target("127.0.0.1:80"),
+            Ok("127.0.0.1:80".parse().expect("addr"))
+        );
+        assert_eq!(
+            parse_tcp_target("localhost:8080"),
+            Ok("127.0.0.1:8080".parse().expect("addr"))
+        );
+        assert_eq!(
+            parse_tcp_target("[::1]:9"),
+            Ok("[::1]:9".parse().expect("addr"))
+        );
+        assert!(parse_tcp_target("example.com:80").is_err());
+        assert!(parse_tcp_target("127.0.0.1").is_err());
+        assert!(parse_tcp_target("127.0.0.1:99999").is_err());
+    }
+}
+
+/// The plugins of the daemon, compiled once, from which each VM's gate is instantiated.
+pub struct PluginSet {
+    rt: PluginRuntime,
+    policies: Vec<Plugin>,
+    bridge: Option<Plugin>,
+    serializer: Option<Plugin>,
+    routes: RoutePolicy,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PluginSetError {
+    #[error(transparent)]
+    Plugin(#[from] PluginError),
+    #[error("--allow-route {0}: {1}")]
+    Route(String, String),
+    #[error("more than one {0} plugin given")]
+    Duplicate(&'static str),
+}
+
+impl PluginSet {
+    /// Loads `specs` (the built-in defaults when empty) and the operator's route allowlist.
+    pub fn load(
+        specs: &[PluginSpec],
+        allow: &[RouteSpec],
+        registry: Arc<Registry>,
+    ) -> Result<Self, PluginSetError> {
+        let rt = PluginRuntime::new(RuntimeConfig::default())?;
+        let defaults;
+        let specs = if specs.is_empty() {
+            defaults = PluginSpec::defaults();
+            &defaults[..]
+        } else {
+            specs
+        };
+        let (mut policies, mut bridge, mut serializer) = (Vec::new(), None, None);
+        for spec in specs {
+            let p = rt.load(spec)?;
+            info!(plugin = p.name(), kind = %p.kind(), "plugin loaded");
+            match p.kind() {
+                PluginKind::Policy => policies.push(p),
+                PluginKind::Bridge if bridge.is_some() => {
+                    return Err(PluginSetError::Duplicate("bridge"))
+                }
+                PluginKind::Bridge => bridge = Some(p),
+                PluginKind::Serializer if serializer.is_some() => {
+                    return Err(PluginSetError::Duplicate("serializer"))
+                }
+                PluginKind::Serializer => serializer = Some(p),
+            }
+        }
+        let mut list = RouteAllowlist::new();
+        for r in allow {
+            let res = match r {
+                RouteSpec::UnixDir(d) => list.allow_unix_dir(d).map(|_| ()),
+                RouteSpec::Tcp(t) => list.allow_tcp(t).map(|_| ()),
+            };
+            res.map_err(|e| PluginSetError::Route(format!("{r:?}"), e.to_string()))?;
+        }
+        let siblings = move |req: &ConnRequest, cid: u64| registry.check(req.src.cid, cid).is_ok();
+        Ok(PluginSet {
+            rt,
+            policies,
+            bridge,
+            serializer,
+            routes: RoutePolicy {
+                allow: Arc::new(list),
+                siblings: Arc::new(siblings),
+            },
+        })
+    }
+
+    /// A fresh gate (new plugin instances) for the VM named `vm`.
+    pub fn gate(&self, vm: &str) -> Result<Gate, PluginError> {
+        let mut chain = PolicyChain::new(&self.rt, vm, &self.policies)?;
+        chain.set_routes(self.routes.clone());
+        let bridge = match &self.bridge {
+            Some(b) => Some(Bridge::new(&self.rt, vm, b, self.routes.clone())?),
+            None => None,
+        };
+        Ok(Gate::new(vm.to_string(), chain, bridge))
+    }
+
+    /// The serializer plugin for device state, if one is loaded.
+    pub fn serializer(&self) -> Option<&Plugin> {
+        self.serializer.as_ref()
+    }
+
+    pub fn runtime(&self) -> &PluginRuntime {
+        &self.rt
+    }
+}

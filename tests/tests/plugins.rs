@@ -1,0 +1,257 @@
+//! Plugins end to end: the daemon with policy and bridge plugins, driven by the simulated
+//! VMM. Hostile plugins must fail closed (RST for that connection) while the daemon and other
+//! VMs keep serving.
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::thread;
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+use vhost_plug_tests::data::Pattern;
+use vhost_plug_tests::harness::{exchange, Setup, TestVm};
+use vhost_plug_tests::host::{accept_timeout, host_connect, host_listen, port_path, HOST_TIMEOUT};
+use vhost_plug_tests::packet::HOST_CID;
+use vhost_plug_tests::{ConnectError, DaemonKind, SockType, VmSpec};
+
+const PROMPT: Duration = Duration::from_secs(5);
+
+/// Where host/build.rs leaves the plugin components: `<target>/wasm-plugins/...`.
+fn wasm(name: &str) -> Result<String> {
+    let bin = DaemonKind::VhostPlug.binary()?;
+    let target = bin
+        .parent()
+        .and_then(|p| p.parent())
+        .context("target dir of the daemon binary")?;
+    let p: PathBuf = target.join(format!("wasm-plugins/wasm32-wasip2/release/{name}.wasm"));
+    ensure!(p.is_file(), "plugin {} not built", p.display());
+    Ok(p.display().to_string())
+}
+
+fn setup(cids: &[u64], args: &[&str]) -> Result<Setup> {
+    Setup::with(
+        DaemonKind::VhostPlug,
+        |dir| cids.iter().map(|c| VmSpec::new(dir, *c)).collect(),
+        args,
+    )
+}
+
+/// The guest connects to host port `port` (a listener is there) and exchanges some bytes.
+fn listen(vm: &TestVm, port: u32) -> Result<std::os::unix::net::UnixListener> {
+    // A listener of an earlier step may have left its socket file behind.
+    let _ = std::fs::remove_file(port_path(&vm.spec.uds_path, port));
+    host_listen(&vm.spec.uds_path, port)
+}
+
+fn guest_reaches_host(vm: &TestVm, port: u32) -> Result<()> {
+    let listener = listen(vm, port)?;
+    let sock = vm
+        .guest
+        .connect_timeout(HOST_CID, port, SockType::Stream, PROMPT)
+        .map_err(|e| anyhow::anyhow!("connect to port {port}: {e}"))?;
+    let mut host = accept_timeout(&listener, HOST_TIMEOUT)?;
+    sock.send(b"ping")?;
+    let mut b = [0u8; 4];
+    host.read_exact(&mut b)?;
+    ensure!(&b == b"ping", "bytes changed on the way");
+    sock.close()?;
+    Ok(())
+}
+
+/// The guest's connect to host port `port` (with a listener present) is refused with RST.
+fn guest_refused(vm: &TestVm, port: u32) -> Result<()> {
+    let _listener = listen(vm, port)?;
+    match vm
+        .guest
+        .connect_timeout(HOST_CID, port, SockType::Stream, PROMPT)
+    {
+        Err(ConnectError::Refused) => Ok(()),
+        Err(e) => bail!("port {port}: expected RST, got {e}"),
+        Ok(_) => bail!("port {port}: connect was allowed"),
+    }
+}
+
+#[test]
+fn port_allowlist_allows_and_denies() -> Result<()> {
+    let s = setup(
+        &[3],
+        &[
+            "--plugin",
+            "policy=builtin:port-allowlist,config=allow=2:1234,3:5000",
+        ],
+    )?;
+    let vm = s.boot(0)?;
+    guest_reaches_host(&vm, 1234)?;
+    guest_refused(&vm, 1235)?;
+
+    // Host to guest: the destination is the guest's (cid 3) port.
+    let allowed = vm.guest.listen(5000, SockType::Stream)?;
+    let (mut h, _) = host_connect(&vm.spec.uds_path, 5000)?;
+    let g = allowed.accept(PROMPT)?;
+    h.write_all(b"hi")?;
+    let mut b = [0u8; 2];
+    (&g).read_exact(&mut b)?;
+    ensure!(&b == b"hi");
+    let _other = vm.guest.listen(5001, SockType::Stream)?;
+    ensure!(
+        host_connect(&vm.spec.uds_path, 5001).is_err(),
+        "host connect to a denied guest port got OK"
+    );
+    Ok(())
+}
+
+#[test]
+fn port_allowlist_v2_rate_limits_per_vm() -> Result<()> {
+    let s = setup(
+        &[3],
+        &[
+            "--plugin",
+            "policy=builtin:port-allowlist,config=allow=*:*;rate=1;burst=3",
+        ],
+    )?;
+    let vm = s.boot(0)?;
+    for _ in 0..3 {
+        guest_reaches_host(&vm, 1234)?;
+    }
+    // At most one token comes back per second; three quick tries cannot all pass.
+    let refused = (0..3).filter(|_| guest_refused(&vm, 1234).is_ok()).count();
+    ensure!(
+        refused >= 2,
+        "only {refused} of 3 connects over the burst were refused"
+    );
+    Ok(())
+}
+
+fn tcp_echo_server() -> Result<(TcpListener, u16)> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let port = l.local_addr()?.port();
+    Ok((l, port))
+}
+
+#[test]
+fn tcp_bridge_routes_guest_ports_to_tcp() -> Result<()> {
+    let (listener, tport) = tcp_echo_server()?;
+    let server = thread::spawn(move || -> Result<u64> {
+        let (mut s, _) = listener.accept()?;
+        s.set_read_timeout(Some(HOST_TIMEOUT))?;
+        let mut buf = vec![0u8; 65536];
+        let mut total = 0u64;
+        loop {
+            let n = s.read(&mut buf)?;
+            if n == 0 {
+                return Ok(total);
+            }
+            s.write_all(&buf[..n])?;
+            total += n as u64;
+        }
+    });
+    let map = format!("bridge=builtin:tcp-bridge,config=map=7000=127.0.0.1:{tport}");
+    let allow = format!("tcp:127.0.0.1:{tport}");
+    let s = setup(&[3], &["--plugin", &map, "--allow-route", &allow])?;
+    let vm = s.boot(0)?;
+    let sock = vm
+        .guest
+        .connect_timeout(HOST_CID, 7000, SockType::Stream, PROMPT)
+        .map_err(|e| anyhow::anyhow!("bridged connect: {e}"))?;
+    let data = Pattern::bytes(7, 1 << 20);
+    let back = exchange(&sock, &data)?;
+    ensure!(back == data, "bytes through the TCP bridge changed");
+    sock.shutdown(false, true)?;
+    let echoed = server
+        .join()
+        .map_err(|_| anyhow::anyhow!("server panicked"))??;
+    ensure!(echoed == data.len() as u64);
+    // No mapping for 7001: the bridge refuses it.
+    match vm
+        .guest
+        .connect_timeout(HOST_CID, 7001, SockType::Stream, PROMPT)
+    {
+        Err(ConnectError::Refused) => Ok(()),
+        other => bail!("unmapped port: expected RST, got {:?}", other.map(|_| ())),
+    }
+}
+
+#[test]
+fn bridge_route_outside_the_allowlist_is_refused() -> Result<()> {
+    let (_listener, tport) = tcp_echo_server()?;
+    let map = format!("bridge=builtin:tcp-bridge,config=map=7000=127.0.0.1:{tport}");
+    // No --allow-route: the host refuses what the plugin chose.
+    let s = setup(&[3], &["--plugin", &map])?;
+    let vm = s.boot(0)?;
+    guest_refused(&vm, 7000)?;
+    ensure!(s.daemon.stderr().contains("not allowed") || s.daemon.stderr().contains("allow"));
+    Ok(())
+}
+
+/// A hostile plugin misbehaves for port 666 only: that connection is refused, the next one
+/// on the same VM and connections of another VM are served.
+fn hostile(name: &str) -> Result<()> {
+    let plugin = format!("policy={}", wasm(name)?);
+    let s = setup(&[3, 4], &["--plugin", &plugin])?;
+    let a = s.boot(0)?;
+    let b = s.boot(1)?;
+    guest_refused(&a, 666)?;
+    guest_reaches_host(&a, 1234)?;
+    guest_reaches_host(&b, 1234)?;
+    guest_refused(&b, 666)?;
+    guest_reaches_host(&b, 1235)?;
+    Ok(())
+}
+
+#[test]
+fn hostile_endless_loop_fails_closed() -> Result<()> {
+    hostile("hostile_loop")
+}
+
+#[test]
+fn hostile_trap_fails_closed() -> Result<()> {
+    hostile("hostile_trap")
+}
+
+#[test]
+fn hostile_huge_allocation_fails_closed() -> Result<()> {
+    hostile("hostile_alloc")
+}
+
+#[test]
+fn hostile_huge_deny_string_fails_closed() -> Result<()> {
+    hostile("hostile_huge_deny")
+}
+
+#[test]
+fn hostile_redirect_outside_allowlist_fails_closed() -> Result<()> {
+    hostile("hostile_bad_redirect")
+}
+
+#[test]
+fn repeated_failures_quarantine_the_plugin_of_that_vm_only() -> Result<()> {
+    let plugin = format!("policy={}", wasm("hostile_trap")?);
+    let s = setup(&[3, 4], &["--plugin", &plugin])?;
+    let a = s.boot(0)?;
+    let b = s.boot(1)?;
+    for _ in 0..5 {
+        guest_refused(&a, 666)?;
+    }
+    // Quarantined: every decision is deny until the plugin is replaced.
+    guest_refused(&a, 1234)?;
+    ensure!(s.daemon.stderr().contains("quarantine"));
+    guest_reaches_host(&b, 1234)?;
+    Ok(())
+}
+
+#[test]
+fn wrong_world_plugin_is_refused_at_start() -> Result<()> {
+    let plugin = format!("policy={}", wasm("hostile_wrong_world")?);
+    match setup(&[3], &["--plugin", &plugin]) {
+        Ok(_) => bail!("daemon started with a plugin of the wrong world"),
+        Err(e) => {
+            let msg = format!("{e:#}");
+            ensure!(
+                msg.contains("on-close"),
+                "error does not say what is missing: {msg}"
+            );
+            Ok(())
+        }
+    }
+}
