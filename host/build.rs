@@ -92,9 +92,8 @@ fn watch(dir: &Path) {
     }
 }
 
-fn check_target_installed(rustc: &str) {
-    let sysroot = Command::new(rustc).args(["--print", "sysroot"]).output();
-    let ok = match sysroot {
+fn target_installed(rustc: &str) -> bool {
+    match Command::new(rustc).args(["--print", "sysroot"]).output() {
         Ok(o) if o.status.success() => {
             let sysroot = String::from_utf8_lossy(&o.stdout).trim().to_string();
             Path::new(&sysroot)
@@ -103,8 +102,22 @@ fn check_target_installed(rustc: &str) {
                 .is_dir()
         }
         _ => false,
-    };
-    if !ok {
+    }
+}
+
+/// Makes sure the wasm target exists, adding it with rustup when it is missing, so that a plain
+/// `cargo build` works on a fresh machine.
+fn check_target_installed(rustc: &str) {
+    if target_installed(rustc) {
+        return;
+    }
+    eprintln!("vhost-plug: installing the Rust target {WASM_TARGET} (rustup target add)");
+    let added = Command::new("rustup")
+        .args(["target", "add", WASM_TARGET])
+        .stdout(std::process::Stdio::from(std::io::stderr()))
+        .status()
+        .is_ok_and(|s| s.success());
+    if !added || !target_installed(rustc) {
         panic!(
             "\n\nThe Rust target `{WASM_TARGET}` is not installed; the plugins in plugins/ are built for it.\n\
              Run:  rustup target add {WASM_TARGET}\n\n"
