@@ -126,7 +126,11 @@ impl<W: World> Slot<W> {
         store.data_mut().begin_call();
         store.set_epoch_deadline(self.rt.deadline_ticks);
         self.counters.instantiations.fetch_add(1, Ordering::Relaxed);
-        match W::instantiate(&inner.pre, &mut store) {
+        // Instantiation runs the component's start code: under the deadline too.
+        self.rt.call_started();
+        let r = W::instantiate(&inner.pre, &mut store);
+        self.rt.call_finished();
+        match r {
             Ok(w) => Ok((store, w)),
             Err(e) => Err(describe(&store, &e).1),
         }
@@ -170,10 +174,12 @@ impl<W: World> Slot<W> {
         }
         let (store, w) = self.live.as_mut().expect("instance present");
         store.data_mut().begin_call();
+        self.rt.call_started();
         store.set_epoch_deadline(self.rt.deadline_ticks);
         let t0 = Instant::now();
         let r = f(store, w);
         let ns = t0.elapsed().as_nanos() as u64;
+        self.rt.call_finished();
         self.counters.calls.fetch_add(1, Ordering::Relaxed);
         self.counters.total_call_ns.fetch_add(ns, Ordering::Relaxed);
         self.counters.max_call_ns.fetch_max(ns, Ordering::Relaxed);

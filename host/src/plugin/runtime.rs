@@ -1,7 +1,7 @@
 //! The engine: configuration, epoch ticker, compilation (with an optional on-disk cache of
 //! precompiled artifacts), world detection (`check`) and per-store host state.
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -264,15 +264,49 @@ impl ResourceLimiter for Limiter {
     }
 }
 
+/// Ticks after the last plugin call before the epoch ticker parks (about 100 ms).
+const IDLE_TICKS: u32 = 100;
+
+/// What plugin calls tell the epoch ticker, so that an idle daemon has no timer wakeups.
+#[derive(Default)]
+pub(crate) struct TickerCtl {
+    /// Calls running now.
+    active: AtomicUsize,
+    /// A call started since the ticker last looked.
+    busy: AtomicBool,
+    /// The ticker is parked until the next call.
+    parked: AtomicBool,
+}
+
 /// Stops the epoch ticker when the last runtime handle goes away.
 struct Ticker {
     stop: Arc<AtomicBool>,
+    ctl: Arc<TickerCtl>,
     thread: Option<JoinHandle<()>>,
+}
+
+impl Ticker {
+    /// Marks a call as running; wakes the ticker if it was parked, so the call's deadline
+    /// is enforced.
+    fn call_started(&self) {
+        self.ctl.active.fetch_add(1, Ordering::SeqCst);
+        self.ctl.busy.store(true, Ordering::Relaxed);
+        if self.ctl.parked.swap(false, Ordering::SeqCst) {
+            if let Some(t) = &self.thread {
+                t.thread().unpark();
+            }
+        }
+    }
+
+    fn call_finished(&self) {
+        self.ctl.active.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Drop for Ticker {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        self.ctl.parked.store(false, Ordering::SeqCst);
         if let Some(t) = self.thread.take() {
             t.thread().unpark();
             let _ = t.join();
@@ -293,6 +327,21 @@ pub(crate) struct RuntimeShared {
 }
 
 impl RuntimeShared {
+    /// Brackets a plugin call for the epoch ticker (see [`TickerCtl`]).
+    pub(crate) fn call_started(&self) {
+        self._ticker.call_started();
+    }
+
+    pub(crate) fn call_finished(&self) {
+        self._ticker.call_finished();
+    }
+
+    /// Whether the epoch ticker is parked for lack of calls.
+    #[cfg(test)]
+    pub(crate) fn ticker_parked(&self) -> bool {
+        self._ticker.ctl.parked.load(Ordering::SeqCst)
+    }
+
     pub(crate) fn new_store(
         &self,
         plugin: Arc<str>,
@@ -372,15 +421,39 @@ impl PluginRuntime {
         .map_err(|e| PluginError::Engine(format!("host functions: {e}")))?;
 
         let stop = Arc::new(AtomicBool::new(false));
+        let ctl = Arc::new(TickerCtl::default());
         let thread = {
             let engine = engine.clone();
             let stop = stop.clone();
+            let ctl = ctl.clone();
             std::thread::Builder::new()
                 .name("plugin-epoch".into())
                 .spawn(move || {
+                    let mut idle = 0u32;
                     while !stop.load(Ordering::Relaxed) {
                         std::thread::park_timeout(tick);
                         engine.increment_epoch();
+                        if ctl.busy.swap(false, Ordering::Relaxed)
+                            || ctl.active.load(Ordering::SeqCst) > 0
+                        {
+                            idle = 0;
+                            continue;
+                        }
+                        idle += 1;
+                        if idle >= IDLE_TICKS {
+                            // Park until a call starts; re-check after announcing it, so a
+                            // call that began in between is never left without ticks.
+                            ctl.parked.store(true, Ordering::SeqCst);
+                            if ctl.active.load(Ordering::SeqCst) == 0 {
+                                while ctl.parked.load(Ordering::SeqCst)
+                                    && !stop.load(Ordering::Relaxed)
+                                {
+                                    std::thread::park();
+                                }
+                            }
+                            ctl.parked.store(false, Ordering::SeqCst);
+                            idle = 0;
+                        }
                     }
                 })
                 .map_err(|e| PluginError::Engine(format!("epoch thread: {e}")))?
@@ -399,6 +472,7 @@ impl PluginRuntime {
                 cache_lock: Mutex::new(()),
                 _ticker: Ticker {
                     stop,
+                    ctl,
                     thread: Some(thread),
                 },
             }),

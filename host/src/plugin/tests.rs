@@ -806,3 +806,33 @@ fn serializer_output_framed_for_transfer() {
     assert_eq!(name, "serializer_postcard");
     assert_eq!(s.decode(payload).unwrap(), sample_state());
 }
+
+#[test]
+fn idle_ticker_parks_and_wakes_for_the_next_call() {
+    let rt = PluginRuntime::new(RuntimeConfig {
+        call_deadline: Duration::from_millis(50),
+        pooling: None,
+        ..RuntimeConfig::default()
+    })
+    .expect("runtime");
+    let p = rt
+        .load_bytes("hostile_loop", &wasm("hostile_loop"), "")
+        .expect("load");
+    let mut c = PolicyChain::new(&rt, "vm3", &[p]).expect("chain");
+    // No call for a while: the ticker stops waking up.
+    let t0 = Instant::now();
+    while !rt.shared.ticker_parked() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "ticker never parked"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The next call wakes it, so an endless loop still meets its deadline.
+    let (reason, failure) = denied(&c.decide(&req(1, 2, 666)));
+    assert!(
+        failure && reason.contains(&FailureKind::Deadline.to_string()),
+        "{reason}"
+    );
+    assert_eq!(c.decide(&req(2, 2, 80)), Decision::Allow);
+}
