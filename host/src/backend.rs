@@ -4,11 +4,18 @@
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use std::fs::File;
 use tracing::{debug, info, warn};
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+
+use vhost::vhost_user::message::{
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserProtocolFeatures,
+    VhostUserVirtioFeatures,
+};
+use vhost_user_backend::VringT;
 use vhost_user_backend::{VhostUserBackend, VringRwLock};
 use virtio_bindings::bindings::virtio_config::{VIRTIO_F_NOTIFY_ON_EMPTY, VIRTIO_F_VERSION_1};
 use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_queue::QueueT;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -16,6 +23,7 @@ use vmm_sys_util::event::{
 
 use crate::device::Device;
 use crate::mem::{Bitmap, GuestMemAtomic};
+use crate::migration::{DeviceFacts, StatePlugins, Transfer};
 use crate::vsock::header::F_SEQPACKET;
 
 pub const RX_QUEUE: u16 = 0;
@@ -26,17 +34,21 @@ pub const NUM_QUEUES: usize = 3;
 pub const HOST_EVENT: u16 = NUM_QUEUES as u16 + 1;
 
 pub struct VsockBackend {
-    dev: Mutex<Device>,
+    dev: Arc<Mutex<Device>>,
+    state: StatePlugins,
+    transfer: Mutex<Transfer>,
     guest_cid: u64,
     queue_size: usize,
     exit: (EventConsumer, EventNotifier),
 }
 
 impl VsockBackend {
-    pub fn new(dev: Device, queue_size: usize) -> io::Result<Self> {
+    pub fn new(dev: Device, queue_size: usize, state: StatePlugins) -> io::Result<Self> {
         let guest_cid = dev.guest_cid();
         Ok(VsockBackend {
-            dev: Mutex::new(dev),
+            dev: Arc::new(Mutex::new(dev)),
+            state,
+            transfer: Mutex::new(Transfer::default()),
             guest_cid,
             queue_size,
             exit: new_event_consumer_and_notifier(EventFlag::NONBLOCK)?,
@@ -76,14 +88,56 @@ impl VhostUserBackend for VsockBackend {
     }
 
     fn acked_features(&self, features: u64) {
-        self.device()
-            .set_seqpacket(features & (1 << F_SEQPACKET) != 0);
+        self.device().set_acked_features(features);
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
         VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::DEVICE_STATE
+    }
+
+    fn set_device_state_fd(
+        &self,
+        direction: VhostTransferStateDirection,
+        phase: VhostTransferStatePhase,
+        file: File,
+    ) -> io::Result<Option<File>> {
+        if phase != VhostTransferStatePhase::STOPPED {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "only the STOPPED phase is supported",
+            ));
+        }
+        let mut transfer = self.transfer.lock().unwrap_or_else(|p| p.into_inner());
+        match direction {
+            VhostTransferStateDirection::SAVE => {
+                let snap = self.device().snapshot();
+                transfer
+                    .save(snap, &self.state, file)
+                    .map_err(io::Error::other)?;
+            }
+            VhostTransferStateDirection::LOAD => {
+                let facts = DeviceFacts {
+                    guest_cid: self.guest_cid,
+                    offered_features: self.features(),
+                };
+                let dev = self.dev.clone();
+                transfer.load(file, facts, &self.state, move |st| {
+                    dev.lock().unwrap_or_else(|p| p.into_inner()).restore(st)
+                });
+            }
+        }
+        Ok(None)
+    }
+
+    fn check_device_state(&self) -> io::Result<()> {
+        let mut transfer = self.transfer.lock().unwrap_or_else(|p| p.into_inner());
+        transfer.check().map_err(|e| {
+            warn!(cid = self.guest_cid, error = %e, "device state transfer failed");
+            io::Error::other(e)
+        })
     }
 
     fn reset_device(&self) {
@@ -134,6 +188,15 @@ impl VhostUserBackend for VsockBackend {
             return Ok(());
         };
         let mut dev = self.device();
+        let ready = |i: u16| {
+            vrings
+                .get(usize::from(i))
+                .is_some_and(|v| v.get_ref().get_queue().ready())
+        };
+        dev.note_rings(ready(RX_QUEUE), ready(EVENT_QUEUE));
+        if let Some(evq) = vrings.get(usize::from(EVENT_QUEUE)) {
+            dev.transport_reset(evq);
+        }
         match device_event {
             RX_QUEUE | EVENT_QUEUE => {}
             TX_QUEUE => dev.process_tx(tx),

@@ -11,10 +11,10 @@ use std::time::Instant;
 use tracing::{info, warn};
 
 use crate::config::RouteSpec;
-use crate::plugin::types::{ConnRequest, ConnStats, Endpoint, Route, SocketType};
+use crate::plugin::types::{ConnRequest, ConnStats, Endpoint, NamedPluginState, Route, SocketType};
 use crate::plugin::{
     Bridge, Decision, Plugin, PluginError, PluginKind, PluginRuntime, PluginSpec, PolicyChain,
-    RouteAllowlist, RoutePolicy, RuntimeConfig,
+    RouteAllowlist, RoutePolicy, RuntimeConfig, Serializer,
 };
 use crate::siblings::Registry;
 use crate::vsock::header::SockType;
@@ -72,6 +72,35 @@ impl Gate {
 
     pub fn chain_mut(&mut self) -> &mut PolicyChain {
         &mut self.chain
+    }
+
+    /// States of the VM's policy and bridge plugins, by plugin name.
+    pub fn export_state(&mut self) -> Result<Vec<NamedPluginState>, PluginError> {
+        let mut out = self.chain.export_state()?;
+        if let Some(b) = &mut self.bridge {
+            out.push(NamedPluginState {
+                name: b.name().to_string(),
+                state: b.export_state()?,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Imports saved states into the plugins of the same name. A state without a plugin of
+    /// its name here is reported and left out (the operator changed the plugin set).
+    pub fn import_state(&mut self, states: &[NamedPluginState]) -> Result<(), PluginError> {
+        let mut known: Vec<String> = self.chain.names().iter().map(|n| n.to_string()).collect();
+        self.chain.import_state(states)?;
+        if let Some(b) = &mut self.bridge {
+            if let Some(st) = states.iter().find(|s| s.name == b.name()) {
+                b.import_state(&st.state)?;
+            }
+            known.push(b.name().to_string());
+        }
+        for s in states.iter().filter(|s| !known.contains(&s.name)) {
+            warn!(vm = %self.vm, plugin = %s.name, "saved state of a plugin not loaded here; left out");
+        }
+        Ok(())
     }
 
     /// Asks the plugins about a new connection.
@@ -200,7 +229,7 @@ pub struct PluginSet {
     rt: PluginRuntime,
     policies: Vec<Plugin>,
     bridge: Option<Plugin>,
-    serializer: Option<Plugin>,
+    serializer: Plugin,
     routes: RoutePolicy,
 }
 
@@ -245,6 +274,14 @@ impl PluginSet {
                 PluginKind::Serializer => serializer = Some(p),
             }
         }
+        let serializer = match serializer {
+            Some(s) => s,
+            None => rt.load(&PluginSpec::builtin(
+                PluginKind::Serializer,
+                "serializer-postcard",
+                "",
+            ))?,
+        };
         let mut list = RouteAllowlist::new();
         for r in allow {
             let res = match r {
@@ -266,6 +303,12 @@ impl PluginSet {
         })
     }
 
+    /// A serializer instance for the VM named `vm` (`serializer-postcard` unless another was
+    /// given).
+    pub fn serializer_for(&self, vm: &str) -> Result<Serializer, PluginError> {
+        Serializer::new(&self.rt, vm, &self.serializer)
+    }
+
     /// A fresh gate (new plugin instances) for the VM named `vm`.
     pub fn gate(&self, vm: &str) -> Result<Gate, PluginError> {
         let mut chain = PolicyChain::new(&self.rt, vm, &self.policies)?;
@@ -275,11 +318,6 @@ impl PluginSet {
             None => None,
         };
         Ok(Gate::new(vm.to_string(), chain, bridge))
-    }
-
-    /// The serializer plugin for device state, if one is loaded.
-    pub fn serializer(&self) -> Option<&Plugin> {
-        self.serializer.as_ref()
     }
 
     pub fn runtime(&self) -> &PluginRuntime {

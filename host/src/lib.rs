@@ -6,6 +6,7 @@ pub mod daemon;
 pub mod device;
 pub mod gate;
 pub mod mem;
+pub mod migration;
 pub mod plugin;
 pub mod siblings;
 pub mod sys;

@@ -15,6 +15,8 @@ use crate::backend::{VsockBackend, HOST_EVENT};
 use crate::config::VmConfig;
 use crate::device::{Device, DeviceConfig, Listeners};
 use crate::gate::{Gate, PluginSet};
+use crate::migration::StatePlugins;
+use crate::plugin::Serializer;
 use crate::siblings::Registry;
 use crate::sys::{self, UnixKind};
 
@@ -54,6 +56,7 @@ pub struct Vm {
     listener: Listener,
     /// Outlives frontend sessions, so plugin state survives a VMM reconnect.
     gate: Arc<std::sync::Mutex<Gate>>,
+    serializer: Arc<std::sync::Mutex<Serializer>>,
 }
 
 impl Vm {
@@ -64,9 +67,9 @@ impl Vm {
         registry: Arc<Registry>,
         plugins: &PluginSet,
     ) -> Result<Self, VmError> {
-        let gate = Arc::new(std::sync::Mutex::new(
-            plugins.gate(&format!("cid-{}", cfg.guest_cid))?,
-        ));
+        let name = format!("cid-{}", cfg.guest_cid);
+        let gate = Arc::new(std::sync::Mutex::new(plugins.gate(&name)?));
+        let serializer = Arc::new(std::sync::Mutex::new(plugins.serializer_for(&name)?));
         let listen = |path: PathBuf, kind| {
             sys::listen(&path, kind, 1024).map_err(|source| VmError::Listen { path, source })
         };
@@ -84,6 +87,7 @@ impl Vm {
             seqpacket,
             listener,
             gate,
+            serializer,
         })
     }
 
@@ -116,7 +120,15 @@ impl Vm {
             self.registry.clone(),
         )?;
         dev.set_gate(self.gate.clone());
-        let backend = Arc::new(VsockBackend::new(dev, usize::from(self.cfg.queue_size))?);
+        let state = StatePlugins {
+            gate: self.gate.clone(),
+            serializer: self.serializer.clone(),
+        };
+        let backend = Arc::new(VsockBackend::new(
+            dev,
+            usize::from(self.cfg.queue_size),
+            state,
+        )?);
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let mut daemon = VhostUserDaemon::new(format!("vsock-{cid}"), backend.clone(), mem)
             .map_err(|e| VmError::Daemon(e.to_string()))?;

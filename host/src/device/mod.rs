@@ -15,7 +15,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use slab::Slab;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
+use vhost_user_backend::{VringRwLock, VringT};
+use virtio_queue::QueueT;
+use vm_memory::GuestAddressSpace;
+
+use crate::plugin::types::{DeviceState, EventQueueOwner, EventQueueState};
+use crate::vsock::chain::ChainBuf;
+use crate::vsock::header::EVENT_TRANSPORT_RESET;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::timerfd::TimerFd;
 
@@ -66,6 +73,13 @@ pub struct Listeners {
 pub struct Device {
     cfg: DeviceConfig,
     seqpacket: bool,
+    acked_features: u64,
+    /// The frontend set up the event queue (crosvm style), so TRANSPORT_RESET is ours to send.
+    event_queue_owned: bool,
+    /// The driver has run the rings: a restore elsewhere needs a TRANSPORT_RESET.
+    driver_live: bool,
+    /// Restored from a state whose driver was live: send TRANSPORT_RESET once we can.
+    pending_reset: bool,
     mem: Option<GuestMemAtomic>,
     epoll: Epoll,
     conns: Slab<Conn>,
@@ -108,6 +122,10 @@ impl Device {
         Ok(Device {
             cfg,
             seqpacket: false,
+            acked_features: 0,
+            event_queue_owned: false,
+            driver_live: false,
+            pending_reset: false,
             mem: None,
             epoll,
             conns: Slab::new(),
@@ -179,8 +197,88 @@ impl Device {
         self.mem = Some(mem);
     }
 
-    pub fn set_seqpacket(&mut self, on: bool) {
-        self.seqpacket = on;
+    /// Records the features the driver acked.
+    pub fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features;
+        self.seqpacket = features & (1 << crate::vsock::header::F_SEQPACKET) != 0;
+    }
+
+    /// Notes which rings the frontend has running: event-queue ownership and driver liveness
+    /// are part of the saved state.
+    pub fn note_rings(&mut self, rx_ready: bool, event_ready: bool) {
+        self.driver_live |= rx_ready;
+        self.event_queue_owned |= event_ready;
+    }
+
+    /// The device part of a saved state (migration to another host: no connections).
+    pub fn snapshot(&self) -> DeviceState {
+        DeviceState {
+            guest_cid: self.cfg.guest_cid,
+            acked_features: self.acked_features,
+            event_queue: EventQueueState {
+                owner: if self.event_queue_owned {
+                    EventQueueOwner::Backend
+                } else {
+                    EventQueueOwner::Frontend
+                },
+                driver_live: self.driver_live,
+            },
+            plugins: Vec::new(),
+            connections: Vec::new(),
+        }
+    }
+
+    /// Applies a loaded (and already checked) state.
+    pub fn restore(&mut self, st: &DeviceState) {
+        self.pending_reset = st.event_queue.driver_live;
+        self.driver_live = false;
+        debug!(
+            cid = self.cfg.guest_cid,
+            reset = self.pending_reset,
+            "device state restored"
+        );
+    }
+
+    /// After a restore, tells the driver to drop its connections and re-read its CID, if we
+    /// own the event queue and it has a buffer.
+    pub fn transport_reset(&mut self, evq: &VringRwLock<GuestMemAtomic>) {
+        if !self.pending_reset {
+            return;
+        }
+        let Some(atomic) = self.mem.clone() else {
+            return;
+        };
+        let mem = atomic.memory();
+        let mut vr = evq.get_mut();
+        if !vr.get_queue().ready() || !vr.is_enabled() {
+            return;
+        }
+        let Some(chain) = vr.get_queue_mut().pop_descriptor_chain(mem.clone()) else {
+            let _ = vr.enable_notification();
+            return;
+        };
+        let head = chain.head_index();
+        let used = match ChainBuf::new(&mem, chain, true, 4) {
+            Ok(b) if b.len() == 4 => {
+                b.write_at(0, &EVENT_TRANSPORT_RESET.to_le_bytes());
+                4
+            }
+            _ => {
+                warn!(cid = self.cfg.guest_cid, "unusable event queue buffer");
+                0
+            }
+        };
+        if let Err(e) = vr.add_used(head, used) {
+            warn!(error = %e, "event queue: add_used failed");
+        }
+        if vr.needs_notification().unwrap_or(true) {
+            let _ = vr.signal_used_queue();
+        }
+        if used == 4 {
+            info!(cid = self.cfg.guest_cid, "sent TRANSPORT_RESET");
+            self.pending_reset = false;
+            self.drop_all();
+        }
     }
 
     pub fn connection_count(&self) -> usize {

@@ -1,0 +1,190 @@
+//! Device-state transfer (`SET_DEVICE_STATE_FD` / `CHECK_DEVICE_STATE`).
+//!
+//! SAVE takes a snapshot of the stopped device and the VM's plugin states at once, then a
+//! thread encodes it with the serializer plugin, frames it (see [`crate::plugin::blob`]) and
+//! writes it to the frontend's pipe. LOAD reads the whole blob on a thread, checks the frame,
+//! decodes it inside the sandbox, checks the record against this device, and only then
+//! applies it, so a failed load changes nothing. `CHECK_DEVICE_STATE` joins the thread and
+//! reports its outcome.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use thiserror::Error;
+use tracing::{info, warn};
+
+use crate::gate::Gate;
+use crate::plugin::blob;
+use crate::plugin::types::{DeviceState, NamedPluginState};
+use crate::plugin::Serializer;
+
+/// Largest state blob accepted on LOAD.
+pub const MAX_BLOB: usize = 16 << 20;
+
+#[derive(Debug, Error)]
+pub enum StateError {
+    #[error("state pipe: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("device state larger than {MAX_BLOB} bytes")]
+    TooLarge,
+    #[error(transparent)]
+    Frame(#[from] blob::BlobError),
+    #[error("state was written by serializer `{found}`, this daemon uses `{ours}`")]
+    Serializer { found: String, ours: String },
+    #[error(transparent)]
+    Plugin(#[from] crate::plugin::PluginError),
+    #[error("state is for guest CID {found}, this VM has CID {ours}")]
+    Cid { found: u64, ours: u64 },
+    #[error("state has features {0:#x} this device does not offer")]
+    Features(u64),
+    #[error("no transfer was started")]
+    NoTransfer,
+    #[error("the transfer thread panicked")]
+    Panicked,
+    #[error("{0}")]
+    Lock(&'static str),
+}
+
+/// What the device contributes to a saved state and checks on load.
+pub struct DeviceFacts {
+    pub guest_cid: u64,
+    pub offered_features: u64,
+}
+
+/// The plugin side of state transfer for one VM.
+pub struct StatePlugins {
+    pub gate: Arc<Mutex<Gate>>,
+    pub serializer: Arc<Mutex<Serializer>>,
+}
+
+impl StatePlugins {
+    fn export(&self) -> Result<Vec<NamedPluginState>, StateError> {
+        let mut g = self.gate.lock().map_err(|_| StateError::Lock("gate"))?;
+        Ok(g.export_state()?)
+    }
+
+    /// Imports plugin states; on failure the previous states are put back.
+    fn import(&self, states: &[NamedPluginState]) -> Result<(), StateError> {
+        let mut g = self.gate.lock().map_err(|_| StateError::Lock("gate"))?;
+        let before = g.export_state()?;
+        if let Err(e) = g.import_state(states) {
+            if let Err(e2) = g.import_state(&before) {
+                warn!(error = %e2, "restoring plugin states after a failed load");
+            }
+            return Err(e.into());
+        }
+        Ok(())
+    }
+}
+
+/// A running or finished transfer.
+#[derive(Default)]
+pub struct Transfer {
+    thread: Option<JoinHandle<Result<(), StateError>>>,
+}
+
+impl Transfer {
+    /// Starts writing `state` (plus the plugin states) to `pipe`.
+    pub fn save(
+        &mut self,
+        mut state: DeviceState,
+        plugins: &StatePlugins,
+        mut pipe: File,
+    ) -> Result<(), StateError> {
+        self.finish_previous();
+        state.plugins = plugins.export()?;
+        let serializer = plugins.serializer.clone();
+        self.thread = Some(std::thread::spawn(move || {
+            let mut s = serializer
+                .lock()
+                .map_err(|_| StateError::Lock("serializer"))?;
+            let payload = s.encode(&state)?;
+            let framed = blob::wrap(s.name(), &payload)?;
+            drop(s);
+            pipe.write_all(&framed)?;
+            info!(
+                cid = state.guest_cid,
+                bytes = framed.len(),
+                "device state saved"
+            );
+            Ok(())
+        }));
+        Ok(())
+    }
+
+    /// Starts reading a state from `pipe`; `apply` runs with the checked record.
+    pub fn load(
+        &mut self,
+        pipe: File,
+        facts: DeviceFacts,
+        plugins: &StatePlugins,
+        apply: impl FnOnce(&DeviceState) + Send + 'static,
+    ) {
+        self.finish_previous();
+        let serializer = plugins.serializer.clone();
+        let plugins = StatePlugins {
+            gate: plugins.gate.clone(),
+            serializer: plugins.serializer.clone(),
+        };
+        self.thread = Some(std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            pipe.take(MAX_BLOB as u64 + 1).read_to_end(&mut bytes)?;
+            if bytes.len() > MAX_BLOB {
+                return Err(StateError::TooLarge);
+            }
+            let state = {
+                let mut s = serializer
+                    .lock()
+                    .map_err(|_| StateError::Lock("serializer"))?;
+                let (name, payload) = blob::unwrap(&bytes)?;
+                if name != s.name() {
+                    return Err(StateError::Serializer {
+                        found: name.to_string(),
+                        ours: s.name().to_string(),
+                    });
+                }
+                s.decode(payload)?
+            };
+            check(&state, &facts)?;
+            plugins.import(&state.plugins)?;
+            apply(&state);
+            info!(
+                cid = state.guest_cid,
+                bytes = bytes.len(),
+                "device state loaded"
+            );
+            Ok(())
+        }));
+    }
+
+    /// Waits for the transfer and returns its outcome.
+    pub fn check(&mut self) -> Result<(), StateError> {
+        let t = self.thread.take().ok_or(StateError::NoTransfer)?;
+        t.join().map_err(|_| StateError::Panicked)?
+    }
+
+    fn finish_previous(&mut self) {
+        if let Some(t) = self.thread.take() {
+            if let Ok(Err(e)) = t.join() {
+                warn!(error = %e, "previous state transfer failed unchecked");
+            }
+        }
+    }
+}
+
+/// Checks a decoded record against this device before anything is applied.
+fn check(s: &DeviceState, facts: &DeviceFacts) -> Result<(), StateError> {
+    if s.guest_cid != facts.guest_cid {
+        return Err(StateError::Cid {
+            found: s.guest_cid,
+            ours: facts.guest_cid,
+        });
+    }
+    let extra = s.acked_features & !facts.offered_features;
+    if extra != 0 {
+        return Err(StateError::Features(extra));
+    }
+    Ok(())
+}
