@@ -30,7 +30,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-pub use cli::{Command, PluginCommand};
+pub use cli::{Command, CtlCommand, PluginCommand};
 
 /// Guest CID when none is given (same as the peer).
 pub const DEFAULT_GUEST_CID: u64 = 3;
@@ -103,6 +103,8 @@ pub struct DaemonConfig {
     pub plugins: Vec<crate::plugin::PluginSpec>,
     /// Where plugins may send connections (`--allow-route`).
     pub allow_routes: Vec<RouteSpec>,
+    /// The control socket for `vhost-plug ctl` (`--control-socket`).
+    pub control_socket: Option<PathBuf>,
     /// Things accepted for compatibility that the operator should know about (ignored YAML
     /// fields, ignored `forward-listen`, ...). Parsing happens before logging is set up, so
     /// the caller logs these once it is.
@@ -117,6 +119,7 @@ impl DaemonConfig {
             log_format: LogFormat::Text,
             plugins: Vec::new(),
             allow_routes: Vec::new(),
+            control_socket: None,
             warnings: Vec::new(),
         }
     }

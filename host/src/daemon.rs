@@ -9,6 +9,7 @@ use signal_hook::iterator::Signals;
 use tracing::{error, info};
 
 use crate::config::DaemonConfig;
+use crate::control::ControlServer;
 use crate::gate::PluginSet;
 use crate::siblings::Registry;
 use crate::vm::Vm;
@@ -17,8 +18,10 @@ use crate::vm::Vm;
 pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     let mut signals = Signals::new([SIGINT, SIGTERM]).context("installing signal handlers")?;
     let registry = Arc::new(Registry::default());
-    let plugins = PluginSet::load(&cfg.plugins, &cfg.allow_routes, registry.clone())
-        .context("loading plugins")?;
+    let plugins = Arc::new(
+        PluginSet::load(&cfg.plugins, &cfg.allow_routes, registry.clone())
+            .context("loading plugins")?,
+    );
     let mut paths: Vec<PathBuf> = Vec::new();
     let mut vms = Vec::new();
     for vm_cfg in cfg.vms {
@@ -33,6 +36,16 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         };
         paths.extend(vm.socket_paths());
         vms.push(vm);
+    }
+    if let Some(path) = &cfg.control_socket {
+        let handles = vms.iter().map(Vm::handle).collect();
+        let server = ControlServer::bind(path, handles, plugins.clone())
+            .with_context(|| format!("control socket {}", path.display()))?;
+        paths.push(server.path().to_path_buf());
+        std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || server.run())
+            .context("spawning control thread")?;
     }
     for vm in vms {
         std::thread::Builder::new()

@@ -74,6 +74,24 @@ impl Gate {
         &mut self.chain
     }
 
+    /// Names of the VM's plugins, policy chain first.
+    pub fn plugin_names(&self) -> Vec<String> {
+        let mut out: Vec<String> = self.chain.names().iter().map(|n| n.to_string()).collect();
+        if let Some(b) = &self.bridge {
+            out.push(b.name().to_string());
+        }
+        out
+    }
+
+    /// Counters of the VM's plugins.
+    pub fn plugin_stats(&self) -> Vec<(String, crate::plugin::PluginStats)> {
+        let mut out = self.chain.stats();
+        if let Some(b) = &self.bridge {
+            out.push((b.name().to_string(), b.stats()));
+        }
+        out
+    }
+
     /// States of the VM's policy and bridge plugins, by plugin name.
     pub fn export_state(&mut self) -> Result<Vec<NamedPluginState>, PluginError> {
         let mut out = self.chain.export_state()?;
@@ -134,7 +152,7 @@ impl Gate {
                 } else {
                     info!(vm = %self.vm, %plugin, %reason, "connection denied by policy");
                 }
-                return Admission::Refuse(format!("{plugin}: {reason}"));
+                return Admission::Refuse(reason);
             }
             Decision::Redirect { route, .. } => route,
             Decision::Allow => match &mut self.bridge {

@@ -2,6 +2,7 @@
 pub mod backend;
 pub mod config;
 pub mod conn;
+pub mod control;
 pub mod daemon;
 pub mod device;
 pub mod gate;

@@ -1,9 +1,11 @@
 //! `vhost-plug`: vhost-user virtio-vsock backend daemon.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use tracing_subscriber::EnvFilter;
-use vhost_plug::config::{self, Command, Invocation, LogFormat, PluginCommand};
+use vhost_plug::config::{self, Command, CtlCommand, Invocation, LogFormat, PluginCommand};
+use vhost_plug::control::{self, Request};
 
 fn main() -> ExitCode {
     let cfg = match config::parse_invocation_from(std::env::args_os()) {
@@ -17,6 +19,7 @@ fn main() -> ExitCode {
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match cfg.log_format {
         LogFormat::Json => builder.json().init(),
@@ -36,6 +39,31 @@ fn main() -> ExitCode {
 
 fn run_command(cmd: Command) -> ExitCode {
     match cmd {
+        Command::Ctl { socket, command } => {
+            let req = match command {
+                CtlCommand::Status => Request::Status,
+                CtlCommand::Plugins => Request::Plugins,
+                CtlCommand::Swap { spec, replace, vm } => Request::Swap { spec, replace, vm },
+            };
+            match control::request(&socket, &req) {
+                Ok(answer) => {
+                    let ok = answer.get("ok").and_then(|v| v.as_bool()) == Some(true);
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&answer).unwrap_or_default()
+                    );
+                    if ok {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    }
+                }
+                Err(e) => {
+                    eprintln!("{}: {e}", socket.display());
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Plugin(PluginCommand::Check { file }) => {
             let bytes = match std::fs::read(&file) {
                 Ok(b) => b,

@@ -2,6 +2,7 @@
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use thiserror::Error;
@@ -13,6 +14,7 @@ use vmm_sys_util::epoll::EventSet;
 
 use crate::backend::{VsockBackend, HOST_EVENT};
 use crate::config::VmConfig;
+use crate::control::{VmHandle, VmStats};
 use crate::device::{Device, DeviceConfig, Listeners};
 use crate::gate::{Gate, PluginSet};
 use crate::migration::StatePlugins;
@@ -57,6 +59,7 @@ pub struct Vm {
     /// Outlives frontend sessions, so plugin state survives a VMM reconnect.
     gate: Arc<std::sync::Mutex<Gate>>,
     serializer: Arc<std::sync::Mutex<Serializer>>,
+    stats: Arc<VmStats>,
 }
 
 impl Vm {
@@ -88,7 +91,17 @@ impl Vm {
             listener,
             gate,
             serializer,
+            stats: Arc::default(),
         })
+    }
+
+    /// What the control socket sees of this VM.
+    pub fn handle(&self) -> VmHandle {
+        VmHandle {
+            cid: self.cfg.guest_cid,
+            gate: self.gate.clone(),
+            stats: self.stats.clone(),
+        }
     }
 
     /// Files this VM created, to remove on exit.
@@ -120,6 +133,7 @@ impl Vm {
             self.registry.clone(),
         )?;
         dev.set_gate(self.gate.clone());
+        dev.set_stats(self.stats.clone());
         let state = StatePlugins {
             gate: self.gate.clone(),
             serializer: self.serializer.clone(),
@@ -140,6 +154,7 @@ impl Vm {
             .start(&mut self.listener)
             .map_err(|e| VmError::Daemon(e.to_string()))?;
         info!(cid, "frontend connected");
+        self.stats.frontend.store(true, Ordering::Relaxed);
         let inbox = self.registry.open(cid)?;
         backend.device().attach(
             Listeners {
@@ -149,10 +164,16 @@ impl Vm {
             inbox,
         )?;
         match daemon.wait() {
-            Ok(()) => info!(cid, "frontend disconnected"),
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected
+                | vhost::vhost_user::Error::PartialMessage
+                | vhost::vhost_user::Error::SocketBroken(_),
+            )) => info!(cid, "frontend disconnected"),
             Err(e) => warn!(cid, error = %e, "frontend session ended"),
         }
         self.registry.close(cid);
+        self.stats.frontend.store(false, Ordering::Relaxed);
         for h in daemon.get_epoll_handlers() {
             h.send_exit_event();
         }

@@ -25,6 +25,34 @@ pub enum Command {
     /// Work with plugin components.
     #[command(subcommand)]
     Plugin(PluginCommand),
+    /// Talk to a running daemon over its control socket.
+    Ctl {
+        /// The daemon's --control-socket.
+        #[arg(long, value_name = "PATH")]
+        socket: PathBuf,
+        #[command(subcommand)]
+        command: CtlCommand,
+    },
+}
+
+/// `vhost-plug ctl ...`
+#[derive(Debug, Subcommand)]
+pub enum CtlCommand {
+    /// VMs, frontends, connection counts and plugins.
+    Status,
+    /// Per-plugin calls, denials, failures and call latency.
+    Plugins,
+    /// Replace a policy plugin in place, carrying its state over (dispatch pauses meanwhile).
+    Swap {
+        /// The new plugin: policy=PATH|builtin:NAME[,name=NAME][,config=STRING]
+        spec: String,
+        /// Name of the plugin to replace [default: the new plugin's name].
+        #[arg(long, value_name = "NAME")]
+        replace: Option<String>,
+        /// Only the VM with this CID [default: every VM].
+        #[arg(long, value_name = "CID")]
+        vm: Option<u64>,
+    },
 }
 
 /// `vhost-plug plugin ...`
@@ -88,6 +116,10 @@ struct Cli {
     /// tcp:HOST:PORT (HOST an IP address or localhost; PORT may be *). Repeatable.
     #[arg(long = "allow-route", value_name = "ROUTE", value_parser = route_value, verbatim_doc_comment)]
     allow_routes: Vec<super::RouteSpec>,
+
+    /// Serve `vhost-plug ctl` on this unix socket (created 0600; only root and this user).
+    #[arg(long, value_name = "PATH")]
+    control_socket: Option<PathBuf>,
 
     /// Log line format (on stderr).
     #[arg(long, value_enum, value_name = "FORMAT", default_value_t = LogFormat::Text, global = true)]
@@ -254,6 +286,7 @@ where
         log_format: cli.log_format,
         plugins: cli.plugins,
         allow_routes: cli.allow_routes,
+        control_socket: cli.control_socket,
         warnings,
     }))
 }

@@ -181,6 +181,7 @@ impl Device {
         c.pending = pending::REQUEST;
         self.handshakes -= 1;
         self.keys.insert(self.conns[idx].key, idx);
+        self.publish_count();
         debug!(cid = self.cfg.guest_cid, port, local_port, "host connect");
         self.wake_rx(idx);
     }

@@ -27,6 +27,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::conn::{pending, Conn, ConnKey};
+use crate::control::VmStats;
 use crate::gate::{Admission, Closed, Gate, Request, Target};
 use crate::mem::GuestMemAtomic;
 use crate::siblings::{Inbox, Registry};
@@ -99,6 +100,7 @@ pub struct Device {
     timer: TimerFd,
     timer_armed: bool,
     gate: Option<Arc<Mutex<Gate>>>,
+    stats: Option<Arc<VmStats>>,
     iov: Vec<libc::iovec>,
 }
 
@@ -142,6 +144,7 @@ impl Device {
             timer,
             timer_armed: false,
             gate: None,
+            stats: None,
             iov: Vec::with_capacity(64),
         })
     }
@@ -172,6 +175,18 @@ impl Device {
 
     pub fn guest_cid(&self) -> u64 {
         self.cfg.guest_cid
+    }
+
+    /// Counters the control socket reads.
+    pub fn set_stats(&mut self, stats: Arc<VmStats>) {
+        self.stats = Some(stats);
+    }
+
+    fn publish_count(&self) {
+        if let Some(s) = &self.stats {
+            s.connections
+                .store(self.keys.len(), std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     /// Puts every new connection to `gate` (policy and bridge plugins).
@@ -297,6 +312,7 @@ impl Device {
             );
         }
         self.keys.clear();
+        self.publish_count();
         self.rx_list.clear();
         self.stray_rst.clear();
         self.tx_stalled = false;
@@ -324,6 +340,9 @@ impl Device {
         }
         let handshake = conn.in_handshake();
         entry.insert(conn);
+        if keyed {
+            self.publish_count();
+        }
         if handshake {
             self.arm_timer();
         }
@@ -339,6 +358,7 @@ impl Device {
             );
             if self.keys.get(&c.key) == Some(&idx) {
                 self.keys.remove(&c.key);
+                self.publish_count();
             }
             if c.state == crate::conn::State::AwaitConnectLine {
                 self.handshakes -= 1;

@@ -105,6 +105,12 @@ impl Device {
         let Some(idx) = self.lookup(&h) else {
             return match h.op {
                 OP_REQUEST => self.guest_connect(&h, kind),
+                // Both ends closing at once: the guest's RST crosses ours.
+                OP_RST => debug!(
+                    cid = self.cfg.guest_cid,
+                    port = h.src_port,
+                    "RST for a closed connection"
+                ),
                 _ => self.reply_rst(&h, "no such connection"),
             };
         };

@@ -9,6 +9,8 @@ macro_rules! wasm {
 
 pub const ALLOW_GROUP: &[u8] = wasm!("allow_group");
 pub const PORT_ALLOWLIST: &[u8] = wasm!("port_allowlist");
+/// The previous version, kept so an upgrade from it can be rehearsed and saved states of it read.
+pub const PORT_ALLOWLIST_V1: &[u8] = wasm!("port_allowlist_v1");
 pub const TCP_BRIDGE: &[u8] = wasm!("tcp_bridge");
 pub const AUDIT: &[u8] = wasm!("audit");
 pub const SERIALIZER_POSTCARD: &[u8] = wasm!("serializer_postcard");
@@ -18,6 +20,7 @@ pub const SERIALIZER_JSON: &[u8] = wasm!("serializer_json");
 pub const NAMES: &[&str] = &[
     "allow-group",
     "port-allowlist",
+    "port-allowlist-v1",
     "tcp-bridge",
     "audit",
     "serializer-postcard",
@@ -28,6 +31,7 @@ pub fn get(name: &str) -> Option<&'static [u8]> {
     Some(match name {
         "allow-group" => ALLOW_GROUP,
         "port-allowlist" => PORT_ALLOWLIST,
+        "port-allowlist-v1" => PORT_ALLOWLIST_V1,
         "tcp-bridge" => TCP_BRIDGE,
         "audit" => AUDIT,
         "serializer-postcard" => SERIALIZER_POSTCARD,

@@ -1,0 +1,244 @@
+//! The control socket: one JSON request per line, one JSON answer per line.
+//!
+//! The socket is created with mode 0600 and every client's uid is checked with SO_PEERCRED:
+//! only root and the daemon's own user may talk to it. Requests are small and bounded; each
+//! client is served on its own short-lived thread.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tracing::{info, warn};
+
+use crate::gate::{Gate, PluginSet};
+use crate::plugin::PluginSpec;
+
+/// Longest request line accepted.
+const MAX_REQUEST: u64 = 64 * 1024;
+/// How long a client may take to send its request.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the control socket can see and change of one VM.
+pub struct VmHandle {
+    pub cid: u64,
+    pub gate: Arc<Mutex<Gate>>,
+    pub stats: Arc<VmStats>,
+}
+
+/// Live counters of a VM, kept up to date by its device.
+#[derive(Default)]
+pub struct VmStats {
+    pub frontend: AtomicBool,
+    pub connections: AtomicUsize,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case")]
+pub enum Request {
+    /// VMs, their frontends and connection counts, and their plugins.
+    Status,
+    /// Per-plugin counters: calls, denials, failures, latency.
+    Plugins,
+    /// Replaces a policy plugin in place, carrying its state over.
+    Swap {
+        spec: String,
+        /// Name of the plugin to replace (default: the new plugin's name).
+        replace: Option<String>,
+        /// Only this VM (default: every VM).
+        vm: Option<u64>,
+    },
+}
+
+pub struct ControlServer {
+    listener: UnixListener,
+    path: PathBuf,
+    vms: Arc<Vec<VmHandle>>,
+    plugins: Arc<PluginSet>,
+}
+
+impl ControlServer {
+    pub fn bind(path: &Path, vms: Vec<VmHandle>, plugins: Arc<PluginSet>) -> std::io::Result<Self> {
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        // Created 0600 from the start: no window in which others could connect.
+        // SAFETY: umask only changes this process's file creation mask; restored below.
+        let old = unsafe { libc::umask(0o177) };
+        let listener = UnixListener::bind(path);
+        // SAFETY: as above.
+        unsafe { libc::umask(old) };
+        let listener = listener?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        Ok(ControlServer {
+            listener,
+            path: path.to_path_buf(),
+            vms: Arc::new(vms),
+            plugins,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Serves clients forever.
+    pub fn run(self) {
+        info!(path = ?self.path, "control socket ready");
+        for conn in self.listener.incoming() {
+            let Ok(conn) = conn else { continue };
+            if !peer_allowed(&conn) {
+                warn!("control socket: refused a client of another user");
+                continue;
+            }
+            let vms = self.vms.clone();
+            let plugins = self.plugins.clone();
+            let _ = std::thread::Builder::new()
+                .name("control".into())
+                .spawn(move || serve(conn, &vms, &plugins));
+        }
+    }
+}
+
+/// Only root and our own uid.
+fn peer_allowed(s: &UnixStream) -> bool {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: u32::MAX,
+        gid: u32::MAX,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are valid for getsockopt to write a ucred.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    // SAFETY: getuid cannot fail.
+    let me = unsafe { libc::getuid() };
+    r == 0 && (cred.uid == 0 || cred.uid == me)
+}
+
+fn serve(conn: UnixStream, vms: &[VmHandle], plugins: &PluginSet) {
+    let _ = conn.set_read_timeout(Some(CLIENT_TIMEOUT));
+    let mut line = String::new();
+    let Ok(reader) = conn.try_clone() else { return };
+    let mut reader = BufReader::new(reader.take(MAX_REQUEST));
+    let answer = match reader.read_line(&mut line) {
+        Ok(0) => return,
+        Ok(_) => match serde_json::from_str::<Request>(&line) {
+            Ok(req) => handle(req, vms, plugins),
+            Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
+        },
+        Err(e) => json!({"ok": false, "error": format!("reading request: {e}")}),
+    };
+    let mut conn = conn;
+    let _ = writeln!(conn, "{answer}");
+}
+
+pub fn handle(req: Request, vms: &[VmHandle], plugins: &PluginSet) -> Value {
+    match req {
+        Request::Status => {
+            let list: Vec<Value> = vms
+                .iter()
+                .map(|v| {
+                    let names: Vec<String> =
+                        v.gate.lock().map(|g| g.plugin_names()).unwrap_or_default();
+                    json!({
+                        "cid": v.cid,
+                        "frontend": v.stats.frontend.load(Ordering::Relaxed),
+                        "connections": v.stats.connections.load(Ordering::Relaxed),
+                        "plugins": names,
+                    })
+                })
+                .collect();
+            json!({"ok": true, "version": env!("CARGO_PKG_VERSION"), "vms": list})
+        }
+        Request::Plugins => {
+            let list: Vec<Value> = vms
+                .iter()
+                .flat_map(|v| {
+                    let stats = v.gate.lock().map(|g| g.plugin_stats()).unwrap_or_default();
+                    stats.into_iter().map(move |(name, s)| {
+                        json!({
+                            "vm": v.cid,
+                            "plugin": name,
+                            "calls": s.calls,
+                            "denials": s.denials,
+                            "failures": s.failures,
+                            "quarantined": s.quarantined,
+                            "mean_call_ns": s.total_call_ns.checked_div(s.calls).unwrap_or(0),
+                            "max_call_ns": s.max_call_ns,
+                        })
+                    })
+                })
+                .collect();
+            json!({"ok": true, "plugins": list})
+        }
+        Request::Swap { spec, replace, vm } => swap(&spec, replace, vm, vms, plugins),
+    }
+}
+
+/// Pauses each VM's connection dispatch (its gate lock), exports the old plugin's state,
+/// instantiates the new one, imports the state and resumes. Rings keep running.
+fn swap(
+    spec: &str,
+    replace: Option<String>,
+    vm: Option<u64>,
+    vms: &[VmHandle],
+    plugins: &PluginSet,
+) -> Value {
+    let spec: PluginSpec = match spec.parse() {
+        Ok(s) => s,
+        Err(e) => return json!({"ok": false, "error": e.to_string()}),
+    };
+    let new = match plugins.runtime().load(&spec) {
+        Ok(p) => p,
+        Err(e) => return json!({"ok": false, "error": e.to_string()}),
+    };
+    let old_name = replace.unwrap_or_else(|| spec.name());
+    let mut done = Vec::new();
+    for v in vms.iter().filter(|v| vm.is_none_or(|c| c == v.cid)) {
+        let t0 = Instant::now();
+        let r = match v.gate.lock() {
+            Ok(mut g) => g.chain_mut().replace(&old_name, new.clone()),
+            Err(_) => return json!({"ok": false, "error": "gate lock poisoned"}),
+        };
+        let pause_us = t0.elapsed().as_micros() as u64;
+        match r {
+            Ok(()) => {
+                info!(vm = v.cid, old = %old_name, new = new.name(), pause_us, "plugin swapped");
+                done.push(json!({"vm": v.cid, "pause_us": pause_us}));
+            }
+            Err(e) => {
+                return json!({"ok": false, "error": format!("VM {}: {e}", v.cid), "swapped": done})
+            }
+        }
+    }
+    if done.is_empty() {
+        return json!({"ok": false, "error": "no such VM"});
+    }
+    json!({"ok": true, "swapped": done})
+}
+
+/// Client side: sends one request and returns the answer.
+pub fn request(socket: &Path, req: &Request) -> std::io::Result<Value> {
+    let mut s = UnixStream::connect(socket)?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let line = serde_json::to_string(req).map_err(std::io::Error::other)?;
+    writeln!(s, "{line}")?;
+    let mut answer = String::new();
+    BufReader::new(s.take(16 << 20)).read_line(&mut answer)?;
+    serde_json::from_str(&answer).map_err(std::io::Error::other)
+}
