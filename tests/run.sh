@@ -18,6 +18,28 @@ if [ ! -x "$PEER_ROOT/bin/vhost-device-vsock" ]; then
     cargo install vhost-device-vsock --locked --version "$PEER_VERSION" --root "$PEER_ROOT"
 fi
 
+# The real-guest tests (tests/tests/guest_qemu.rs) boot QEMU (TCG) with a Debian kernel and an
+# initramfs of busybox and socat (tests/guest/build.sh).
+GUEST_PKGS="qemu-system-x86 linux-image-amd64 busybox-static socat"
+guest_pkgs_missing=
+for p in $GUEST_PKGS; do
+    dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q ' installed$' ||
+        guest_pkgs_missing="$guest_pkgs_missing $p"
+done
+if [ -n "$guest_pkgs_missing" ] || ! command -v qemu-system-x86_64 >/dev/null ||
+    ! compgen -G '/boot/vmlinuz-*' >/dev/null || ! command -v busybox >/dev/null ||
+    ! command -v socat >/dev/null; then
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "tests/run.sh: missing${guest_pkgs_missing:- guest tools}; as root run:" >&2
+        echo "  apt-get update && apt-get install -y --no-install-recommends $GUEST_PKGS" >&2
+        exit 1
+    fi
+    echo "== installing $GUEST_PKGS (real-guest tests)"
+    apt-get update
+    # shellcheck disable=SC2086
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $GUEST_PKGS
+fi
+
 echo "== build"
 cargo build --release --workspace --all-targets
 
