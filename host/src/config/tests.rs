@@ -402,9 +402,9 @@ fn vm_arg_details() {
     assert_eq!(cfg.vms[0].max_connections, 3);
     assert_eq!(cfg.vms[1].max_connections, 4);
     assert_eq!(cfg.vms[1].groups, vec![""]);
-    // One value per --vm.
+    // One value per --vm: the stray value is taken for a subcommand next to daemon flags.
     let (kind, _) = cli_err(&["--vm", "socket=/a,uds-path=/b", "socket=/c,uds-path=/d"]);
-    assert_eq!(kind, ErrorKind::UnknownArgument);
+    assert_eq!(kind, ErrorKind::ArgumentConflict);
 }
 
 #[test]
@@ -552,8 +552,9 @@ fn help_and_version() {
 
 #[test]
 fn unknown_positional_is_refused() {
+    // Not a known subcommand (ctl, plugin).
     let (kind, _) = cli_err(&["frobnicate"]);
-    assert_eq!(kind, ErrorKind::UnknownArgument);
+    assert_eq!(kind, ErrorKind::InvalidSubcommand);
 }
 
 // ---- uniqueness ----

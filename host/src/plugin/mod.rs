@@ -4,7 +4,7 @@
 //! `policy-plugin` (allow / deny / redirect connection requests), `bridge-plugin` (choose a
 //! route) and `serializer-plugin` (device state <-> bytes).
 //!
-//! ```ignore
+//! ```text
 //! let rt = PluginRuntime::new(RuntimeConfig::default())?;           // one per daemon
 //! let p = rt.load(&"policy=builtin:port-allowlist,config=allow=2:1234".parse()?)?; // compile once
 //! let mut chain = PolicyChain::new(&rt, "vm3", &[p])?;               // instantiate per VM
