@@ -387,15 +387,21 @@ mod tests {
         Cli::command().debug_assert();
     }
 
-    /// How a future subcommand will interact with the daemon flags.
+    /// Subcommands and the daemon flags exclude each other.
     #[test]
     fn subcommands_exclude_daemon_flags() {
-        let cmd =
-            || Cli::command().subcommand(clap::Command::new("ctl").arg(clap::Arg::new("what")));
-        let m = cmd()
-            .try_get_matches_from(["vhost-plug", "ctl", "status", "--log-format", "json"])
-            .unwrap();
-        let (name, sub) = m.subcommand().unwrap();
+        let m = Cli::command()
+            .try_get_matches_from([
+                "vhost-plug",
+                "ctl",
+                "--socket",
+                "/s",
+                "--log-format",
+                "json",
+                "status",
+            ])
+            .expect("ctl parses");
+        let (name, sub) = m.subcommand().expect("subcommand");
         assert_eq!(name, "ctl");
         assert_eq!(
             sub.get_one::<LogFormat>("log_format"),
@@ -403,12 +409,33 @@ mod tests {
         );
         for args in [
             // Global options go after the subcommand name.
-            &["vhost-plug", "--log-format", "json", "ctl"][..],
-            &["vhost-plug", "--vm", "socket=/a,uds-path=/b", "ctl"],
+            &[
+                "vhost-plug",
+                "--log-format",
+                "json",
+                "ctl",
+                "--socket",
+                "/s",
+                "status",
+            ][..],
+            &[
+                "vhost-plug",
+                "--vm",
+                "socket=/a,uds-path=/b",
+                "ctl",
+                "--socket",
+                "/s",
+                "status",
+            ],
+            &["vhost-plug", "--config", "/c", "plugin", "check", "/p.wasm"],
+            // ctl needs its socket and a command.
+            &["vhost-plug", "ctl", "status"],
             &["vhost-plug", "ctl", "--socket", "/s"],
-            &["vhost-plug", "--config", "/c", "ctl"],
         ] {
-            assert!(cmd().try_get_matches_from(args).is_err(), "{args:?}");
+            assert!(
+                Cli::command().try_get_matches_from(args).is_err(),
+                "{args:?}"
+            );
         }
     }
 }
