@@ -105,6 +105,8 @@ pub struct DaemonConfig {
     pub allow_routes: Vec<RouteSpec>,
     /// The control socket for `vhost-plug ctl` (`--control-socket`).
     pub control_socket: Option<PathBuf>,
+    /// Directory for precompiled plugin artifacts (`--plugin-cache`).
+    pub plugin_cache: Option<PathBuf>,
     /// Things accepted for compatibility that the operator should know about (ignored YAML
     /// fields, ignored `forward-listen`, ...). Parsing happens before logging is set up, so
     /// the caller logs these once it is.
@@ -120,6 +122,7 @@ impl DaemonConfig {
             plugins: Vec::new(),
             allow_routes: Vec::new(),
             control_socket: None,
+            plugin_cache: None,
             warnings: Vec::new(),
         }
     }

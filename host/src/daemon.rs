@@ -19,8 +19,13 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     let mut signals = Signals::new([SIGINT, SIGTERM]).context("installing signal handlers")?;
     let registry = Arc::new(Registry::default());
     let plugins = Arc::new(
-        PluginSet::load(&cfg.plugins, &cfg.allow_routes, registry.clone())
-            .context("loading plugins")?,
+        PluginSet::load(
+            &cfg.plugins,
+            &cfg.allow_routes,
+            cfg.plugin_cache.clone(),
+            registry.clone(),
+        )
+        .context("loading plugins")?,
     );
     let mut paths: Vec<PathBuf> = Vec::new();
     let mut vms = Vec::new();

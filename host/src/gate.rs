@@ -266,9 +266,13 @@ impl PluginSet {
     pub fn load(
         specs: &[PluginSpec],
         allow: &[RouteSpec],
+        cache_dir: Option<PathBuf>,
         registry: Arc<Registry>,
     ) -> Result<Self, PluginSetError> {
-        let rt = PluginRuntime::new(RuntimeConfig::default())?;
+        let rt = PluginRuntime::new(RuntimeConfig {
+            cache_dir,
+            ..RuntimeConfig::default()
+        })?;
         let defaults;
         let specs = if specs.is_empty() {
             defaults = PluginSpec::defaults();

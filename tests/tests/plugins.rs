@@ -255,3 +255,26 @@ fn wrong_world_plugin_is_refused_at_start() -> Result<()> {
         }
     }
 }
+
+#[test]
+fn precompiled_plugin_cache_is_written_and_reused() -> Result<()> {
+    let cache = tempfile::tempdir()?;
+    let dir = cache.path().join("cwasm");
+    let dir_s = dir.display().to_string();
+    let args = [
+        "--plugin-cache",
+        dir_s.as_str(),
+        "--plugin",
+        "policy=builtin:port-allowlist,config=allow=2:1234",
+    ];
+    for round in 0..2 {
+        let s = setup(&[3], &args)?;
+        let vm = s.boot(0)?;
+        guest_reaches_host(&vm, 1234)?;
+        guest_refused(&vm, 1235)?;
+        let n = std::fs::read_dir(&dir)?.count();
+        // The policy and the default serializer.
+        ensure!(n == 2, "round {round}: {n} cached artifacts");
+    }
+    Ok(())
+}

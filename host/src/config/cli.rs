@@ -117,6 +117,10 @@ struct Cli {
     #[arg(long = "allow-route", value_name = "ROUTE", value_parser = route_value, verbatim_doc_comment)]
     allow_routes: Vec<super::RouteSpec>,
 
+    /// Keep compiled plugins in DIR (created 0700) so later starts skip compilation.
+    #[arg(long, value_name = "DIR")]
+    plugin_cache: Option<PathBuf>,
+
     /// Serve `vhost-plug ctl` on this unix socket (created 0600; only root and this user).
     #[arg(long, value_name = "PATH")]
     control_socket: Option<PathBuf>,
@@ -287,6 +291,7 @@ where
         plugins: cli.plugins,
         allow_routes: cli.allow_routes,
         control_socket: cli.control_socket,
+        plugin_cache: cli.plugin_cache,
         warnings,
     }))
 }
