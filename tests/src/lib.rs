@@ -21,6 +21,7 @@
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+pub mod bench;
 pub mod daemon;
 pub mod data;
 pub mod driver;

@@ -1,0 +1,145 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark of vhost-plug and vhost-device-vsock 0.3.0 (design.md section 6):
+# builds in release mode, installs the reference daemon if missing, runs every scenario for
+# both daemons in one run (tests/src/bin/bench.rs), then writes the table and the plot.
+#
+#   bash scripts/bench.sh [bench args...]    e.g. --quick, --reps 5 (output dir: BENCH_OUT)
+#
+# Output: target/bench/{table.md,sweep.csv,raw.csv,machine.txt,load.txt,vmstat.txt},
+# target/bench/txbuf-1m/ (throughput with a 1 MiB tx-buffer-size; BENCH_SKIP_WINDOW=1 skips it) and
+# docs/bench-throughput.png (throughput by write size, both daemons and the reference).
+# Run it on a quiet machine: it has 2 cores and every scenario keeps both busy.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+OUT=${BENCH_OUT:-target/bench}
+PLOT=docs/bench-throughput.png
+PEER_VERSION=0.3.0
+PEER_ROOT=target/peer
+
+if ! rustup target list --installed | grep -qx wasm32-wasip2; then
+    echo "== installing the wasm32-wasip2 target (plugins)"
+    rustup target add wasm32-wasip2
+fi
+if [ ! -x "$PEER_ROOT/bin/vhost-device-vsock" ]; then
+    echo "== installing vhost-device-vsock $PEER_VERSION (reference daemon) into $PEER_ROOT"
+    cargo install vhost-device-vsock --locked --version "$PEER_VERSION" --root "$PEER_ROOT"
+fi
+
+echo "== build (release)"
+cargo build --release -p vhost-plug --bin vhost-plug
+cargo build --release -p vhost-plug-tests --bin bench
+
+mkdir -p "$OUT" docs
+{
+    echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
+    echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (with uncommitted changes)')"
+    echo "nproc: $(nproc)"
+    echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
+    echo "memory: $(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo)"
+    echo "kernel: $(uname -r)"
+    echo "rustc: $(rustc --version)"
+} > "$OUT/machine.txt"
+cat "$OUT/machine.txt"
+
+# Machine load around the run: load averages and a CPU sample every 2 s (vmstat's us+sy
+# includes the benchmark itself; the "before" line is the background load).
+# Percentage of the machine's CPU time that was busy over 5 s (from /proc/stat).
+cpu_busy() {
+    local a b
+    a=$(awk '/^cpu /{print $2+$3+$4+$7+$8, $5+$6}' /proc/stat)
+    sleep 5
+    b=$(awk '/^cpu /{print $2+$3+$4+$7+$8, $5+$6}' /proc/stat)
+    echo "$a $b" | awk '{busy=$3-$1; idle=$4-$2; printf "%.0f%%", 100*busy/(busy+idle)}'
+}
+BUSY_BEFORE=$(cpu_busy)
+{
+    echo "background CPU busy before the run (5 s): $BUSY_BEFORE"
+    echo "loadavg before: $(cat /proc/loadavg)"
+    top -bn1 | sed -n '1,12p'
+} > "$OUT/load.txt"
+if [ "${BUSY_BEFORE%\%}" -gt 10 ]; then
+    echo "warning: the machine is already $BUSY_BEFORE busy; figures will be noisy" >&2
+fi
+vmstat 2 > "$OUT/vmstat.txt" 2>/dev/null &
+VMSTAT=$!
+trap 'kill "$VMSTAT" 2>/dev/null || true' EXIT
+
+echo "== run"
+target/release/bench --out "$OUT" "$@"
+# Supplement: the same throughput sweep with a 1 MiB per-connection buffer (tx-buffer-size,
+# advertised to the guest as buf_alloc) for both daemons, to show how much of the
+# guest->host figure is the 64 KiB credit window of the default configuration.
+if [ "${BENCH_SKIP_WINDOW:-0}" != 1 ]; then
+    echo "== run (tx-buffer-size 1 MiB)"
+    target/release/bench --out "$OUT/txbuf-1m" --only tput --tx-buffer-size 1048576 "$@"
+fi
+
+kill "$VMSTAT" 2>/dev/null || true
+{
+    echo "loadavg after: $(cat /proc/loadavg)"
+    echo "background CPU busy after the run (5 s): $(cpu_busy)"
+} >> "$OUT/load.txt"
+
+echo "== plot"
+if ! python3 -c 'import matplotlib' 2>/dev/null; then
+    python3 -m pip install --quiet matplotlib
+fi
+python3 - "$OUT/sweep.csv" "$PLOT" "$OUT/machine.txt" "$OUT/txbuf-1m/sweep.csv" <<'EOF'
+import csv, os, sys
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+src, dst, machine, window = sys.argv[1:5]
+rows = list(csv.DictReader(open(src)))
+wrows = list(csv.DictReader(open(window))) if os.path.exists(window) else []
+info = dict(l.split(": ", 1) for l in open(machine).read().splitlines() if ": " in l)
+styles = {
+    "vhost-plug": dict(color="tab:blue", marker="o"),
+    "vhost-device-vsock": dict(color="tab:orange", marker="s"),
+    "socketpair+memcpy": dict(color="gray", marker="", linestyle="--"),
+}
+titles = {"h2g": "host -> guest", "g2h": "guest -> host"}
+fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+for ax, d in zip(axes, ["h2g", "g2h"]):
+    for who, st in styles.items():
+        pts = sorted((int(r["write_bytes"]), float(r["mib_s"]))
+                     for r in rows if r["daemon"] == who and r["direction"] == d)
+        if not pts:
+            continue
+        xs, ys = zip(*pts)
+        label = who if who != "socketpair+memcpy" else "reference: socketpair + 1 memcpy"
+        ax.plot(xs, ys, label=label, **st)
+        if who != "socketpair+memcpy":
+            below = who == "vhost-device-vsock"
+            for x, y in pts:
+                ax.annotate(f"{y:.0f}", (x, y), textcoords="offset points",
+                            xytext=(0, -13 if below else 6),
+                            ha="center", fontsize=8, color=st["color"])
+            wpts = sorted((int(r["write_bytes"]), float(r["mib_s"]))
+                          for r in wrows if r["daemon"] == who and r["direction"] == d)
+            if wpts:
+                xs, ys = zip(*wpts)
+                ax.plot(xs, ys, label=f"{who}, tx-buffer-size 1 MiB", color=st["color"],
+                        marker=st["marker"], linestyle=":", alpha=0.5, markersize=4)
+    ax.set_xscale("log", base=2)
+    xt = sorted({int(r["write_bytes"]) for r in rows})
+    ax.set_xticks(xt)
+    ax.set_xticklabels([f"{x // 1024} KiB" for x in xt])
+    ax.set_title(titles[d])
+    ax.set_xlabel("write size (one connection)")
+    ax.grid(True, alpha=0.3)
+    ax.set_ylim(bottom=0)
+axes[0].set_ylabel("MiB/s (median)")
+axes[1].legend(loc="upper left", fontsize=8)
+fig.suptitle("vhost-user vsock stream throughput, simulated VMM + guest driver, checksummed"
+             f"\n{info.get('nproc', '?')} cores, {info.get('cpu', '?')}, {info.get('date', '')}",
+             fontsize=10)
+fig.tight_layout()
+fig.savefig(dst, dpi=110)
+print(f"wrote {dst}")
+EOF
+
+echo "== table ($OUT/table.md)"
+cat "$OUT/table.md"

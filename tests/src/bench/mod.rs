@@ -1,0 +1,47 @@
+//! Side-by-side benchmark of vhost-plug and vhost-device-vsock, driven by the simulated VMM
+//! (design.md section 6). The binary `bench` (tests/src/bin/bench.rs) runs every scenario for
+//! both daemons in one process and prints one markdown table of absolute figures and ratios.
+//!
+//! Modules: [`rig`] (a daemon plus a booted simulated VM, RSS sampling), [`stream`]
+//! (throughput, checksum verified, and the socketpair reference), [`latency`] (1-byte
+//! request/response), [`setup`] (connection setup rate), [`rss`] (memory per idle connection),
+//! [`stats`] (medians, percentiles), [`report`] (table and CSV output).
+//!
+//! Nothing here asserts on timing: a scenario fails only when data is lost or corrupted, or a
+//! bounded wait expires.
+
+pub mod latency;
+pub mod report;
+pub mod rig;
+pub mod rss;
+pub mod setup;
+pub mod stats;
+pub mod stream;
+
+pub use rig::Rig;
+
+/// Direction of a scenario.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Dir {
+    HostToGuest,
+    GuestToHost,
+}
+
+impl Dir {
+    pub const BOTH: [Dir; 2] = [Dir::HostToGuest, Dir::GuestToHost];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Dir::HostToGuest => "host->guest",
+            Dir::GuestToHost => "guest->host",
+        }
+    }
+
+    /// Short form for CSV files.
+    pub fn tag(self) -> &'static str {
+        match self {
+            Dir::HostToGuest => "h2g",
+            Dir::GuestToHost => "g2h",
+        }
+    }
+}
