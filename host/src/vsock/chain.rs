@@ -114,29 +114,14 @@ impl<'a> ChainBuf<'a> {
         Ok(Header::from_le_bytes(&raw))
     }
 
-    /// Writes `bytes` at `offset`, across segment boundaries. Returns the bytes written.
-    pub fn write_at(&self, mut offset: usize, bytes: &[u8]) -> usize {
-        let mut done = 0;
-        for s in &self.segs {
-            if done == bytes.len() {
-                break;
-            }
-            if offset >= s.len() {
-                offset -= s.len();
-                continue;
-            }
-            let n = (s.len() - offset).min(bytes.len() - done);
-            if let Ok(sub) = s.subslice(offset, n) {
-                sub.copy_from(&bytes[done..done + n]);
-            }
-            done += n;
-            offset = 0;
-        }
-        done
-    }
-
-    /// Appends `len` bytes from `offset` to `out` (the slow path, when a socket is full).
-    pub fn copy_out(&self, mut offset: usize, len: usize, out: &mut Vec<u8>) {
+    /// Calls `f(segment, start, n)` for each piece of the byte range `[offset, offset + len)`,
+    /// in order. Returns how many bytes of the range the chain holds.
+    fn walk(
+        &self,
+        mut offset: usize,
+        len: usize,
+        mut f: impl FnMut(&Slice<'a>, usize, usize),
+    ) -> usize {
         let mut left = len;
         for s in &self.segs {
             if left == 0 {
@@ -147,58 +132,53 @@ impl<'a> ChainBuf<'a> {
                 continue;
             }
             let n = (s.len() - offset).min(left);
-            let start = out.len();
-            out.resize(start + n, 0);
-            if let Ok(sub) = s.subslice(offset, n) {
-                sub.copy_to(&mut out[start..]);
-            }
+            f(s, offset, n);
             left -= n;
             offset = 0;
         }
+        len - left
+    }
+
+    /// Writes `bytes` at `offset`, across segment boundaries. Returns the bytes written.
+    pub fn write_at(&self, offset: usize, bytes: &[u8]) -> usize {
+        let mut done = 0;
+        self.walk(offset, bytes.len(), |s, off, n| {
+            if let Ok(sub) = s.subslice(off, n) {
+                sub.copy_from(&bytes[done..done + n]);
+            }
+            done += n;
+        })
+    }
+
+    /// Appends `len` bytes from `offset` to `out` (the slow path, when a socket is full).
+    pub fn copy_out(&self, offset: usize, len: usize, out: &mut Vec<u8>) {
+        self.walk(offset, len, |s, off, n| {
+            let start = out.len();
+            out.resize(start + n, 0);
+            if let Ok(sub) = s.subslice(off, n) {
+                sub.copy_to(&mut out[start..]);
+            }
+        });
     }
 
     /// Builds the iovecs for `len` bytes starting at `offset`. The iovecs point into guest
     /// memory and stay valid while `self` (and the memory guard it borrows) lives.
-    pub fn iovecs(&self, mut offset: usize, len: usize, out: &mut Vec<libc::iovec>) {
+    pub fn iovecs(&self, offset: usize, len: usize, out: &mut Vec<libc::iovec>) {
         out.clear();
-        let mut left = len;
-        for s in &self.segs {
-            if left == 0 {
-                break;
-            }
-            if offset >= s.len() {
-                offset -= s.len();
-                continue;
-            }
-            let n = (s.len() - offset).min(left);
+        self.walk(offset, len, |s, off, n| {
             let base = s.ptr_guard_mut().as_ptr();
             out.push(libc::iovec {
-                // SAFETY: `offset < s.len()`, so the pointer stays inside the segment.
-                iov_base: unsafe { base.add(offset) }.cast(),
+                // SAFETY: `off < s.len()`, so the pointer stays inside the segment.
+                iov_base: unsafe { base.add(off) }.cast(),
                 iov_len: n,
             });
-            left -= n;
-            offset = 0;
-        }
+        });
     }
 
     /// Marks `len` bytes from `offset` dirty after they were written behind vm-memory's back
-    /// (by readv or recvmsg).
-    pub fn mark_dirty(&self, mut offset: usize, len: usize) {
-        let mut left = len;
-        for s in &self.segs {
-            if left == 0 {
-                break;
-            }
-            if offset >= s.len() {
-                offset -= s.len();
-                continue;
-            }
-            let n = (s.len() - offset).min(left);
-            s.bitmap().mark_dirty(offset, n);
-            left -= n;
-            offset = 0;
-        }
+    /// (by recvmsg).
+    pub fn mark_dirty(&self, offset: usize, len: usize) {
+        self.walk(offset, len, |s, off, n| s.bitmap().mark_dirty(off, n));
     }
 }
 
