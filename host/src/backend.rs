@@ -11,11 +11,9 @@ use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserProtocolFeatures,
     VhostUserVirtioFeatures,
 };
-use vhost_user_backend::VringT;
 use vhost_user_backend::{VhostUserBackend, VringRwLock};
 use virtio_bindings::bindings::virtio_config::{VIRTIO_F_NOTIFY_ON_EMPTY, VIRTIO_F_VERSION_1};
 use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
-use virtio_queue::QueueT;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -188,13 +186,9 @@ impl VhostUserBackend for VsockBackend {
             return Ok(());
         };
         let mut dev = self.device();
-        let ready = |i: u16| {
-            vrings
-                .get(usize::from(i))
-                .is_some_and(|v| v.get_ref().get_queue().ready())
-        };
-        dev.note_rings(ready(RX_QUEUE), ready(EVENT_QUEUE));
-        if let Some(evq) = vrings.get(usize::from(EVENT_QUEUE)) {
+        let evq = vrings.get(usize::from(EVENT_QUEUE));
+        dev.note_rings(rx, evq);
+        if let Some(evq) = evq {
             dev.transport_reset(evq);
         }
         match device_event {

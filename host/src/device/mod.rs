@@ -219,10 +219,30 @@ impl Device {
     }
 
     /// Notes which rings the frontend has running: event-queue ownership and driver liveness
-    /// are part of the saved state.
-    pub fn note_rings(&mut self, rx_ready: bool, event_ready: bool) {
-        self.driver_live |= rx_ready;
-        self.event_queue_owned |= event_ready;
+    /// are part of the saved state. The driver counts as live once it has posted rx buffers
+    /// (rings the frontend started for a driver that never got that far do not count).
+    pub fn note_rings(
+        &mut self,
+        rx: &VringRwLock<GuestMemAtomic>,
+        evq: Option<&VringRwLock<GuestMemAtomic>>,
+    ) {
+        if let Some(evq) = evq {
+            self.event_queue_owned |= evq.get_ref().get_queue().ready();
+        }
+        if self.driver_live {
+            return;
+        }
+        let Some(atomic) = &self.mem else { return };
+        let mem = atomic.memory();
+        let state = rx.get_ref();
+        let q = state.get_queue();
+        if q.ready() {
+            let posted = q
+                .avail_idx(&*mem, std::sync::atomic::Ordering::Acquire)
+                .map(|i| i.0 != 0)
+                .unwrap_or(false);
+            self.driver_live = posted || q.next_avail() != 0;
+        }
     }
 
     /// The device part of a saved state (migration to another host: no connections).
@@ -236,7 +256,8 @@ impl Device {
                 } else {
                     EventQueueOwner::Frontend
                 },
-                driver_live: self.driver_live,
+                // A restored live driver still owed its reset counts as live.
+                driver_live: self.driver_live || self.pending_reset,
             },
             plugins: Vec::new(),
             connections: Vec::new(),
