@@ -238,6 +238,27 @@ impl Daemon {
         self.child.as_ref().map(|c| c.id())
     }
 
+    /// Number of open file descriptors of the process (`/proc/<pid>/fd`).
+    pub fn open_fds(&self) -> Result<usize> {
+        let pid = self.pid().context("daemon already killed")?;
+        let dir = format!("/proc/{pid}/fd");
+        Ok(std::fs::read_dir(&dir)
+            .with_context(|| format!("listing {dir}"))?
+            .count())
+    }
+
+    /// Resident set size of the process in KiB (`VmRSS` of `/proc/<pid>/status`).
+    pub fn rss_kib(&self) -> Result<u64> {
+        let pid = self.pid().context("daemon already killed")?;
+        let path = format!("/proc/{pid}/status");
+        let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .with_context(|| format!("no VmRSS in {path}"))
+    }
+
     pub fn stderr_path(&self) -> &Path {
         &self.stderr_path
     }

@@ -53,6 +53,28 @@ impl GuestMem {
         })
     }
 
+    /// Another handle on the same guest memory (same memfd, same mapping), as the destination
+    /// VMM of a simulated migration sees it: the pages are shared, so nothing needs copying.
+    /// The allocator position is copied; allocate from only one of the two handles.
+    pub fn share(&self) -> Result<Self> {
+        Ok(GuestMem {
+            mem: self.mem.clone(),
+            file: self.file.try_clone().context("dup guest memory memfd")?,
+            size: self.size,
+            next: self.next,
+        })
+    }
+
+    /// A copy of all guest memory (for before/after comparisons).
+    pub fn snapshot(&self) -> Result<Vec<u8>> {
+        use vm_memory::Bytes;
+        let mut v = vec![0u8; self.size as usize];
+        self.mem
+            .read_slice(&mut v, GuestAddress(0))
+            .context("reading guest memory")?;
+        Ok(v)
+    }
+
     /// The mapped memory (cheap to clone: regions are reference counted).
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.mem

@@ -2,18 +2,21 @@
 //! `Frontend`, negotiates features, shares memfd guest memory and sets up the vrings, the way
 //! QEMU's vhost-user-vsock device does.
 
-use std::os::fd::AsRawFd;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags,
+    VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::mem::{GuestMem, DEFAULT_MEM_SIZE};
@@ -59,6 +62,11 @@ pub struct SimConfig {
     /// Bound on each vhost-user request's reply (a backend that never answers fails the
     /// request instead of hanging the test).
     pub request_timeout: Duration,
+    /// Program and enable the vrings in `connect`. When false, `connect` stops after
+    /// features and memory table (ring memory is allocated but the backend has not seen it),
+    /// the state of a destination VMM before `SET_DEVICE_STATE_FD(LOAD)`; start them later
+    /// with [`SimVmm::start_vrings`].
+    pub start_vrings: bool,
 }
 
 impl Default for SimConfig {
@@ -73,6 +81,7 @@ impl Default for SimConfig {
             extra_protocol_features: VhostUserProtocolFeatures::empty(),
             connect_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(10),
+            start_vrings: true,
         }
     }
 }
@@ -129,8 +138,43 @@ fn vu<T>(r: vhost::Result<T>, what: &str) -> Result<T> {
 }
 
 impl SimVmm {
-    /// Connects, negotiates, shares memory, reads the config and sets up the vrings.
+    /// Connects, negotiates, shares memory, reads the config and sets up the vrings
+    /// (unless `config.start_vrings` is false).
     pub fn connect(socket_path: &Path, config: SimConfig) -> Result<SimVmm> {
+        let mem = GuestMem::new(config.mem_size)?;
+        let mut sim = Self::negotiate(socket_path, config, mem)?;
+        sim.alloc_queues()?;
+        if sim.config.start_vrings {
+            sim.start_vrings()?;
+        }
+        Ok(sim)
+    }
+
+    /// The destination VMM of a simulated migration: connects to `socket_path` (another
+    /// backend), negotiates with `config`, and sends the memory table of *this* VMM's guest
+    /// memory (the same pages: the guest driver keeps running on them) and the same ring
+    /// addresses and eventfds. The vrings are not started: load the state, then
+    /// [`SimVmm::restart_vring`] each ring with the base the source reported.
+    pub fn migration_target(&self, socket_path: &Path, config: SimConfig) -> Result<SimVmm> {
+        let config = SimConfig {
+            start_vrings: false,
+            ..config
+        };
+        let mut sim = Self::negotiate(socket_path, config, self.mem.share()?)?;
+        for (idx, q) in self.queues.iter().enumerate() {
+            let active = idx != EVENT_QUEUE || sim.config.queues == QueueSet::All;
+            sim.queues.push(QueueHandle {
+                addrs: q.addrs,
+                kick: q.kick.try_clone().context("dup kick eventfd")?,
+                call: q.call.try_clone().context("dup call eventfd")?,
+                active,
+            });
+        }
+        Ok(sim)
+    }
+
+    /// Connects, negotiates features and sends the memory table; no vrings yet.
+    fn negotiate(socket_path: &Path, config: SimConfig, mem: GuestMem) -> Result<SimVmm> {
         let stream = connect_retry(socket_path, config.connect_timeout)?;
         stream
             .set_read_timeout(Some(config.request_timeout))
@@ -179,7 +223,7 @@ impl SimVmm {
         let mut sim = SimVmm {
             socket_path: socket_path.to_path_buf(),
             frontend: Some(fe),
-            mem: GuestMem::new(config.mem_size)?,
+            mem,
             queues: Vec::new(),
             offered_features: offered,
             acked_features: acked,
@@ -192,7 +236,6 @@ impl SimVmm {
         let fe = sim.frontend()?;
         vu(fe.set_features(acked), "SET_FEATURES")?;
         sim.set_mem_table()?;
-        sim.setup_vrings()?;
         Ok(sim)
     }
 
@@ -210,23 +253,31 @@ impl SimVmm {
         Ok(())
     }
 
-    fn setup_vrings(&mut self) -> Result<()> {
+    /// Allocates ring memory and eventfds for every queue (nothing is sent to the backend).
+    fn alloc_queues(&mut self) -> Result<()> {
         let size = self.config.queue_size;
         for idx in 0..NUM_QUEUES {
             let addrs = RingAddrs::alloc(&mut self.mem, size)?;
             let active = idx != EVENT_QUEUE || self.config.queues == QueueSet::All;
-            let handle = QueueHandle {
+            self.queues.push(QueueHandle {
                 addrs,
                 kick: EventFd::new(EFD_NONBLOCK).context("kick eventfd")?,
                 call: EventFd::new(EFD_NONBLOCK).context("call eventfd")?,
                 active,
-            };
-            if active {
-                self.program_vring(idx, &handle, 0)?;
-            }
-            self.queues.push(handle);
+            });
         }
-        for idx in 0..NUM_QUEUES {
+        Ok(())
+    }
+
+    /// Programs every active vring with base 0 and enables it (what `connect` does unless
+    /// `SimConfig::start_vrings` is false).
+    pub fn start_vrings(&mut self) -> Result<()> {
+        for idx in 0..self.queues.len() {
+            if self.queues[idx].active {
+                self.program_vring(idx, &self.queues[idx], 0)?;
+            }
+        }
+        for idx in 0..self.queues.len() {
             if self.queues[idx].active {
                 self.set_vring_enable(idx, true)?;
             }
@@ -283,6 +334,165 @@ impl SimVmm {
         vu(self.frontend()?.get_vring_base(idx), "GET_VRING_BASE")
     }
 
+    /// Suspends the device: `GET_VRING_BASE` on every active vring, rx, tx, event in that
+    /// order. Returns each queue's base (`None` for a queue the backend was not given).
+    pub fn stop_vrings(&mut self) -> Result<VringBases> {
+        let mut bases = Vec::with_capacity(self.queues.len());
+        for idx in 0..self.queues.len() {
+            if !self.queues[idx].active {
+                bases.push(None);
+                continue;
+            }
+            let b = self
+                .get_vring_base(idx)
+                .with_context(|| format!("stopping vring {idx}"))?;
+            let b = u16::try_from(b)
+                .map_err(|_| anyhow!("GET_VRING_BASE({idx}) returned {b}, beyond u16"))?;
+            bases.push(Some(b));
+        }
+        Ok(VringBases(bases))
+    }
+
+    /// Resumes the device: [`SimVmm::restart_vring`] on every queue `bases` names.
+    pub fn resume_vrings(&mut self, bases: &VringBases) -> Result<()> {
+        for (idx, b) in bases.0.iter().enumerate() {
+            if let Some(b) = b {
+                self.restart_vring(idx, *b)
+                    .with_context(|| format!("restarting vring {idx} at base {b}"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads (and so clears) vring `idx`'s call eventfd: true if the backend signalled it
+    /// since the last read. Only meaningful while the guest driver's interrupt thread is
+    /// paused ([`crate::Guest::pause_interrupts`]), since it reads the same eventfd.
+    pub fn take_call(&self, idx: usize) -> Result<bool> {
+        let q = self.queues.get(idx).context("no such queue")?;
+        take_eventfd(&q.call).with_context(|| format!("reading call eventfd {idx}"))
+    }
+
+    /// Reads (and so clears) vring `idx`'s kick eventfd: true if the driver had kicked and
+    /// the backend had not consumed the kick.
+    pub fn take_kick(&self, idx: usize) -> Result<bool> {
+        let q = self.queues.get(idx).context("no such queue")?;
+        take_eventfd(&q.kick).with_context(|| format!("reading kick eventfd {idx}"))
+    }
+
+    /// `used->idx` of vring `idx`, read from guest memory.
+    pub fn used_idx(&self, idx: usize) -> Result<u16> {
+        let q = self.queues.get(idx).context("no such queue")?;
+        let v: u16 = self
+            .memory()
+            .read_obj(GuestAddress(q.addrs.used.0 + 2))
+            .context("reading used idx")?;
+        Ok(u16::from_le(v))
+    }
+
+    /// `avail->idx` of vring `idx`, read from guest memory.
+    pub fn avail_idx(&self, idx: usize) -> Result<u16> {
+        let q = self.queues.get(idx).context("no such queue")?;
+        let v: u16 = self
+            .memory()
+            .read_obj(GuestAddress(q.addrs.avail.0 + 2))
+            .context("reading avail idx")?;
+        Ok(u16::from_le(v))
+    }
+
+    /// A copy of all guest memory.
+    pub fn snapshot_memory(&self) -> Result<Vec<u8>> {
+        self.mem.snapshot()
+    }
+
+    /// Names the part of guest memory at `offset` (which ring of which queue, or "buffers").
+    pub fn describe_addr(&self, offset: u64) -> String {
+        let names = ["rx", "tx", "event"];
+        for (idx, q) in self.queues.iter().enumerate() {
+            let n = u64::from(q.addrs.size);
+            let name = names.get(idx).copied().unwrap_or("queue");
+            for (part, base, len) in [
+                ("descriptor table", q.addrs.desc.0, 16 * n),
+                ("avail ring", q.addrs.avail.0, 6 + 2 * n),
+                ("used ring", q.addrs.used.0, 6 + 8 * n),
+            ] {
+                if (base..base + len).contains(&offset) {
+                    return format!("{name} {part} +{:#x}", offset - base);
+                }
+            }
+        }
+        format!("buffer memory at {offset:#x}")
+    }
+
+    /// `SET_DEVICE_STATE_FD(SAVE, STOPPED)` on a pipe, read to EOF, then
+    /// `CHECK_DEVICE_STATE`. The vrings must be stopped. Every wait is bounded by `timeout`.
+    pub fn save_state(&self, timeout: Duration) -> Result<Vec<u8>> {
+        let fe = self.frontend()?.clone();
+        let (r, w) = pipe().context("pipe for SAVE")?;
+        let deadline = Instant::now() + timeout;
+        // Read on a thread from the start: a backend that writes before replying must not
+        // deadlock on a full pipe.
+        let reader = std::thread::spawn(move || read_to_eof(r, deadline));
+        let own = vu(
+            fe.set_device_state_fd(
+                VhostTransferStateDirection::SAVE,
+                VhostTransferStatePhase::STOPPED,
+                w,
+            ),
+            "SET_DEVICE_STATE_FD(SAVE)",
+        );
+        let blob = match own {
+            Ok(None) => reader
+                .join()
+                .map_err(|_| anyhow!("state reader panicked"))?
+                .context("reading the saved state")?,
+            Ok(Some(f)) => {
+                // The backend sent its own fd: read that one. The first reader ends when the
+                // backend closes our pipe's write end, or at the deadline; it is not waited for.
+                drop(reader);
+                read_to_eof(OwnedFd::from(f), deadline)
+                    .context("reading the saved state from the backend's fd")?
+            }
+            Err(e) => {
+                let _ = reader.join();
+                return Err(e);
+            }
+        };
+        vu(fe.check_device_state(), "CHECK_DEVICE_STATE after SAVE")?;
+        Ok(blob)
+    }
+
+    /// `SET_DEVICE_STATE_FD(LOAD, STOPPED)` on a pipe, writes `blob` and closes, then
+    /// `CHECK_DEVICE_STATE`. Errors only if the exchange itself fails; what the backend
+    /// thinks of the blob is in [`LoadReport::check`].
+    pub fn load_state(&self, blob: &[u8], timeout: Duration) -> Result<LoadReport> {
+        let fe = self.frontend()?.clone();
+        let (r, w) = pipe().context("pipe for LOAD")?;
+        let deadline = Instant::now() + timeout;
+        let own = vu(
+            fe.set_device_state_fd(
+                VhostTransferStateDirection::LOAD,
+                VhostTransferStatePhase::STOPPED,
+                r,
+            ),
+            "SET_DEVICE_STATE_FD(LOAD)",
+        )?;
+        let sink: OwnedFd = match own {
+            None => w,
+            Some(f) => {
+                drop(w);
+                OwnedFd::from(f)
+            }
+        };
+        let (written, write_error) = write_all_bounded(sink, blob, deadline);
+        let check = fe
+            .check_device_state()
+            .map_err(|e| format!("CHECK_DEVICE_STATE: {e}"));
+        Ok(LoadReport {
+            written,
+            write_error,
+            check,
+        })
+    }
     /// Reads `guest_cid` from the device config space (offset 0, 8 bytes).
     pub fn read_guest_cid(&mut self) -> Result<u64> {
         read_cid(self.frontend_mut()?)
@@ -375,6 +585,139 @@ impl Drop for SimVmm {
     fn drop(&mut self) {
         self.disconnect();
     }
+}
+
+/// Each queue's `GET_VRING_BASE` answer, by queue index (`None`: queue not given to the
+/// backend).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VringBases(pub Vec<Option<u16>>);
+
+impl VringBases {
+    pub fn get(&self, idx: usize) -> Option<u16> {
+        self.0.get(idx).copied().flatten()
+    }
+}
+
+/// What happened in a LOAD.
+#[derive(Clone, Debug)]
+pub struct LoadReport {
+    /// Bytes written before the backend closed its end (all of them normally).
+    pub written: usize,
+    /// Why writing stopped early (EPIPE when the backend stopped reading), if it did.
+    pub write_error: Option<String>,
+    /// `CHECK_DEVICE_STATE`: Ok if the backend accepted the state.
+    pub check: std::result::Result<(), String>,
+}
+
+impl LoadReport {
+    pub fn accepted(&self) -> bool {
+        self.check.is_ok()
+    }
+}
+
+fn take_eventfd(fd: &EventFd) -> Result<bool> {
+    match fd.read() {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A pipe (read end, write end), close-on-exec.
+fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 succeeded, so both fds are open and owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+fn poll_fd(fd: RawFd, events: libc::c_short, deadline: Instant) -> std::io::Result<bool> {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut p = libc::pollfd {
+            fd,
+            events,
+            revents: 0,
+        };
+        let ms = left.as_millis().min(i32::MAX as u128) as libc::c_int;
+        // SAFETY: `p` is a valid pollfd for the duration of the call and nfds is 1.
+        let n = unsafe { libc::poll(&mut p, 1, ms) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        return Ok(n > 0);
+    }
+}
+
+/// Reads `fd` until EOF, failing if that takes past `deadline`.
+fn read_to_eof(fd: OwnedFd, deadline: Instant) -> Result<Vec<u8>> {
+    let raw = fd.as_raw_fd();
+    let mut f = File::from(fd);
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        if !poll_fd(raw, libc::POLLIN, deadline)? {
+            bail!(
+                "no EOF on the state pipe by the deadline ({} bytes read): the backend did not                  close its end",
+                out.len()
+            );
+        }
+        match f.read(&mut buf) {
+            Ok(0) => return Ok(out),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e).context("reading the state pipe"),
+        }
+    }
+}
+
+/// Writes `data` to `fd` and closes it; stops at the first error (EPIPE when the reader went
+/// away) or at `deadline`. Returns bytes written and the error, if any.
+fn write_all_bounded(fd: OwnedFd, data: &[u8], deadline: Instant) -> (usize, Option<String>) {
+    let raw = fd.as_raw_fd();
+    // Non-blocking, so that a write never waits past the deadline for pipe space.
+    // SAFETY: fcntl on an fd we own, with valid commands and flags.
+    unsafe {
+        let fl = libc::fcntl(raw, libc::F_GETFL);
+        if fl >= 0 {
+            libc::fcntl(raw, libc::F_SETFL, fl | libc::O_NONBLOCK);
+        }
+    }
+    let mut f = File::from(fd);
+    let mut off = 0;
+    while off < data.len() {
+        match poll_fd(raw, libc::POLLOUT, deadline) {
+            Ok(true) => {}
+            Ok(false) => {
+                return (
+                    off,
+                    Some(format!(
+                        "state pipe not writable by the deadline after {off} of {} bytes: the                          backend stopped reading without closing",
+                        data.len()
+                    )),
+                )
+            }
+            Err(e) => return (off, Some(format!("poll: {e}"))),
+        }
+        let end = data.len().min(off + 64 * 1024);
+        match f.write(&data[off..end]) {
+            Ok(n) => off += n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock
+                ) => {}
+            Err(e) => return (off, Some(e.to_string())),
+        }
+    }
+    (off, None)
 }
 
 /// Reads `guest_cid` through a frontend.

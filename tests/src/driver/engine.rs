@@ -31,6 +31,17 @@ pub(crate) const EPHEMERAL_FIRST: u32 = 49152;
 /// Reads the device config's `guest_cid` again (after TRANSPORT_RESET).
 pub type CidSource = Box<dyn FnMut() -> Result<u64> + Send>;
 
+/// The driver's view of one ring.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RingState {
+    /// Shadow of `avail->idx`: chains published so far.
+    pub avail_idx: u16,
+    /// Used entries consumed so far.
+    pub last_used: u16,
+    /// Chains the device holds.
+    pub in_flight: usize,
+}
+
 /// Counters for assertions and reports.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct DriverStats {
@@ -126,6 +137,10 @@ pub(crate) struct Core {
     pub(super) next_port: u32,
     pub fatal: Option<String>,
     pub stopped: bool,
+    /// The interrupt thread is asked to park (see `Guest::pause_interrupts`).
+    pub pause_requested: bool,
+    /// The interrupt thread is parked: it reads no call eventfd until resumed.
+    pub parked: bool,
     pub(super) cid_source: Option<CidSource>,
     pub stats: DriverStats,
 }
@@ -188,6 +203,8 @@ impl Core {
             next_port: EPHEMERAL_FIRST,
             fatal: None,
             stopped: false,
+            pause_requested: false,
+            parked: false,
             cid_source: parts.cid_source,
             stats: DriverStats::default(),
         };
@@ -576,6 +593,21 @@ impl Core {
 
     pub fn has_event_queue(&self) -> bool {
         self.evt.is_some()
+    }
+
+    /// The driver's view of queue `idx` (0 rx, 1 tx, 2 event).
+    pub fn ring_state(&self, idx: usize) -> Option<RingState> {
+        let q = match idx {
+            0 => &self.rx,
+            1 => &self.tx,
+            2 => self.evt.as_ref()?,
+            _ => return None,
+        };
+        Some(RingState {
+            avail_idx: q.ring.avail_idx(),
+            last_used: q.ring.last_used(),
+            in_flight: q.ring.in_flight(),
+        })
     }
 
     pub fn count_interrupt(&mut self) {

@@ -20,7 +20,7 @@ use anyhow::{Context, Result};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 pub use self::api::{GuestListener, GuestSocket, RecvMsg};
-pub use self::engine::{CidSource, DriverStats};
+pub use self::engine::{CidSource, DriverStats, RingState};
 pub use self::log::{Direction, LoggedPacket};
 pub use self::socket::{CreditInfo, EndReason, SockKey, SockType};
 
@@ -150,6 +150,7 @@ impl Shared {
 pub struct Guest {
     shared: Arc<Shared>,
     stop: EventFd,
+    wake: EventFd,
     thread: Option<JoinHandle<()>>,
     timeout: Duration,
 }
@@ -218,6 +219,7 @@ impl Guest {
             call_tx: parts.tx.call,
             call_evt,
             stop: EventFd::new(EFD_NONBLOCK).context("stop eventfd")?,
+            wake: EventFd::new(EFD_NONBLOCK).context("wake eventfd")?,
         };
         let core_parts = CoreParts {
             rx,
@@ -234,6 +236,7 @@ impl Guest {
             cv: Condvar::new(),
         });
         let stop = fds.stop.try_clone().context("dup stop eventfd")?;
+        let wake = fds.wake.try_clone().context("dup wake eventfd")?;
         let s2 = shared.clone();
         let thread = std::thread::Builder::new()
             .name("guest-vsock".into())
@@ -242,6 +245,7 @@ impl Guest {
         Ok(Guest {
             shared,
             stop,
+            wake,
             thread: Some(thread),
             timeout,
         })
@@ -407,6 +411,68 @@ impl Guest {
         }
     }
 
+    /// Parks the interrupt thread: from return until [`Guest::resume_interrupts`] it reads no
+    /// call eventfd and services no ring, so a test can read the call eventfds itself
+    /// ([`crate::SimVmm::take_call`]) to see whether the device signalled. Interrupts that
+    /// were pending when this was called are serviced before it returns.
+    pub fn pause_interrupts(&self) -> Result<()> {
+        let deadline = Instant::now() + self.timeout;
+        let mut core = self.shared.lock();
+        core.pause_requested = true;
+        self.wake.write(1).context("waking the driver thread")?;
+        while !core.parked {
+            core.check_alive()?;
+            let (g, timed_out) = self.shared.wait_until(core, deadline);
+            core = g;
+            if timed_out && !core.parked {
+                core.pause_requested = false;
+                anyhow::bail!("driver thread did not park within {:?}", self.timeout);
+            }
+        }
+        Ok(())
+    }
+
+    /// Lets the interrupt thread run again after [`Guest::pause_interrupts`].
+    pub fn resume_interrupts(&self) {
+        self.shared.lock().pause_requested = false;
+        self.shared.cv.notify_all();
+        // A failed write only delays the thread until its condition variable wakes it.
+        let _ = self.wake.write(1);
+    }
+
+    /// Services every ring now, as if each had interrupted: consumes used entries, re-posts
+    /// rx and event buffers, sends queued control packets, kicks as the rings ask.
+    pub fn service_all(&self) {
+        {
+            let mut core = self.shared.lock();
+            core.service_tx();
+            core.service_rx();
+            core.service_evt();
+        }
+        self.shared.cv.notify_all();
+    }
+
+    /// Holds the driver still: while the guard lives no driver code runs (application
+    /// threads block in their calls, the interrupt thread blocks before servicing), so guest
+    /// memory changes only if the device writes it. Call no other `Guest` method meanwhile.
+    pub fn freeze(&self) -> Frozen<'_> {
+        Frozen {
+            _core: self.shared.lock(),
+        }
+    }
+
+    /// Replaces the function that re-reads `guest_cid` after TRANSPORT_RESET (e.g. with one
+    /// reading the destination VMM's config after a simulated migration).
+    pub fn set_cid_source(&self, src: CidSource) {
+        self.shared.lock().cid_source = Some(src);
+    }
+
+    /// The driver's view of queue `idx` (0 rx, 1 tx, 2 event); `None` for an event queue
+    /// the backend was not given.
+    pub fn ring_state(&self, idx: usize) -> Option<RingState> {
+        self.shared.lock().ring_state(idx)
+    }
+
     /// Device misbehaviour the driver saw (credit overruns, bad lengths, foreign CIDs, ...).
     pub fn violations(&self) -> Vec<String> {
         self.shared.lock().violations.iter().cloned().collect()
@@ -463,6 +529,11 @@ impl Guest {
             let _ = t.join();
         }
     }
+}
+
+/// See [`Guest::freeze`].
+pub struct Frozen<'a> {
+    _core: MutexGuard<'a, Core>,
 }
 
 impl Drop for Guest {

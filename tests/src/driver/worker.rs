@@ -18,11 +18,28 @@ pub(crate) struct WorkerFds {
     pub call_tx: EventFd,
     pub call_evt: Option<EventFd>,
     pub stop: EventFd,
+    /// Written to get the thread out of poll (to park it).
+    pub wake: EventFd,
 }
 
 /// Reads an eventfd (non-blocking); true if it had been signalled.
 fn drain(fd: &EventFd) -> bool {
     fd.read().is_ok()
+}
+
+/// Parks while a pause is requested; false if the driver was stopped meanwhile.
+fn park_while_paused(shared: &Shared) -> bool {
+    let mut core = shared.lock();
+    if !core.pause_requested {
+        return !core.stopped;
+    }
+    core.parked = true;
+    shared.cv.notify_all();
+    while core.pause_requested && !core.stopped {
+        core = shared.cv.wait(core).unwrap_or_else(|e| e.into_inner());
+    }
+    core.parked = false;
+    !core.stopped
 }
 
 pub(crate) fn run(shared: Arc<Shared>, fds: WorkerFds) {
@@ -37,10 +54,16 @@ pub(crate) fn run(shared: Arc<Shared>, fds: WorkerFds) {
     push(fds.stop.as_raw_fd());
     push(fds.call_rx.as_raw_fd());
     push(fds.call_tx.as_raw_fd());
-    if let Some(e) = &fds.call_evt {
+    let evt_slot = fds.call_evt.as_ref().map(|e| {
         push(e.as_raw_fd());
-    }
+        3
+    });
+    push(fds.wake.as_raw_fd());
+    let wake_slot = if evt_slot.is_some() { 4 } else { 3 };
     loop {
+        if !park_while_paused(&shared) {
+            return;
+        }
         let timeout = shared.lock().poll_timeout(MAX_SLEEP);
         for p in pfds.iter_mut() {
             p.revents = 0;
@@ -63,10 +86,13 @@ pub(crate) fn run(shared: Arc<Shared>, fds: WorkerFds) {
         }
         let tx = pfds[2].revents != 0 && drain(&fds.call_tx);
         let rx = pfds[1].revents != 0 && drain(&fds.call_rx);
-        let evt = match &fds.call_evt {
-            Some(e) => pfds[3].revents != 0 && drain(e),
-            None => false,
+        let evt = match (&fds.call_evt, evt_slot) {
+            (Some(e), Some(i)) => pfds[i].revents != 0 && drain(e),
+            _ => false,
         };
+        if pfds[wake_slot].revents != 0 {
+            drain(&fds.wake);
+        }
         {
             let mut core = shared.lock();
             if core.stopped {
