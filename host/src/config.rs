@@ -66,6 +66,8 @@ pub struct VmConfig {
     pub groups: Vec<String>,
     /// Most connections open at once for this VM (at least 1).
     pub max_connections: usize,
+    /// This VM's own plugins (YAML `plugins:`); empty means the daemon's `--plugin` set.
+    pub plugins: Vec<crate::plugin::PluginSpec>,
 }
 
 impl VmConfig {
@@ -79,6 +81,7 @@ impl VmConfig {
             queue_size: DEFAULT_QUEUE_SIZE,
             groups: vec![DEFAULT_GROUP.to_string()],
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            plugins: Vec::new(),
         }
     }
 }
@@ -295,6 +298,7 @@ struct VmSpec {
     queue_size: Option<u16>,
     groups: Option<Vec<String>>,
     max_connections: Option<usize>,
+    plugins: Option<Vec<crate::plugin::PluginSpec>>,
     warnings: Vec<String>,
 }
 
@@ -311,6 +315,7 @@ impl VmSpec {
                 .groups
                 .unwrap_or_else(|| vec![DEFAULT_GROUP.to_string()]),
             max_connections: self.max_connections.unwrap_or(max_connections),
+            plugins: self.plugins.unwrap_or_default(),
         };
         (vm, self.warnings)
     }

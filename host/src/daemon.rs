@@ -31,7 +31,18 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     let mut vms = Vec::new();
     for vm_cfg in cfg.vms {
         let cid = vm_cfg.guest_cid;
-        let vm = Vm::new(vm_cfg, registry.clone(), &plugins);
+        let own = if vm_cfg.plugins.is_empty() {
+            None
+        } else {
+            match plugins.sibling_set(&vm_cfg.plugins, &cfg.allow_routes, registry.clone()) {
+                Ok(set) => Some(set),
+                Err(e) => {
+                    remove_all(&paths);
+                    return Err(e).with_context(|| format!("plugins of the VM with CID {cid}"));
+                }
+            }
+        };
+        let vm = Vm::new(vm_cfg, registry.clone(), own.as_ref().unwrap_or(&plugins));
         let vm = match vm {
             Ok(vm) => vm,
             Err(e) => {

@@ -273,6 +273,25 @@ impl PluginSet {
             cache_dir,
             ..RuntimeConfig::default()
         })?;
+        Self::with_runtime(rt, specs, allow, registry)
+    }
+
+    /// Another set (a VM's own plugins) on the same runtime.
+    pub fn sibling_set(
+        &self,
+        specs: &[PluginSpec],
+        allow: &[RouteSpec],
+        registry: Arc<Registry>,
+    ) -> Result<Self, PluginSetError> {
+        Self::with_runtime(self.rt.clone(), specs, allow, registry)
+    }
+
+    fn with_runtime(
+        rt: PluginRuntime,
+        specs: &[PluginSpec],
+        allow: &[RouteSpec],
+        registry: Arc<Registry>,
+    ) -> Result<Self, PluginSetError> {
         let defaults;
         let specs = if specs.is_empty() {
             defaults = PluginSpec::defaults();

@@ -278,3 +278,65 @@ fn precompiled_plugin_cache_is_written_and_reused() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn per_vm_plugins_from_the_yaml_config() -> Result<()> {
+    // Two VMs from one YAML file: CID 3 with its own allowlist, CID 4 with the global default.
+    let dir = tempfile::tempdir()?;
+    let specs = [VmSpec::new(dir.path(), 3), VmSpec::new(dir.path(), 4)];
+    let yaml = dir.path().join("vms.yaml");
+    std::fs::write(
+        &yaml,
+        format!(
+            "vms:
+  - guest_cid: 3
+    socket: {}
+    uds_path: {}
+    plugins: ['policy=builtin:port-allowlist,config=allow=2:1234']
+  - guest_cid: 4
+    socket: {}
+    uds_path: {}
+",
+            specs[0].socket.display(),
+            specs[0].uds_path.display(),
+            specs[1].socket.display(),
+            specs[1].uds_path.display()
+        ),
+    )?;
+    // Daemon::spawn builds --vm arguments; a --config daemon is started by hand.
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let log = dir.path().join("daemon.stderr");
+    let mut daemon = Kill(
+        std::process::Command::new(DaemonKind::VhostPlug.binary()?)
+            .arg("--config")
+            .arg(&yaml)
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()?,
+    );
+    let stderr = || std::fs::read_to_string(&log).unwrap_or_default();
+    let wait = std::time::Instant::now();
+    while !(specs[0].socket.exists() && specs[1].socket.exists()) {
+        ensure!(
+            daemon.0.try_wait()?.is_none(),
+            "daemon exited: {}",
+            stderr()
+        );
+        ensure!(wait.elapsed() < HOST_TIMEOUT, "sockets did not appear");
+        thread::sleep(Duration::from_millis(20));
+    }
+    let boot = |spec: &VmSpec| {
+        TestVm::boot(spec.clone(), Default::default(), Default::default()).with_context(stderr)
+    };
+    let a = boot(&specs[0])?;
+    let b = boot(&specs[1])?;
+    guest_reaches_host(&a, 1234)?;
+    guest_refused(&a, 1235)?;
+    guest_reaches_host(&b, 1235)?;
+    Ok(())
+}

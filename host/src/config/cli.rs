@@ -233,6 +233,7 @@ impl SingleVm {
             // The peer trims the whole --groups value (not the --vm one).
             groups: self.groups.map(|g| split_groups(g.trim())),
             max_connections: None,
+            plugins: None,
             warnings: Vec::new(),
         })
     }

@@ -117,6 +117,7 @@ fn flags_all_in_both_forms() {
         queue_size: 256,
         groups: vec!["a".into(), "b".into()],
         max_connections: 10,
+        plugins: Vec::new(),
     };
     let spaced = ok(&[
         "--guest-cid",
@@ -1107,4 +1108,31 @@ fn validate_configs_built_in_code() {
         bad.validate().unwrap_err().to_string(),
         "path /a is used twice: as socket of vms[0] and as uds_path of vms[1]"
     );
+}
+
+#[test]
+fn yaml_per_vm_plugins() {
+    let (specs, _) = yaml_ok(
+        "vms:
+  - socket: /a
+    uds_path: /b
+    plugins:
+      - 'policy=builtin:port-allowlist,config=allow=2:1234,2:80'
+      - serializer=builtin:serializer-json
+  - {guest_cid: 4, socket: /c, uds_path: /d}",
+    );
+    let vms = finish(specs);
+    assert_eq!(vms[0].plugins.len(), 2);
+    assert_eq!(vms[0].plugins[0].config, "allow=2:1234,2:80");
+    assert!(vms[1].plugins.is_empty(), "no list: the global plugins");
+    let (field, line, _, message) = yaml_pos(
+        "vms:
+  - socket: /a
+    uds_path: /b
+    plugins: [nonsense]",
+    );
+    // The field is exact; serde_yaml places errors raised while reading a list at its VM entry.
+    assert_eq!(field.as_deref(), Some("vms[0].plugins"));
+    assert_eq!(line, 2);
+    assert!(message.contains("KIND=PATH"), "{message}");
 }

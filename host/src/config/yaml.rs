@@ -265,6 +265,7 @@ impl<'de> Visitor<'de> for VmSeed<'_> {
         let mut queue_size = Slot::default();
         let mut groups = Slot::default();
         let mut max_connections = Slot::default();
+        let mut plugins = Slot::default();
         let mut forward_listen = false;
         loop {
             ctx.at(Some(prefix.clone()));
@@ -301,6 +302,10 @@ impl<'de> Visitor<'de> for VmSeed<'_> {
                     let v = map.next_value_seed(Number(check_max_connections, "a count"))?;
                     max_connections.put(ctx, &prefix, &key, v);
                 }
+                "plugins" => {
+                    let v = map.next_value_seed(PluginsSeed)?;
+                    plugins.put(ctx, &prefix, &key, v);
+                }
                 "forward_cid" | "forward-cid" => map.next_value_seed(RefuseSeed)?,
                 "forward_listen" | "forward-listen" => {
                     forward_listen |= map.next_value::<Option<IgnoredAny>>()?.is_some();
@@ -331,8 +336,29 @@ impl<'de> Visitor<'de> for VmSeed<'_> {
             queue_size: queue_size.value,
             groups: groups.value,
             max_connections: max_connections.value,
+            plugins: plugins.value,
             warnings: Vec::new(),
         })
+    }
+}
+
+/// Ours: the VM's own plugin list, `--plugin` specs as strings; replaces the global plugins.
+struct PluginsSeed;
+
+impl<'de> DeserializeSeed<'de> for PluginsSeed {
+    type Value = Option<Vec<crate::plugin::PluginSpec>>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        let Some(list) = <Option<Vec<String>> as serde::Deserialize>::deserialize(d)? else {
+            return Ok(None);
+        };
+        list.iter()
+            .map(|s| {
+                s.parse()
+                    .map_err(|e: crate::plugin::PluginError| de::Error::custom(e))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
     }
 }
 
