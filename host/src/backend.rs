@@ -1,10 +1,10 @@
 //! The vhost-user face of a VM's device: features, config space and event dispatch for
 //! `vhost-user-backend`'s worker thread.
 
+use std::fs::File;
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use std::fs::File;
 use tracing::{debug, info, warn};
 
 use vhost::vhost_user::message::{

@@ -123,7 +123,6 @@ impl Transfer {
         apply: impl FnOnce(&DeviceState) + Send + 'static,
     ) {
         self.finish_previous();
-        let serializer = plugins.serializer.clone();
         let plugins = StatePlugins {
             gate: plugins.gate.clone(),
             serializer: plugins.serializer.clone(),
@@ -135,7 +134,8 @@ impl Transfer {
                 return Err(StateError::TooLarge);
             }
             let state = {
-                let mut s = serializer
+                let mut s = plugins
+                    .serializer
                     .lock()
                     .map_err(|_| StateError::Lock("serializer"))?;
                 let (name, payload) = blob::unwrap(&bytes)?;

@@ -14,6 +14,16 @@ pub enum UnixKind {
     Seqpacket,
 }
 
+impl From<crate::vsock::header::SockType> for UnixKind {
+    /// The unix socket type that carries a vsock socket type on the host side.
+    fn from(t: crate::vsock::header::SockType) -> Self {
+        match t {
+            crate::vsock::header::SockType::Stream => UnixKind::Stream,
+            crate::vsock::header::SockType::Seqpacket => UnixKind::Seqpacket,
+        }
+    }
+}
+
 impl UnixKind {
     fn raw(self) -> libc::c_int {
         match self {

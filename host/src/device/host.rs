@@ -213,7 +213,7 @@ impl Device {
             );
             return;
         }
-        if r.kind == SockType::Seqpacket && !self.seqpacket {
+        if r.kind == SockType::Seqpacket && !self.seqpacket() {
             return;
         }
         let mut conn = Conn::new(

@@ -73,7 +73,6 @@ pub struct Listeners {
 
 pub struct Device {
     cfg: DeviceConfig,
-    seqpacket: bool,
     acked_features: u64,
     /// The frontend set up the event queue (crosvm style), so TRANSPORT_RESET is ours to send.
     event_queue_owned: bool,
@@ -123,7 +122,6 @@ impl Device {
         )?;
         Ok(Device {
             cfg,
-            seqpacket: false,
             acked_features: 0,
             event_queue_owned: false,
             driver_live: false,
@@ -215,7 +213,11 @@ impl Device {
     /// Records the features the driver acked.
     pub fn set_acked_features(&mut self, features: u64) {
         self.acked_features = features;
-        self.seqpacket = features & (1 << crate::vsock::header::F_SEQPACKET) != 0;
+    }
+
+    /// Whether the driver acked SEQPACKET sockets.
+    fn seqpacket(&self) -> bool {
+        self.acked_features & (1 << crate::vsock::header::F_SEQPACKET) != 0
     }
 
     /// Notes which rings the frontend has running: event-queue ownership and driver liveness
@@ -226,8 +228,9 @@ impl Device {
         rx: &VringRwLock<GuestMemAtomic>,
         evq: Option<&VringRwLock<GuestMemAtomic>>,
     ) {
-        if let Some(evq) = evq {
-            self.event_queue_owned |= evq.get_ref().get_queue().ready();
+        // Both facts only ever turn true: once known, the rings are not looked at again.
+        if let (false, Some(evq)) = (self.event_queue_owned, evq) {
+            self.event_queue_owned = evq.get_ref().get_queue().ready();
         }
         if self.driver_live {
             return;
@@ -315,10 +318,6 @@ impl Device {
             self.pending_reset = false;
             self.drop_all();
         }
-    }
-
-    pub fn connection_count(&self) -> usize {
-        self.keys.len()
     }
 
     /// Drops every connection without telling the guest (device reset or frontend gone):

@@ -80,7 +80,7 @@ impl Device {
         let Some(kind) = SockType::from_wire(h.type_) else {
             return self.reply_rst(&h, "unknown socket type");
         };
-        if kind == SockType::Seqpacket && !self.seqpacket {
+        if kind == SockType::Seqpacket && !self.seqpacket() {
             return self.reply_rst(&h, "SEQPACKET not negotiated");
         }
         if h.src_cid != self.cfg.guest_cid {
@@ -163,10 +163,7 @@ impl Device {
             Admission::Admit { id, target } => (id, target),
             Admission::Refuse(why) => return self.reply_rst(h, &why),
         };
-        let ukind = match kind {
-            SockType::Stream => UnixKind::Stream,
-            SockType::Seqpacket => UnixKind::Seqpacket,
-        };
+        let ukind = UnixKind::from(kind);
         let opened = match target {
             Target::Default if h.dst_cid == HOST_CID => {
                 let mut path = self.cfg.uds_path.clone().into_os_string();
@@ -226,11 +223,7 @@ impl Device {
         cid: u64,
         port: u32,
     ) -> std::io::Result<(std::os::fd::OwnedFd, State)> {
-        let ukind = match kind {
-            SockType::Stream => UnixKind::Stream,
-            SockType::Seqpacket => UnixKind::Seqpacket,
-        };
-        let (mine, theirs) = sys::socketpair(ukind)?;
+        let (mine, theirs) = sys::socketpair(UnixKind::from(kind))?;
         let msg = SiblingConnect {
             from_cid: self.cfg.guest_cid,
             from_port: h.src_port,
