@@ -69,6 +69,7 @@ const EXPECTED: &[&str] = &[
     "hostile_huge_deny",
     "hostile_bad_redirect",
     "hostile_wrong_world",
+    "hostile_no_stateful",
     "deny_ports",
 ];
 

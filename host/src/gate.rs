@@ -152,7 +152,7 @@ impl Gate {
                 } else {
                     info!(vm = %self.vm, %plugin, %reason, "connection denied by policy");
                 }
-                return Admission::Refuse(reason);
+                return self.refuse(id, reason);
             }
             Decision::Redirect { route, .. } => route,
             Decision::Allow => match &mut self.bridge {
@@ -161,15 +161,35 @@ impl Gate {
                     Ok(route) => route,
                     Err(e) => {
                         info!(vm = %self.vm, error = %e, "bridge refused the connection");
-                        return Admission::Refuse(e.to_string());
+                        return self.refuse(id, e.to_string());
                     }
                 },
             },
         };
         match target_of(route) {
             Ok(target) => Admission::Admit { id, target },
-            Err(why) => Admission::Refuse(why),
+            Err(why) => self.refuse(id, why),
         }
+    }
+
+    /// Refuses connection `id`; its `on-close` follows at once (every request the policy saw
+    /// gets one).
+    fn refuse(&mut self, id: u64, why: String) -> Admission {
+        self.never_opened(id);
+        Admission::Refuse(why)
+    }
+
+    /// Reports an admitted connection that could not be opened (e.g. nothing listens there).
+    pub fn never_opened(&mut self, id: u64) {
+        self.closed(
+            id,
+            &Closed {
+                bytes_to_guest: 0,
+                bytes_from_guest: 0,
+                opened: Instant::now(),
+                reset: true,
+            },
+        );
     }
 
     /// Reports a closed connection to the policy plugins.

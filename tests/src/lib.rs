@@ -31,6 +31,7 @@ pub mod mem;
 pub mod packet;
 pub mod ring;
 pub mod sim;
+pub mod state;
 
 pub use daemon::{Daemon, DaemonKind, VmSpec};
 pub use driver::{

@@ -9,12 +9,15 @@ use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_plug_tests::driver::EndReason;
 use vhost_plug_tests::harness::{Setup, TestVm};
 use vhost_plug_tests::host::{accept_timeout, host_connect, host_listen, HOST_TIMEOUT};
 use vhost_plug_tests::packet::{EVENT_TRANSPORT_RESET, HOST_CID};
 use vhost_plug_tests::sim::read_cid;
+use vhost_plug_tests::state::{
+    frame, json_plugin_states, parse_frame, snapshot, state_cfg, suspend_and_save, StateReader,
+    FORMAT,
+};
 use vhost_plug_tests::{
     DaemonKind, DriverConfig, Guest, GuestSocket, QueueSet, SimConfig, SimVmm, SockType, VmSpec,
 };
@@ -29,14 +32,6 @@ const NO_EVENT_GRACE: Duration = Duration::from_millis(300);
 const MAX_BLOB: usize = 16 << 20;
 
 // ----- fixtures ------------------------------------------------------------------------
-
-fn state_cfg(queues: QueueSet) -> SimConfig {
-    SimConfig {
-        queues,
-        extra_protocol_features: VhostUserProtocolFeatures::DEVICE_STATE,
-        ..SimConfig::default()
-    }
-}
 
 /// A VMM connected with features and memory table only, as a destination before LOAD.
 fn fresh_cfg(queues: QueueSet) -> SimConfig {
@@ -162,13 +157,6 @@ fn start_after_live_load(sim: SimVmm, spec: VmSpec) -> Result<TestVm> {
     Ok(vm)
 }
 
-/// Saves the state of a running VM: suspend, SAVE, and the bases to resume with.
-fn suspend_and_save(vm: &mut TestVm) -> Result<(vhost_plug_tests::sim::VringBases, Vec<u8>)> {
-    let bases = vm.sim.stop_vrings().context("suspending")?;
-    let blob = vm.sim.save_state(XFER).context("SAVE")?;
-    Ok((bases, blob))
-}
-
 fn expect_loaded(r: &vhost_plug_tests::sim::LoadReport, what: &str) -> Result<()> {
     if let Err(e) = &r.check {
         bail!(
@@ -184,61 +172,6 @@ fn expect_loaded(r: &vhost_plug_tests::sim::LoadReport, what: &str) -> Result<()
         bail!("{what}: LOAD accepted but the blob was not fully written: {w}");
     }
     Ok(())
-}
-
-// ----- blob framing (host/src/plugin/blob.rs) --------------------------------------------
-//
-// magic "VHPLUGST" | format u16 LE (=1) | name-len u8 | name | payload-len u64 LE |
-// crc32 (IEEE) of payload u32 LE | payload
-
-const MAGIC: &[u8; 8] = b"VHPLUGST";
-const FORMAT: u16 = 1;
-
-struct Frame {
-    name: String,
-    payload: Vec<u8>,
-    /// Offset of the payload-len field.
-    len_at: usize,
-}
-
-fn parse_frame(blob: &[u8]) -> Result<Frame> {
-    ensure!(
-        blob.len() >= 11,
-        "blob of {} bytes is too short",
-        blob.len()
-    );
-    ensure!(&blob[..8] == MAGIC, "blob magic is {:?}", &blob[..8]);
-    let format = u16::from_le_bytes([blob[8], blob[9]]);
-    ensure!(format == FORMAT, "blob format {format}");
-    let n = blob[10] as usize;
-    let name = std::str::from_utf8(blob.get(11..11 + n).context("short name")?)?.to_string();
-    let len_at = 11 + n;
-    let len = u64::from_le_bytes(blob.get(len_at..len_at + 8).context("short")?.try_into()?);
-    let crc = u32::from_le_bytes(
-        blob.get(len_at + 8..len_at + 12)
-            .context("short")?
-            .try_into()?,
-    );
-    let payload = blob[len_at + 12..].to_vec();
-    ensure!(payload.len() as u64 == len, "payload length field {len}");
-    ensure!(crc32fast::hash(&payload) == crc, "blob checksum mismatch");
-    Ok(Frame {
-        name,
-        payload,
-        len_at,
-    })
-}
-
-fn frame(name: &str, payload: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(23 + name.len() + payload.len());
-    out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&FORMAT.to_le_bytes());
-    out.push(name.len() as u8);
-    out.extend_from_slice(name.as_bytes());
-    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    out.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
-    out.extend_from_slice(payload);
-    out
 }
 
 /// Replaces the number after `"key":` in a JSON payload.
@@ -319,7 +252,7 @@ fn migrate(queues: QueueSet) -> Result<()> {
         // The guest's vCPUs stop with the device; they resume on the destination.
         vm.guest.pause_interrupts()?;
         let t0 = Instant::now();
-        let (bases, blob) = suspend_and_save(&mut vm)?;
+        let (bases, blob) = suspend_and_save(&mut vm, XFER)?;
         let save_time = t0.elapsed();
         let target = vm.sim.migration_target(&dst_socket, state_cfg(queues))?;
         let t1 = Instant::now();
@@ -496,7 +429,7 @@ fn live_blob(s: &Setup) -> Result<Vec<u8>> {
     let uds = vm.spec.uds_path.clone();
     let _c1 = guest_to_host(&vm.guest, &uds, 7000)?;
     let _c2 = host_to_guest(&vm.guest, &uds, 7001)?;
-    let (_, blob) = suspend_and_save(&mut vm)?;
+    let (_, blob) = suspend_and_save(&mut vm, XFER)?;
     vm.shutdown();
     Ok(blob)
 }
@@ -856,19 +789,33 @@ fn thousand_connections_save_and_load_into_fresh_daemon() -> Result<()> {
 const ALLOWLIST_V1: &[&str] = &[
     "--plugin",
     "policy=builtin:port-allowlist-v1,name=allowlist,config=allow=2:*",
+    "--plugin",
+    "serializer=builtin:serializer-json",
 ];
 const ALLOWLIST_V2: &[&str] = &[
     "--plugin",
     "policy=builtin:port-allowlist,name=allowlist,config=allow=2:*",
+    "--plugin",
+    "serializer=builtin:serializer-json",
 ];
 
-/// Suspends, saves, and resumes a running VM.
-fn snapshot(vm: &mut TestVm) -> Result<Vec<u8>> {
-    vm.guest.pause_interrupts()?;
-    let (bases, blob) = suspend_and_save(vm)?;
-    vm.sim.resume_vrings(&bases)?;
-    vm.guest.resume_interrupts();
-    Ok(blob)
+/// (schema, hits of rule `2:*`) of the `allowlist` plugin state in a serializer-json blob.
+/// Both versions start their data with the schema-1 body: (rule key, hits) pairs.
+fn allowlist_hits(blob: &[u8]) -> Result<(u32, u64)> {
+    let states = json_plugin_states(blob)?;
+    let st = states
+        .iter()
+        .find(|p| p.name == "allowlist")
+        .with_context(|| format!("no allowlist state among {states:?}"))?;
+    let mut r = StateReader::new(&st.data);
+    for _ in 0..r.u32()? {
+        let key = r.bytes()?;
+        let hits = r.u64()?;
+        if key == b"2:*" {
+            return Ok((st.schema, hits));
+        }
+    }
+    bail!("no rule `2:*` in the allowlist state")
 }
 
 /// A blob from a daemon with `args` whose VM made `n` allowed connections; also returns the
@@ -876,11 +823,11 @@ fn snapshot(vm: &mut TestVm) -> Result<Vec<u8>> {
 fn plugin_blobs(s: &Setup, n: u32) -> Result<(Vec<u8>, Vec<u8>)> {
     let mut vm = s.boot_with(0, state_cfg(QueueSet::All), DriverConfig::default())?;
     let uds = vm.spec.uds_path.clone();
-    let before = snapshot(&mut vm)?;
+    let before = snapshot(&mut vm, XFER)?;
     for i in 0..n {
         guest_to_host(&vm.guest, &uds, 9500 + i)?;
     }
-    let after = snapshot(&mut vm)?;
+    let after = snapshot(&mut vm, XFER)?;
     vm.shutdown();
     Ok((before, after))
 }
@@ -896,13 +843,24 @@ fn plugin_state_v1_loads_into_v2() -> Result<()> {
             "the blob after 5 allowed connections equals the one before: the v1 hit counters \
              are not in the state"
         );
+        ensure!(
+            allowlist_hits(&blob5)? == (1, 5),
+            "v1 state after 5 connections: {:?}",
+            allowlist_hits(&blob5)?
+        );
         let sim = SimVmm::connect(&dst.vms[0].socket, fresh_cfg(QueueSet::All))?;
         expect_loaded(&sim.load_state(&blob5, XFER)?, "v1 state into v2")?;
         ensure!(alive(&dst), "v2 daemon died");
-        let vm = start_after_live_load(sim, dst.vms[0].clone())?;
+        let mut vm = start_after_live_load(sim, dst.vms[0].clone())?;
         // `allow=2:*` admits guest -> host connections only.
         guest_to_host(&vm.guest, &dst.vms[0].uds_path, 9600)
             .context("guest -> host after the load")?;
+        // v2 carried the 5 hits over and counted one more.
+        let v2 = allowlist_hits(&snapshot(&mut vm, XFER)?)?;
+        ensure!(
+            v2 == (2, 6),
+            "v2 state after the load and one connection: {v2:?}"
+        );
         vm.shutdown();
         Ok(())
     })();

@@ -6,14 +6,15 @@ use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use vhost_plug_tests::data::Pattern;
 use vhost_plug_tests::harness::{exchange, Setup, TestVm};
 use vhost_plug_tests::host::{accept_timeout, host_connect, host_listen, port_path, HOST_TIMEOUT};
 use vhost_plug_tests::packet::HOST_CID;
-use vhost_plug_tests::{ConnectError, DaemonKind, SockType, VmSpec};
+use vhost_plug_tests::state::{json_plugin_states, snapshot, state_cfg, StateReader};
+use vhost_plug_tests::{ConnectError, DaemonKind, DriverConfig, QueueSet, SockType, VmSpec};
 
 const PROMPT: Duration = Duration::from_secs(5);
 
@@ -97,6 +98,119 @@ fn port_allowlist_allows_and_denies() -> Result<()> {
     ensure!(
         host_connect(&vm.spec.uds_path, 5001).is_err(),
         "host connect to a denied guest port got OK"
+    );
+    Ok(())
+}
+
+/// One closed connection in the audit plugin's state (schema 1).
+#[derive(Debug)]
+struct AuditRecord {
+    dst_port: u32,
+    to_guest: u64,
+    from_guest: u64,
+    reset: bool,
+}
+
+/// (connections, resets, bytes to guest, bytes from guest, last records) from the `audit`
+/// plugin's state in a serializer-json blob.
+fn audit_state(blob: &[u8]) -> Result<(u64, u64, u64, u64, Vec<AuditRecord>)> {
+    let states = json_plugin_states(blob)?;
+    let st = states
+        .iter()
+        .find(|p| p.name == "audit")
+        .with_context(|| format!("no audit state among {states:?}"))?;
+    ensure!(st.schema == 1, "audit state schema {}", st.schema);
+    let mut r = StateReader::new(&st.data);
+    let totals = (r.u64()?, r.u64()?, r.u64()?, r.u64()?);
+    let n = r.u32()?;
+    let mut last = Vec::new();
+    for _ in 0..n {
+        let (_id, _dst_cid, dst_port) = (r.u64()?, r.u64()?, r.u32()?);
+        let (to_guest, from_guest, _ms, reset) = (r.u64()?, r.u64()?, r.u64()?, r.u32()?);
+        last.push(AuditRecord {
+            dst_port,
+            to_guest,
+            from_guest,
+            reset: reset != 0,
+        });
+    }
+    ensure!(r.is_empty(), "bytes left after the audit state");
+    Ok((totals.0, totals.1, totals.2, totals.3, last))
+}
+
+#[test]
+fn audit_records_every_closed_connection() -> Result<()> {
+    let s = setup(
+        &[3],
+        &[
+            "--plugin",
+            "policy=builtin:audit",
+            "--plugin",
+            "serializer=builtin:serializer-json",
+        ],
+    )?;
+    let mut vm = s.boot_with(0, state_cfg(QueueSet::All), DriverConfig::default())?;
+    // Three connections with known byte counts each way, closed cleanly by the guest.
+    for i in 0..3u32 {
+        let port = 9100 + i;
+        let listener = listen(&vm, port)?;
+        let sock = vm
+            .guest
+            .connect_timeout(HOST_CID, port, SockType::Stream, PROMPT)
+            .map_err(|e| anyhow::anyhow!("connect to port {port}: {e}"))?;
+        let mut host = accept_timeout(&listener, HOST_TIMEOUT)?;
+        let up = vec![7u8; 1000 * (i as usize + 1)];
+        sock.send(&up)?;
+        let mut got = vec![0u8; up.len()];
+        host.read_exact(&mut got)?;
+        ensure!(got == up, "bytes changed on the way");
+        host.write_all(&vec![9u8; 10 * (i as usize + 1)])?;
+        let mut back = vec![0u8; 10 * (i as usize + 1)];
+        (&sock).read_exact(&mut back)?;
+        sock.close()?;
+        drop(host);
+    }
+    // A fourth to a port without a listener ends in RST.
+    match vm
+        .guest
+        .connect_timeout(HOST_CID, 9199, SockType::Stream, PROMPT)
+    {
+        Err(ConnectError::Refused) => {}
+        other => bail!("connect to a port without a listener: {:?}", other.err()),
+    }
+    // on-close runs when the daemon forgets a connection, which may trail the guest's close.
+    let deadline = Instant::now() + HOST_TIMEOUT;
+    let (conns, resets, to_guest, from_guest, last) = loop {
+        let a = audit_state(&snapshot(&mut vm, HOST_TIMEOUT)?)?;
+        if a.0 >= 4 || Instant::now() > deadline {
+            break a;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    ensure!(
+        conns == 4,
+        "audit counted {conns} closed connections, expected 4: {last:?}"
+    );
+    ensure!(resets == 1, "audit counted {resets} resets, expected 1");
+    ensure!(
+        (to_guest, from_guest) == (60, 6000),
+        "audit byte totals to/from guest {to_guest}/{from_guest}, expected 60/6000"
+    );
+    let mut summary: Vec<_> = last
+        .iter()
+        .map(|r| (r.dst_port, r.to_guest, r.from_guest, r.reset))
+        .collect();
+    // Closes may complete in any order.
+    summary.sort_unstable();
+    ensure!(
+        summary
+            == [
+                (9100, 10, 1000, false),
+                (9101, 20, 2000, false),
+                (9102, 30, 3000, false),
+                (9199, 0, 0, true)
+            ],
+        "audit trail {last:?}"
     );
     Ok(())
 }
@@ -250,6 +364,22 @@ fn wrong_world_plugin_is_refused_at_start() -> Result<()> {
             ensure!(
                 msg.contains("on-close"),
                 "error does not say what is missing: {msg}"
+            );
+            Ok(())
+        }
+    }
+}
+
+#[test]
+fn policy_plugin_without_stateful_is_refused_at_start() -> Result<()> {
+    let plugin = format!("policy={}", wasm("hostile_no_stateful")?);
+    match setup(&[3], &["--plugin", &plugin]) {
+        Ok(_) => bail!("daemon started with a policy plugin that exports no `stateful`"),
+        Err(e) => {
+            let msg = format!("{e:#}");
+            ensure!(
+                msg.contains("missing export `vhost-plug:plugin/stateful@0.1.0`"),
+                "error does not name the missing export: {msg}"
             );
             Ok(())
         }

@@ -158,11 +158,12 @@ impl Device {
                 id,
                 target: Target::Vsock { cid, port },
             } if cid == self.cfg.guest_cid => (id, port),
-            Admission::Admit { .. } => {
+            Admission::Admit { id, .. } => {
                 warn!(
                     cid = self.cfg.guest_cid,
                     "host connect redirected off this guest; closing"
                 );
+                self.never_opened(id);
                 return self.remove(idx);
             }
             Admission::Refuse(why) => {

@@ -399,6 +399,13 @@ impl Device {
         }
     }
 
+    /// Tells the policy that admitted connection `id` never opened.
+    fn never_opened(&self, id: u64) {
+        if let Some(Ok(mut g)) = self.gate.as_ref().map(|g| g.lock()) {
+            g.never_opened(id);
+        }
+    }
+
     /// Puts a connection on the rx work list if it has something to send.
     fn wake_rx(&mut self, idx: usize) {
         if let Some(c) = self.conns.get_mut(idx) {

@@ -191,6 +191,7 @@ impl Device {
             Ok(o) => o,
             Err(e) => {
                 debug!(cid = self.cfg.guest_cid, error = %e, "connect failed");
+                self.never_opened(id);
                 return self.reply_rst(h, &format!("connect failed: {e}"));
             }
         };
@@ -209,6 +210,7 @@ impl Device {
             Ok(idx) => self.wake_rx(idx),
             Err(e) => {
                 warn!(error = %e, "cannot watch host socket");
+                self.never_opened(id);
                 self.reply_rst(h, "cannot watch host socket");
             }
         }

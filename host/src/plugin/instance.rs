@@ -149,6 +149,27 @@ impl<W: World> Slot<W> {
         f: impl FnOnce(&mut Store<HostState>, &W) -> wasmtime::Result<R>,
         check: impl FnOnce(R) -> Result<T, String>,
     ) -> Result<T, PluginError> {
+        self.run(what, f, check, true)
+    }
+
+    /// Like [`Slot::call`] for a notification (no answer to act on): failures count the same,
+    /// but a success does not end a run of consecutive failures, so a plugin whose decisions
+    /// keep failing is quarantined even though the notifications after them succeed.
+    pub(crate) fn notify(
+        &mut self,
+        what: &str,
+        f: impl FnOnce(&mut Store<HostState>, &W) -> wasmtime::Result<()>,
+    ) -> Result<(), PluginError> {
+        self.run(what, f, Ok, false)
+    }
+
+    fn run<R, T>(
+        &mut self,
+        what: &str,
+        f: impl FnOnce(&mut Store<HostState>, &W) -> wasmtime::Result<R>,
+        check: impl FnOnce(R) -> Result<T, String>,
+        success_clears: bool,
+    ) -> Result<T, PluginError> {
         if let Some(last) = &self.quarantine {
             self.counters
                 .quarantine_refusals
@@ -186,7 +207,9 @@ impl<W: World> Slot<W> {
         match r {
             Ok(v) => match check(v) {
                 Ok(t) => {
-                    self.consecutive = 0;
+                    if success_clears {
+                        self.consecutive = 0;
+                    }
                     Ok(t)
                 }
                 Err(detail) => Err(self.fail(FailureKind::Malformed, format!("{what}: {detail}"))),

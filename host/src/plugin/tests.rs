@@ -567,6 +567,19 @@ fn check_wrong_world_says_what_is_wrong() {
 }
 
 #[test]
+fn check_policy_without_stateful_names_the_missing_export() {
+    let err = check(&wasm("hostile_no_stateful")).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, PluginError::NotAPlugin { .. }), "{msg}");
+    assert!(
+        msg.contains(
+            "policy-plugin@0.1.0 world: missing export `vhost-plug:plugin/stateful@0.1.0`"
+        ),
+        "{msg}"
+    );
+}
+
+#[test]
 fn check_garbage_and_core_modules() {
     assert!(matches!(
         check(b"not wasm at all"),

@@ -215,11 +215,9 @@ impl PolicyChain {
     /// Report a closed connection to every plugin (failures are counted, nothing else).
     pub fn on_close(&mut self, id: u64, stats: &ConnStats) {
         for slot in &mut self.slots {
-            let _ = slot.call(
-                "on-close",
-                |s, w| w.vhost_plug_plugin_policy().call_on_close(s, id, *stats),
-                Ok,
-            );
+            let _ = slot.notify("on-close", |s, w| {
+                w.vhost_plug_plugin_policy().call_on_close(s, id, *stats)
+            });
         }
     }
 
