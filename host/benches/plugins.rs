@@ -143,7 +143,7 @@ fn main() {
                 driver_live: true,
             },
             plugins: vec![],
-            connections: (0..100)
+            connections: (0..1000)
                 .map(|i| Connection {
                     local_cid: 2,
                     local_port: 1024 + i,
@@ -160,26 +160,31 @@ fn main() {
                     },
                     peer_shutdown: ShutdownFlags::empty(),
                     local_shutdown: ShutdownFlags::empty(),
-                    pending_to_guest: vec![7; 512],
-                    pending_to_host: vec![],
+                    pending_to_guest: vec![],
+                    pending_to_host: vec![7; (i % 7) as usize + 1],
                     fd_index: Some(i),
+                    id: u64::from(i) + 1,
+                    owed: OwedOps::empty(),
+                    credit_requested: false,
+                    bytes_to_guest: 0,
+                    bytes_from_guest: u64::from(i % 7) + 1,
                 })
                 .collect(),
         };
         let blob = s.encode(&st).unwrap();
         row(
-            "postcard encode, 100 connections x 512 B pending",
-            bench(2_000, |_| {
+            "postcard encode, 1,000 connections (handover state)",
+            bench(500, |_| {
                 black_box(s.encode(&st).unwrap());
             }),
         );
         row(
             "postcard decode + validate, same",
-            bench(2_000, |_| {
+            bench(500, |_| {
                 black_box(s.decode(&blob).unwrap());
             }),
         );
-        eprintln!("postcard blob for 100 connections: {} bytes", blob.len());
+        eprintln!("postcard blob for 1,000 connections: {} bytes", blob.len());
     }
     let t = Instant::now();
     let _ = rt_plain

@@ -20,8 +20,9 @@ use vmm_sys_util::event::{
 };
 
 use crate::device::Device;
+use crate::handover::Slots;
 use crate::mem::{Bitmap, GuestMemAtomic};
-use crate::migration::{DeviceFacts, StatePlugins, Transfer};
+use crate::migration::{DeviceFacts, Outgoing, StatePlugins, Transfer};
 use crate::vsock::header::F_SEQPACKET;
 
 pub const RX_QUEUE: u16 = 0;
@@ -34,6 +35,8 @@ pub const HOST_EVENT: u16 = NUM_QUEUES as u16 + 1;
 pub struct VsockBackend {
     dev: Arc<Mutex<Device>>,
     state: StatePlugins,
+    handover: Arc<Slots>,
+    max_connections: usize,
     transfer: Mutex<Transfer>,
     guest_cid: u64,
     queue_size: usize,
@@ -41,11 +44,19 @@ pub struct VsockBackend {
 }
 
 impl VsockBackend {
-    pub fn new(dev: Device, queue_size: usize, state: StatePlugins) -> io::Result<Self> {
+    pub fn new(
+        dev: Device,
+        queue_size: usize,
+        state: StatePlugins,
+        handover: Arc<Slots>,
+    ) -> io::Result<Self> {
         let guest_cid = dev.guest_cid();
+        let max_connections = dev.max_connections();
         Ok(VsockBackend {
             dev: Arc::new(Mutex::new(dev)),
             state,
+            handover,
+            max_connections,
             transfer: Mutex::new(Transfer::default()),
             guest_cid,
             queue_size,
@@ -111,19 +122,29 @@ impl VhostUserBackend for VsockBackend {
         let mut transfer = self.transfer.lock().unwrap_or_else(|p| p.into_inner());
         match direction {
             VhostTransferStateDirection::SAVE => {
-                let snap = self.device().snapshot();
+                let (snap, out) = match self.handover.take_target() {
+                    Some(control) => {
+                        let (snap, fds) = self.device().handover_snapshot();
+                        (snap, Some(Outgoing { control, fds }))
+                    }
+                    None => (self.device().snapshot(), None),
+                };
                 transfer
-                    .save(snap, &self.state, file)
+                    .save(snap, &self.state, file, out)
                     .map_err(io::Error::other)?;
             }
             VhostTransferStateDirection::LOAD => {
                 let facts = DeviceFacts {
                     guest_cid: self.guest_cid,
                     offered_features: self.features(),
+                    max_connections: self.max_connections,
                 };
                 let dev = self.dev.clone();
-                transfer.load(file, facts, &self.state, move |st| {
-                    dev.lock().unwrap_or_else(|p| p.into_inner()).restore(st)
+                let slots = self.handover.clone();
+                transfer.load(file, facts, &self.state, slots, move |st, fds| {
+                    dev.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .restore(st, fds)
                 });
             }
         }
@@ -192,8 +213,11 @@ impl VhostUserBackend for VsockBackend {
             dev.transport_reset(evq);
         }
         match device_event {
-            RX_QUEUE | EVENT_QUEUE => {}
-            TX_QUEUE => dev.process_tx(tx),
+            RX_QUEUE | EVENT_QUEUE => dev.reattach(),
+            TX_QUEUE => {
+                dev.reattach();
+                dev.process_tx(tx)
+            }
             HOST_EVENT => dev.handle_host_events(),
             other => warn!(event = other, "unknown device event"),
         }

@@ -128,6 +128,20 @@ impl TxBuf {
     pub fn clear(&mut self) {
         *self = TxBuf::default();
     }
+
+    /// Queued messages (SEQPACKET) or chunks (stream).
+    pub fn chunk_count(&self) -> usize {
+        self.chunks.len()
+    }
+
+    /// A copy of every unwritten byte, in order.
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.bytes);
+        for (i, c) in self.chunks.iter().enumerate() {
+            out.extend_from_slice(if i == 0 { &c[self.front_off..] } else { c });
+        }
+        out
+    }
 }
 
 pub struct Conn {

@@ -18,6 +18,7 @@ use serde_json::{json, Value};
 use tracing::{info, warn};
 
 use crate::gate::{Gate, PluginSet};
+use crate::handover;
 use crate::plugin::PluginSpec;
 
 /// Longest request line accepted.
@@ -30,6 +31,9 @@ pub struct VmHandle {
     pub cid: u64,
     pub gate: Arc<Mutex<Gate>>,
     pub stats: Arc<VmStats>,
+    pub handover: Arc<handover::Slots>,
+    /// Connection limit of the VM; bounds the sockets a handover may bring.
+    pub max_connections: usize,
 }
 
 /// Live counters of a VM, kept up to date by its device.
@@ -53,6 +57,17 @@ pub enum Request {
         replace: Option<String>,
         /// Only this VM (default: every VM).
         vm: Option<u64>,
+    },
+    /// Old daemon: the next SAVE of the VM (or of every VM) is a same-host handover to the
+    /// daemon serving control socket `to`: the state carries the connection table and the
+    /// sockets go to `to`.
+    Handover { to: PathBuf, vm: Option<u64> },
+    /// New daemon: `count` sockets for the state blob with SHA-256 `digest` follow over this
+    /// connection (SCM_RIGHTS), once the daemon answered `ok`.
+    HandoverFds {
+        vm: u64,
+        digest: String,
+        count: usize,
     },
 }
 
@@ -138,6 +153,9 @@ fn serve(conn: UnixStream, vms: &[VmHandle], plugins: &PluginSet) {
     let answer = match reader.read_line(&mut line) {
         Ok(0) => return,
         Ok(_) => match serde_json::from_str::<Request>(&line) {
+            Ok(Request::HandoverFds { vm, digest, count }) => {
+                handover_fds(&conn, vms, vm, &digest, count)
+            }
             Ok(req) => handle(req, vms, plugins),
             Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
         },
@@ -145,6 +163,39 @@ fn serve(conn: UnixStream, vms: &[VmHandle], plugins: &PluginSet) {
     };
     let mut conn = conn;
     let _ = writeln!(conn, "{answer}");
+}
+
+/// Takes the sockets of a handover for VM `vm` and parks them until the LOAD of the blob with
+/// `digest`.
+fn handover_fds(conn: &UnixStream, vms: &[VmHandle], vm: u64, digest: &str, count: usize) -> Value {
+    let Some(v) = vms.iter().find(|v| v.cid == vm) else {
+        return json!({"ok": false, "error": format!("no VM with CID {vm}")});
+    };
+    let Some(digest) = handover::parse_hex(digest) else {
+        return json!({"ok": false, "error": "digest is not 64 hex digits"});
+    };
+    if count > v.max_connections {
+        let e = handover::HandoverError::TooMany {
+            count,
+            max: v.max_connections,
+        };
+        return json!({"ok": false, "error": e.to_string()});
+    }
+    let mut w = conn;
+    if writeln!(w, "{}", json!({"ok": true})).is_err() {
+        return json!({"ok": false});
+    }
+    match handover::receive(conn, count) {
+        Ok(fds) => {
+            info!(vm, sockets = fds.len(), "handover sockets received");
+            v.handover.put_incoming(handover::Incoming { digest, fds });
+            json!({"ok": true, "received": count})
+        }
+        Err(e) => {
+            warn!(vm, error = %e, "handover sockets");
+            json!({"ok": false, "error": e.to_string()})
+        }
+    }
 }
 
 pub fn handle(req: Request, vms: &[VmHandle], plugins: &PluginSet) -> Value {
@@ -187,6 +238,24 @@ pub fn handle(req: Request, vms: &[VmHandle], plugins: &PluginSet) -> Value {
             json!({"ok": true, "plugins": list})
         }
         Request::Swap { spec, replace, vm } => swap(&spec, replace, vm, vms, plugins),
+        Request::Handover { to, vm } => {
+            let armed: Vec<u64> = vms
+                .iter()
+                .filter(|v| vm.is_none_or(|c| c == v.cid))
+                .map(|v| {
+                    v.handover.arm(to.clone());
+                    v.cid
+                })
+                .collect();
+            if armed.is_empty() {
+                return json!({"ok": false, "error": "no such VM"});
+            }
+            info!(?armed, to = ?to, "next SAVE is a same-host handover");
+            json!({"ok": true, "armed": armed})
+        }
+        Request::HandoverFds { .. } => {
+            json!({"ok": false, "error": "handover-fds needs the socket it arrives on"})
+        }
     }
 }
 

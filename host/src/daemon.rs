@@ -27,7 +27,7 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         )
         .context("loading plugins")?,
     );
-    let mut paths: Vec<PathBuf> = Vec::new();
+    let mut paths: Vec<OwnedPath> = Vec::new();
     let mut vms = Vec::new();
     for vm_cfg in cfg.vms {
         let cid = vm_cfg.guest_cid;
@@ -50,14 +50,14 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
                 return Err(e).with_context(|| format!("VM with CID {cid}"));
             }
         };
-        paths.extend(vm.socket_paths());
+        paths.extend(vm.socket_paths().into_iter().map(OwnedPath::new));
         vms.push(vm);
     }
     if let Some(path) = &cfg.control_socket {
         let handles = vms.iter().map(Vm::handle).collect();
         let server = ControlServer::bind(path, handles, plugins.clone())
             .with_context(|| format!("control socket {}", path.display()))?;
-        paths.push(server.path().to_path_buf());
+        paths.push(OwnedPath::new(server.path().to_path_buf()));
         std::thread::Builder::new()
             .name("control".into())
             .spawn(move || server.run())
@@ -80,8 +80,31 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn remove_all(paths: &[PathBuf]) {
+/// A socket file this daemon created, known by its inode: after a same-host handover the
+/// path may belong to the new daemon, and then it is left alone.
+struct OwnedPath {
+    path: PathBuf,
+    id: Option<(u64, u64)>,
+}
+
+impl OwnedPath {
+    fn new(path: PathBuf) -> Self {
+        let id = file_id(&path);
+        OwnedPath { path, id }
+    }
+}
+
+fn file_id(p: &std::path::Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(p)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
+fn remove_all(paths: &[OwnedPath]) {
     for p in paths {
-        let _ = std::fs::remove_file(p);
+        if p.id.is_some() && file_id(&p.path) == p.id {
+            let _ = std::fs::remove_file(&p.path);
+        }
     }
 }

@@ -121,6 +121,11 @@ impl Gate {
         Ok(())
     }
 
+    /// Keeps ids of connections adopted from another daemon unique: new ids start above them.
+    pub fn reserve_ids(max_adopted: u64) {
+        NEXT_CONN_ID.fetch_max(max_adopted.saturating_add(1), Ordering::Relaxed);
+    }
+
     /// Asks the plugins about a new connection.
     pub fn admit(&mut self, r: &Request) -> Admission {
         let id = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);

@@ -6,6 +6,7 @@ pub mod control;
 pub mod daemon;
 pub mod device;
 pub mod gate;
+pub mod handover;
 pub mod mem;
 pub mod migration;
 pub mod plugin;

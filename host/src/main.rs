@@ -44,6 +44,11 @@ fn run_command(cmd: Command) -> ExitCode {
                 CtlCommand::Status => Request::Status,
                 CtlCommand::Plugins => Request::Plugins,
                 CtlCommand::Swap { spec, replace, vm } => Request::Swap { spec, replace, vm },
+                // The daemon resolves the path from its own working directory.
+                CtlCommand::Handover { to, vm } => Request::Handover {
+                    to: std::path::absolute(&to).unwrap_or(to),
+                    vm,
+                },
             };
             match control::request(&socket, &req) {
                 Ok(answer) => {

@@ -9,6 +9,7 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -45,12 +46,24 @@ pub enum StateError {
     Panicked,
     #[error("{0}")]
     Lock(&'static str),
+    #[error(transparent)]
+    Handover(#[from] crate::handover::HandoverError),
+    #[error("state carries {found} connections, this VM allows {max}")]
+    Connections { found: usize, max: usize },
 }
 
 /// What the device contributes to a saved state and checks on load.
 pub struct DeviceFacts {
     pub guest_cid: u64,
     pub offered_features: u64,
+    pub max_connections: usize,
+}
+
+/// The socket side of a same-host handover SAVE.
+pub struct Outgoing {
+    /// Control socket of the daemon taking over.
+    pub control: std::path::PathBuf,
+    pub fds: Vec<OwnedFd>,
 }
 
 /// The plugin side of state transfer for one VM.
@@ -86,12 +99,14 @@ pub struct Transfer {
 }
 
 impl Transfer {
-    /// Starts writing `state` (plus the plugin states) to `pipe`.
+    /// Starts writing `state` (plus the plugin states) to `pipe`; for a handover, the sockets
+    /// go to the new daemon first, tagged with the blob's digest.
     pub fn save(
         &mut self,
         mut state: DeviceState,
         plugins: &StatePlugins,
         mut pipe: File,
+        handover: Option<Outgoing>,
     ) -> Result<(), StateError> {
         self.finish_previous();
         state.plugins = plugins.export()?;
@@ -103,6 +118,16 @@ impl Transfer {
             let payload = s.encode(&state)?;
             let framed = blob::wrap(s.name(), &payload)?;
             drop(s);
+            if let Some(out) = handover {
+                let digest = crate::handover::digest(&framed);
+                crate::handover::send(&out.control, state.guest_cid, &digest, &out.fds)?;
+                info!(
+                    cid = state.guest_cid,
+                    sockets = out.fds.len(),
+                    to = ?out.control,
+                    "handover sockets sent"
+                );
+            }
             pipe.write_all(&framed)?;
             info!(
                 cid = state.guest_cid,
@@ -114,13 +139,15 @@ impl Transfer {
         Ok(())
     }
 
-    /// Starts reading a state from `pipe`; `apply` runs with the checked record.
+    /// Starts reading a state from `pipe`; `apply` runs with the checked record and, for a
+    /// same-host handover, the sockets handed over for exactly this blob.
     pub fn load(
         &mut self,
         pipe: File,
         facts: DeviceFacts,
         plugins: &StatePlugins,
-        apply: impl FnOnce(&DeviceState) + Send + 'static,
+        slots: Arc<crate::handover::Slots>,
+        apply: impl FnOnce(&DeviceState, Option<Vec<OwnedFd>>) + Send + 'static,
     ) {
         self.finish_previous();
         let plugins = StatePlugins {
@@ -148,8 +175,9 @@ impl Transfer {
                 s.decode(payload)?
             };
             check(&state, &facts)?;
+            let fds = handed_over(&state, &bytes, &slots)?;
             plugins.import(&state.plugins)?;
-            apply(&state);
+            apply(&state, fds);
             info!(
                 cid = state.guest_cid,
                 bytes = bytes.len(),
@@ -174,8 +202,46 @@ impl Transfer {
     }
 }
 
+/// The sockets handed over for this blob, checked against its connection table. A blob with
+/// connections but no sockets is refused; one without connections is a migration.
+fn handed_over(
+    s: &DeviceState,
+    blob: &[u8],
+    slots: &crate::handover::Slots,
+) -> Result<Option<Vec<OwnedFd>>, StateError> {
+    use crate::handover::HandoverError;
+    let Some(fds) = slots.take_incoming(&crate::handover::digest(blob)) else {
+        if s.connections.is_empty() {
+            return Ok(None);
+        }
+        return Err(HandoverError::NoSockets {
+            conns: s.connections.len(),
+        }
+        .into());
+    };
+    if let Some(index) = s
+        .connections
+        .iter()
+        .filter_map(|c| c.fd_index)
+        .find(|i| *i as usize >= fds.len())
+    {
+        return Err(HandoverError::MissingSocket {
+            index,
+            got: fds.len(),
+        }
+        .into());
+    }
+    Ok(Some(fds))
+}
+
 /// Checks a decoded record against this device before anything is applied.
 fn check(s: &DeviceState, facts: &DeviceFacts) -> Result<(), StateError> {
+    if s.connections.len() > facts.max_connections {
+        return Err(StateError::Connections {
+            found: s.connections.len(),
+            max: facts.max_connections,
+        });
+    }
     if s.guest_cid != facts.guest_cid {
         return Err(StateError::Cid {
             found: s.guest_cid,

@@ -17,6 +17,7 @@ use crate::config::VmConfig;
 use crate::control::{VmHandle, VmStats};
 use crate::device::{Device, DeviceConfig, Listeners};
 use crate::gate::{Gate, PluginSet};
+use crate::handover::Slots;
 use crate::migration::StatePlugins;
 use crate::plugin::Serializer;
 use crate::siblings::Registry;
@@ -60,6 +61,7 @@ pub struct Vm {
     gate: Arc<std::sync::Mutex<Gate>>,
     serializer: Arc<std::sync::Mutex<Serializer>>,
     stats: Arc<VmStats>,
+    handover: Arc<Slots>,
 }
 
 impl Vm {
@@ -92,6 +94,7 @@ impl Vm {
             gate,
             serializer,
             stats: Arc::default(),
+            handover: Arc::default(),
         })
     }
 
@@ -101,6 +104,8 @@ impl Vm {
             cid: self.cfg.guest_cid,
             gate: self.gate.clone(),
             stats: self.stats.clone(),
+            handover: self.handover.clone(),
+            max_connections: self.cfg.max_connections,
         }
     }
 
@@ -142,6 +147,7 @@ impl Vm {
             dev,
             usize::from(self.cfg.queue_size),
             state,
+            self.handover.clone(),
         )?);
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let mut daemon = VhostUserDaemon::new(format!("vsock-{cid}"), backend.clone(), mem)

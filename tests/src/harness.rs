@@ -186,3 +186,22 @@ where
         Ok(back)
     })
 }
+
+/// Runs `vhost-plug ctl --socket SOCKET ARGS...`: (exit status success, JSON answer).
+pub fn ctl(socket: &Path, args: &[&str]) -> Result<(bool, serde_json::Value)> {
+    let out = std::process::Command::new(DaemonKind::VhostPlug.binary()?)
+        .arg("ctl")
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .context("running vhost-plug ctl")?;
+    let v = serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "ctl output: {} / {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    Ok((out.status.success(), v))
+}

@@ -2,33 +2,12 @@
 
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
-use std::process::Command;
 
 use anyhow::{bail, ensure, Context, Result};
-use serde_json::Value;
-use vhost_plug_tests::harness::{Setup, TestVm};
+use vhost_plug_tests::harness::{ctl, Setup, TestVm};
 use vhost_plug_tests::host::{accept_timeout, host_listen, port_path, HOST_TIMEOUT};
 use vhost_plug_tests::packet::HOST_CID;
 use vhost_plug_tests::{ConnectError, DaemonKind, GuestSocket, SockType, VmSpec};
-
-fn ctl(socket: &Path, args: &[&str]) -> Result<(bool, Value)> {
-    let out = Command::new(DaemonKind::VhostPlug.binary()?)
-        .arg("ctl")
-        .arg("--socket")
-        .arg(socket)
-        .args(args)
-        .output()
-        .context("running vhost-plug ctl")?;
-    let v: Value = serde_json::from_slice(&out.stdout).with_context(|| {
-        format!(
-            "ctl output: {} / {}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })?;
-    Ok((out.status.success(), v))
-}
 
 fn connect(
     vm: &TestVm,

@@ -53,6 +53,16 @@ pub enum CtlCommand {
         #[arg(long, value_name = "CID")]
         vm: Option<u64>,
     },
+    /// Make the next device-state SAVE a same-host handover: the state carries the
+    /// connection table and the sockets go to the new daemon's control socket.
+    Handover {
+        /// Control socket of the daemon taking over.
+        #[arg(long, value_name = "SOCKET")]
+        to: PathBuf,
+        /// Only the VM with this CID [default: every VM].
+        #[arg(long, value_name = "CID")]
+        vm: Option<u64>,
+    },
 }
 
 /// `vhost-plug plugin ...`

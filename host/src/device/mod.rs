@@ -4,6 +4,7 @@
 //! is one more event source of that worker, so one thread owns all state of a VM and no lock
 //! is taken on the data path.
 
+mod handover;
 mod host;
 mod rx;
 mod tx;
@@ -101,6 +102,8 @@ pub struct Device {
     gate: Option<Arc<Mutex<Gate>>>,
     stats: Option<Arc<VmStats>>,
     iov: Vec<libc::iovec>,
+    /// Connections handed over to another daemon (see [`Device::detach_for_handover`]).
+    detached: Vec<Conn>,
 }
 
 // SAFETY: the raw iovec pointers in the scratch vector are only used while a syscall runs and
@@ -144,6 +147,7 @@ impl Device {
             gate: None,
             stats: None,
             iov: Vec::with_capacity(64),
+            detached: Vec::new(),
         })
     }
 
@@ -173,6 +177,10 @@ impl Device {
 
     pub fn guest_cid(&self) -> u64 {
         self.cfg.guest_cid
+    }
+
+    pub fn max_connections(&self) -> usize {
+        self.cfg.max_connections
     }
 
     /// Counters the control socket reads.
@@ -267,10 +275,27 @@ impl Device {
         }
     }
 
-    /// Applies a loaded (and already checked) state.
-    pub fn restore(&mut self, st: &DeviceState) {
-        self.pending_reset = st.event_queue.driver_live;
+    /// The state for a same-host handover SAVE: the snapshot plus the connection table, and
+    /// the sockets to send along (the connections leave service here).
+    pub fn handover_snapshot(&mut self) -> (DeviceState, Vec<std::os::fd::OwnedFd>) {
+        let mut st = self.snapshot();
+        let (conns, fds) = self.detach_for_handover();
+        st.connections = conns;
+        (st, fds)
+    }
+
+    /// Applies a loaded (and already checked) state. `handed_over` holds the sockets of a
+    /// same-host handover: the connections carry on and no TRANSPORT_RESET is due; without
+    /// it this is a migration from another host.
+    pub fn restore(&mut self, st: &DeviceState, handed_over: Option<Vec<std::os::fd::OwnedFd>>) {
         self.driver_live = false;
+        match handed_over {
+            Some(fds) => {
+                self.pending_reset = false;
+                self.adopt_connections(&st.connections, fds);
+            }
+            None => self.pending_reset = st.event_queue.driver_live,
+        }
         debug!(
             cid = self.cfg.guest_cid,
             reset = self.pending_reset,
@@ -337,6 +362,7 @@ impl Device {
         self.stray_rst.clear();
         self.tx_stalled = false;
         self.handshakes = 0;
+        self.forget_detached();
         if n > 0 {
             debug!(cid = self.cfg.guest_cid, n, "dropped all connections");
         }

@@ -49,8 +49,8 @@ pub mod types {
     pub use super::bindings::host::LogLevel;
     pub use super::bindings::types::{
         ConnRequest, ConnState, ConnStats, Connection, Credit, DeviceState, Endpoint,
-        EventQueueOwner, EventQueueState, NamedPluginState, PluginState, Route, ShutdownFlags,
-        SocketType, Verdict,
+        EventQueueOwner, EventQueueState, NamedPluginState, OwedOps, PluginState, Route,
+        ShutdownFlags, SocketType, Verdict,
     };
 }
 

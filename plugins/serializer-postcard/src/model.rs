@@ -1,4 +1,6 @@
 //! Serde mirror of `device-state`, schema 1. Shared by serializer-postcard and serializer-json.
+//! (The connection table is filled only by same-host handover; its fields were settled with it,
+//! before any schema-1 state carried a connection.)
 //! Byte strings are raw bytes in binary formats and lowercase hex in human-readable ones.
 
 use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
@@ -43,6 +45,12 @@ pub struct ConnV1 {
     pub pending_to_guest: Bytes,
     pub pending_to_host: Bytes,
     pub fd_index: Option<u32>,
+    pub id: u64,
+    /// owed-ops bits (request, response, rst, shutdown, credit-update, credit-request)
+    pub owed: u8,
+    pub credit_requested: bool,
+    pub bytes_to_guest: u64,
+    pub bytes_from_guest: u64,
 }
 
 pub struct Bytes(pub Vec<u8>);
@@ -150,6 +158,11 @@ pub fn from_wit(s: DeviceState) -> StateV1 {
                 pending_to_guest: Bytes(c.pending_to_guest),
                 pending_to_host: Bytes(c.pending_to_host),
                 fd_index: c.fd_index,
+                id: c.id,
+                owed: c.owed.bits(),
+                credit_requested: c.credit_requested,
+                bytes_to_guest: c.bytes_to_guest,
+                bytes_from_guest: c.bytes_from_guest,
             })
             .collect(),
     }
@@ -190,6 +203,12 @@ pub fn to_wit(s: StateV1) -> Result<DeviceState, String> {
             pending_to_guest: c.pending_to_guest.0,
             pending_to_host: c.pending_to_host.0,
             fd_index: c.fd_index,
+            id: c.id,
+            owed: OwedOps::from_bits(c.owed)
+                .ok_or_else(|| format!("bad owed ops {:#x}", c.owed))?,
+            credit_requested: c.credit_requested,
+            bytes_to_guest: c.bytes_to_guest,
+            bytes_from_guest: c.bytes_from_guest,
         });
     }
     Ok(DeviceState {

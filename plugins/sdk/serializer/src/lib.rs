@@ -36,7 +36,7 @@ pub fn config() -> String {
 pub use crate::world::vhost_plug::plugin::host::LogLevel;
 pub use crate::world::vhost_plug::plugin::types::{
     ConnState, Connection, Credit, DeviceState, EventQueueOwner, EventQueueState, NamedPluginState,
-    PluginState, ShutdownFlags, SocketType,
+    OwedOps, PluginState, ShutdownFlags, SocketType,
 };
 pub use vhost_plug_sdk::{config_items, StateReader, StateWriter};
 

@@ -1,0 +1,301 @@
+//! The connection table in a same-host handover (see [`crate::handover`]): records for the
+//! saved state, detaching on the old daemon and adopting on the new one.
+//!
+//! What moves: established connections and host/sibling connects waiting for the guest (with
+//! their credit counters, owed control packets and unsent bytes), and host connections whose
+//! CONNECT line is incomplete (only peeked so far, so nothing was consumed). A guest connect
+//! still waiting for its TCP or sibling target, a SEQPACKET connection holding more than one
+//! unsent message or a partial one, and a connection already being reset are recorded as
+//! `closing`: the new daemon sends the guest an RST for them.
+
+use std::os::fd::OwnedFd;
+
+use tracing::{info, warn};
+use vmm_sys_util::epoll::{ControlOperation, EpollEvent};
+
+use super::Device;
+use crate::conn::{pending, AcceptReply, Conn, ConnKey, State};
+use crate::gate::Gate;
+use crate::plugin::types::{ConnState, Connection, Credit, OwedOps, ShutdownFlags, SocketType};
+use crate::vsock::header::{Header, SockType, HOST_CID, OP_RST, SHUTDOWN_RCV, SHUTDOWN_SEND};
+
+/// `local-port` of a record for a host connection whose CONNECT line is not complete.
+const AWAITING_LINE: u32 = 0;
+
+const OWED: [(u8, OwedOps); 6] = [
+    (pending::REQUEST, OwedOps::REQUEST),
+    (pending::RESPONSE, OwedOps::RESPONSE),
+    (pending::RST, OwedOps::RST),
+    (pending::SHUTDOWN, OwedOps::SHUTDOWN),
+    (pending::CREDIT_UPDATE, OwedOps::CREDIT_UPDATE),
+    (pending::CREDIT_REQUEST, OwedOps::CREDIT_REQUEST),
+];
+
+fn shut_flags(rcv: bool, send: bool) -> ShutdownFlags {
+    let mut f = ShutdownFlags::empty();
+    if rcv {
+        f |= ShutdownFlags::NO_MORE_RECEIVE;
+    }
+    if send {
+        f |= ShutdownFlags::NO_MORE_SEND;
+    }
+    f
+}
+
+/// The record of `c`; `None` as fd index means the connection cannot move (it is `closing`).
+fn record(c: &Conn, fd_index: Option<u32>) -> Connection {
+    let seq_movable = !c.is_seqpacket() || (c.buf.chunk_count() <= 1 && c.partial_msg.is_empty());
+    let state = match c.state {
+        _ if c.pending & pending::RST != 0 || !seq_movable || fd_index.is_none() => {
+            ConnState::Closing
+        }
+        State::Established => ConnState::Established,
+        State::Requesting(_) | State::AwaitConnectLine => ConnState::Connecting,
+        State::SiblingConnecting | State::TcpConnecting => ConnState::Closing,
+    };
+    let movable = state != ConnState::Closing;
+    let mut owed = OwedOps::empty();
+    for (bit, op) in OWED {
+        if c.pending & bit != 0 {
+            owed |= op;
+        }
+    }
+    Connection {
+        local_cid: c.key.local_cid,
+        local_port: if c.state == State::AwaitConnectLine {
+            AWAITING_LINE
+        } else {
+            c.key.local_port
+        },
+        peer_port: c.key.peer_port,
+        kind: match c.kind {
+            SockType::Stream => SocketType::Stream,
+            SockType::Seqpacket => SocketType::Seqpacket,
+        },
+        state,
+        credit: Credit {
+            rx_cnt: c.rx_cnt,
+            fwd_cnt: c.fwd_cnt,
+            last_fwd_sent: c.last_fwd_sent,
+            tx_cnt: c.tx_cnt,
+            peer_buf_alloc: c.peer_buf_alloc,
+            peer_fwd_cnt: c.peer_fwd_cnt,
+        },
+        peer_shutdown: shut_flags(c.guest_shut_rcv, c.guest_shut_send),
+        local_shutdown: shut_flags(c.host_eof && c.host_hup, c.host_eof),
+        pending_to_guest: if movable {
+            c.out_msg.get(c.out_off..).unwrap_or_default().to_vec()
+        } else {
+            Vec::new()
+        },
+        pending_to_host: if movable { c.buf.to_vec() } else { Vec::new() },
+        fd_index: if movable { fd_index } else { None },
+        id: c.id,
+        owed: if movable { owed } else { OwedOps::RST },
+        credit_requested: c.credit_requested,
+        bytes_to_guest: c.bytes_to_guest,
+        bytes_from_guest: c.bytes_from_guest,
+    }
+}
+
+impl Device {
+    /// Takes every connection out of service for a handover SAVE: returns their records and a
+    /// duplicate of each movable socket (in fd-index order). The originals stay here, out of
+    /// the epoll and silent, until [`Device::reattach`] or the end of the session.
+    pub fn detach_for_handover(&mut self) -> (Vec<Connection>, Vec<OwnedFd>) {
+        // A handover SAVE that failed left them detached: they are part of this one too.
+        self.reattach();
+        let mut records = Vec::with_capacity(self.conns.len());
+        let mut fds = Vec::new();
+        let idxs: Vec<usize> = self.conns.iter().map(|(i, _)| i).collect();
+        for idx in idxs {
+            let c = self.conns.remove(idx);
+            let _ = self.epoll.ctl(
+                ControlOperation::Delete,
+                std::os::fd::AsRawFd::as_raw_fd(&c.fd),
+                EpollEvent::default(),
+            );
+            let dup = match c.fd.try_clone() {
+                Ok(fd) => Some(fd),
+                Err(e) => {
+                    warn!(cid = self.cfg.guest_cid, key = ?c.key, error = %e, "cannot duplicate a socket for handover; it will be reset");
+                    None
+                }
+            };
+            let rec = record(&c, dup.as_ref().map(|_| fds.len() as u32));
+            if let (Some(fd), Some(_)) = (dup, rec.fd_index) {
+                fds.push(fd);
+            }
+            records.push(rec);
+            self.detached.push(c);
+        }
+        self.keys.clear();
+        self.rx_list.clear();
+        self.handshakes = 0;
+        self.publish_count();
+        info!(
+            cid = self.cfg.guest_cid,
+            connections = records.len(),
+            sockets = fds.len(),
+            "connections detached for handover"
+        );
+        (records, fds)
+    }
+
+    /// The rings run here again after a handover SAVE: the handover was abandoned and the
+    /// detached connections carry on where they stopped.
+    pub fn reattach(&mut self) {
+        if self.detached.is_empty() {
+            return;
+        }
+        let n = self.detached.len();
+        for mut c in std::mem::take(&mut self.detached) {
+            c.in_rx_list = false;
+            c.readable = true;
+            self.adopt(c);
+        }
+        info!(
+            cid = self.cfg.guest_cid,
+            connections = n,
+            "handover abandoned; connections resumed"
+        );
+    }
+
+    /// Drops detached connections without a word to anyone: their sockets live on in the
+    /// daemon that took them over.
+    pub fn forget_detached(&mut self) {
+        self.detached.clear();
+    }
+
+    /// Puts a connection (rebuilt or reattached) into the table and the epoll.
+    fn adopt(&mut self, c: Conn) {
+        let awaiting = c.state == State::AwaitConnectLine;
+        let handshake = c.in_handshake();
+        let key = c.key;
+        match self.insert(c, !awaiting) {
+            Ok(idx) => {
+                if awaiting {
+                    self.handshakes += 1;
+                }
+                if handshake {
+                    self.arm_timer();
+                }
+                self.wake_rx(idx);
+            }
+            Err(e) => {
+                warn!(cid = self.cfg.guest_cid, ?key, error = %e, "cannot watch an adopted socket; resetting it");
+                if !awaiting {
+                    self.push_rst(key, SockType::Stream);
+                }
+            }
+        }
+    }
+
+    fn push_rst(&mut self, key: ConnKey, kind: SockType) {
+        self.stray_rst.push_back(Header {
+            src_cid: key.local_cid,
+            dst_cid: self.cfg.guest_cid,
+            src_port: key.local_port,
+            dst_port: key.peer_port,
+            len: 0,
+            type_: kind.wire(),
+            op: OP_RST,
+            flags: 0,
+            buf_alloc: 0,
+            fwd_cnt: 0,
+        });
+    }
+
+    /// New daemon: rebuilds the connection table of a handover state. `records` were checked
+    /// (unique keys, fd indices in range of `fds`, count within the connection limit).
+    pub fn adopt_connections(&mut self, records: &[Connection], fds: Vec<OwnedFd>) {
+        let mut fds: Vec<Option<OwnedFd>> = fds.into_iter().map(Some).collect();
+        let mut max_id = 0;
+        for r in records {
+            let kind = match r.kind {
+                SocketType::Stream => SockType::Stream,
+                SocketType::Seqpacket => SockType::Seqpacket,
+            };
+            let key = ConnKey {
+                local_cid: r.local_cid,
+                local_port: r.local_port,
+                peer_port: r.peer_port,
+            };
+            let fd = r
+                .fd_index
+                .and_then(|i| fds.get_mut(i as usize))
+                .and_then(Option::take);
+            let (state, fd) = match (r.state, fd) {
+                (ConnState::Established, Some(fd)) => (State::Established, fd),
+                (ConnState::Connecting, Some(fd)) if r.local_port == AWAITING_LINE => {
+                    (State::AwaitConnectLine, fd)
+                }
+                (ConnState::Connecting, Some(fd)) => (
+                    State::Requesting(if r.local_cid == HOST_CID {
+                        AcceptReply::HybridOk
+                    } else {
+                        AcceptReply::SiblingAck
+                    }),
+                    fd,
+                ),
+                _ => {
+                    if r.local_port != AWAITING_LINE {
+                        self.push_rst(key, kind);
+                    }
+                    if r.id != 0 {
+                        self.never_opened(r.id);
+                    }
+                    continue;
+                }
+            };
+            let mut c = Conn::new(0, key, kind, fd, state);
+            if state == State::AwaitConnectLine {
+                c.key = ConnKey {
+                    local_cid: HOST_CID,
+                    local_port: 0,
+                    peer_port: 0,
+                };
+            }
+            c.id = r.id;
+            max_id = max_id.max(r.id);
+            c.bytes_to_guest = r.bytes_to_guest;
+            c.bytes_from_guest = r.bytes_from_guest;
+            c.rx_cnt = r.credit.rx_cnt;
+            c.fwd_cnt = r.credit.fwd_cnt;
+            c.last_fwd_sent = r.credit.last_fwd_sent;
+            c.tx_cnt = r.credit.tx_cnt;
+            c.peer_buf_alloc = r.credit.peer_buf_alloc;
+            c.peer_fwd_cnt = r.credit.peer_fwd_cnt;
+            c.credit_requested = r.credit_requested;
+            c.guest_shut_rcv = r.peer_shutdown.contains(ShutdownFlags::NO_MORE_RECEIVE);
+            c.guest_shut_send = r.peer_shutdown.contains(ShutdownFlags::NO_MORE_SEND);
+            c.host_eof = r.local_shutdown.contains(ShutdownFlags::NO_MORE_SEND);
+            c.shutdown_flags = (if r.local_shutdown.contains(ShutdownFlags::NO_MORE_RECEIVE) {
+                SHUTDOWN_RCV
+            } else {
+                0
+            }) | (if c.host_eof { SHUTDOWN_SEND } else { 0 });
+            for (bit, op) in OWED {
+                if r.owed.contains(op) {
+                    c.pending |= bit;
+                }
+            }
+            if !r.pending_to_host.is_empty() {
+                if c.is_seqpacket() {
+                    c.buf.push_msg(r.pending_to_host.clone());
+                } else {
+                    c.buf.push(r.pending_to_host.clone());
+                }
+            }
+            c.out_msg = r.pending_to_guest.clone();
+            c.readable = true;
+            self.adopt(c);
+        }
+        Gate::reserve_ids(max_id);
+        info!(
+            cid = self.cfg.guest_cid,
+            connections = self.conns.len(),
+            "connections adopted from handover"
+        );
+    }
+}
