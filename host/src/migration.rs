@@ -73,13 +73,13 @@ pub struct StatePlugins {
 }
 
 impl StatePlugins {
-    fn export(&self) -> Result<Vec<NamedPluginState>, StateError> {
+    pub fn export(&self) -> Result<Vec<NamedPluginState>, StateError> {
         let mut g = self.gate.lock().map_err(|_| StateError::Lock("gate"))?;
         Ok(g.export_state()?)
     }
 
     /// Imports plugin states; on failure the previous states are put back.
-    fn import(&self, states: &[NamedPluginState]) -> Result<(), StateError> {
+    pub fn import(&self, states: &[NamedPluginState]) -> Result<(), StateError> {
         let mut g = self.gate.lock().map_err(|_| StateError::Lock("gate"))?;
         let before = g.export_state()?;
         if let Err(e) = g.import_state(states) {
@@ -112,12 +112,7 @@ impl Transfer {
         state.plugins = plugins.export()?;
         let serializer = plugins.serializer.clone();
         self.thread = Some(std::thread::spawn(move || {
-            let mut s = serializer
-                .lock()
-                .map_err(|_| StateError::Lock("serializer"))?;
-            let payload = s.encode(&state)?;
-            let framed = blob::wrap(s.name(), &payload)?;
-            drop(s);
+            let framed = encode(&serializer, &state)?;
             if let Some(out) = handover {
                 let digest = crate::handover::digest(&framed);
                 crate::handover::send(&out.control, state.guest_cid, &digest, &out.fds)?;
@@ -160,21 +155,7 @@ impl Transfer {
             if bytes.len() > MAX_BLOB {
                 return Err(StateError::TooLarge);
             }
-            let state = {
-                let mut s = plugins
-                    .serializer
-                    .lock()
-                    .map_err(|_| StateError::Lock("serializer"))?;
-                let (name, payload) = blob::unwrap(&bytes)?;
-                if name != s.name() {
-                    return Err(StateError::Serializer {
-                        found: name.to_string(),
-                        ours: s.name().to_string(),
-                    });
-                }
-                s.decode(payload)?
-            };
-            check(&state, &facts)?;
+            let state = decode(&plugins.serializer, &bytes, &facts)?;
             let fds = handed_over(&state, &bytes, &slots)?;
             plugins.import(&state.plugins)?;
             apply(&state, fds);
@@ -200,6 +181,42 @@ impl Transfer {
             }
         }
     }
+}
+
+/// Encodes and frames a state with the VM's serializer plugin.
+pub fn encode(serializer: &Mutex<Serializer>, state: &DeviceState) -> Result<Vec<u8>, StateError> {
+    let mut s = serializer
+        .lock()
+        .map_err(|_| StateError::Lock("serializer"))?;
+    let payload = s.encode(state)?;
+    Ok(blob::wrap(s.name(), &payload)?)
+}
+
+/// Unframes and decodes a blob with the VM's serializer plugin (inside the sandbox), then
+/// checks the record against this device.
+pub fn decode(
+    serializer: &Mutex<Serializer>,
+    bytes: &[u8],
+    facts: &DeviceFacts,
+) -> Result<DeviceState, StateError> {
+    if bytes.len() > MAX_BLOB {
+        return Err(StateError::TooLarge);
+    }
+    let state = {
+        let mut s = serializer
+            .lock()
+            .map_err(|_| StateError::Lock("serializer"))?;
+        let (name, payload) = blob::unwrap(bytes)?;
+        if name != s.name() {
+            return Err(StateError::Serializer {
+                found: name.to_string(),
+                ours: s.name().to_string(),
+            });
+        }
+        s.decode(payload)?
+    };
+    check(&state, facts)?;
+    Ok(state)
 }
 
 /// The sockets handed over for this blob, checked against its connection table. A blob with
