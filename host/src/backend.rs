@@ -19,7 +19,9 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
+use crate::control::VmStats;
 use crate::device::Device;
+use crate::metrics::TransferDir;
 use crate::mem::{Bitmap, GuestMemAtomic};
 use crate::migration::{DeviceFacts, StatePlugins, Transfer};
 use crate::vsock::header::F_SEQPACKET;
@@ -35,6 +37,9 @@ pub struct VsockBackend {
     dev: Arc<Mutex<Device>>,
     state: StatePlugins,
     transfer: Mutex<Transfer>,
+    /// Direction of the transfer `CHECK_DEVICE_STATE` will report on (for the metrics).
+    transfer_dir: Mutex<Option<TransferDir>>,
+    stats: Option<Arc<VmStats>>,
     guest_cid: u64,
     queue_size: usize,
     exit: (EventConsumer, EventNotifier),
@@ -43,10 +48,13 @@ pub struct VsockBackend {
 impl VsockBackend {
     pub fn new(dev: Device, queue_size: usize, state: StatePlugins) -> io::Result<Self> {
         let guest_cid = dev.guest_cid();
+        let stats = dev.stats();
         Ok(VsockBackend {
             dev: Arc::new(Mutex::new(dev)),
             state,
             transfer: Mutex::new(Transfer::default()),
+            transfer_dir: Mutex::new(None),
+            stats,
             guest_cid,
             queue_size,
             exit: new_event_consumer_and_notifier(EventFlag::NONBLOCK)?,
@@ -57,6 +65,12 @@ impl VsockBackend {
     /// to tear down, and a poisoned lock must not take the daemon down).
     pub fn device(&self) -> MutexGuard<'_, Device> {
         self.dev.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn count_transfer(&self, dir: TransferDir, ok: bool) {
+        if let Some(s) = &self.stats {
+            s.counters.transfer(dir, ok);
+        }
     }
 
     /// The 8-byte config space: `guest_cid` little endian.
@@ -109,12 +123,16 @@ impl VhostUserBackend for VsockBackend {
             ));
         }
         let mut transfer = self.transfer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut dir = self.transfer_dir.lock().unwrap_or_else(|p| p.into_inner());
         match direction {
             VhostTransferStateDirection::SAVE => {
                 let snap = self.device().snapshot();
-                transfer
-                    .save(snap, &self.state, file)
-                    .map_err(io::Error::other)?;
+                *dir = None;
+                if let Err(e) = transfer.save(snap, &self.state, file) {
+                    self.count_transfer(TransferDir::Save, false);
+                    return Err(io::Error::other(e));
+                }
+                *dir = Some(TransferDir::Save);
             }
             VhostTransferStateDirection::LOAD => {
                 let facts = DeviceFacts {
@@ -125,6 +143,7 @@ impl VhostUserBackend for VsockBackend {
                 transfer.load(file, facts, &self.state, move |st| {
                     dev.lock().unwrap_or_else(|p| p.into_inner()).restore(st)
                 });
+                *dir = Some(TransferDir::Load);
             }
         }
         Ok(None)
@@ -132,7 +151,11 @@ impl VhostUserBackend for VsockBackend {
 
     fn check_device_state(&self) -> io::Result<()> {
         let mut transfer = self.transfer.lock().unwrap_or_else(|p| p.into_inner());
-        transfer.check().map_err(|e| {
+        let r = transfer.check();
+        if let Some(dir) = self.transfer_dir.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            self.count_transfer(dir, r.is_ok());
+        }
+        r.map_err(|e| {
             warn!(cid = self.guest_cid, error = %e, "device state transfer failed");
             io::Error::other(e)
         })
@@ -170,6 +193,9 @@ impl VhostUserBackend for VsockBackend {
         // Taking the lock waits for any packet being processed on the worker; afterwards the
         // ring is not ready, so nothing touches it again until it is restarted.
         let _dev = self.device();
+        if let Some(s) = &self.stats {
+            s.counters.ring_stop(queue_index);
+        }
         debug!(cid = self.guest_cid, queue_index, "vring stopped");
         Ok(())
     }

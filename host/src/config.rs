@@ -30,7 +30,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-pub use cli::{Command, CtlCommand, PluginCommand};
+pub use cli::{Command, CtlCommand, PluginCommand, StateCommand};
 
 /// Guest CID when none is given (same as the peer).
 pub const DEFAULT_GUEST_CID: u64 = 3;
@@ -110,6 +110,8 @@ pub struct DaemonConfig {
     pub control_socket: Option<PathBuf>,
     /// Directory for precompiled plugin artifacts (`--plugin-cache`).
     pub plugin_cache: Option<PathBuf>,
+    /// Prometheus endpoint (`--metrics`).
+    pub metrics: Option<crate::metrics::MetricsAddr>,
     /// Things accepted for compatibility that the operator should know about (ignored YAML
     /// fields, ignored `forward-listen`, ...). Parsing happens before logging is set up, so
     /// the caller logs these once it is.
@@ -126,6 +128,7 @@ impl DaemonConfig {
             allow_routes: Vec::new(),
             control_socket: None,
             plugin_cache: None,
+            metrics: None,
             warnings: Vec::new(),
         }
     }

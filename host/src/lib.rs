@@ -2,11 +2,14 @@
 pub mod backend;
 pub mod config;
 pub mod conn;
+pub mod connlist;
 pub mod control;
 pub mod daemon;
 pub mod device;
 pub mod gate;
+pub mod inspect;
 pub mod mem;
+pub mod metrics;
 pub mod migration;
 pub mod plugin;
 pub mod siblings;

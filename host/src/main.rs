@@ -4,7 +4,9 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use tracing_subscriber::EnvFilter;
-use vhost_plug::config::{self, Command, CtlCommand, Invocation, LogFormat, PluginCommand};
+use vhost_plug::config::{
+    self, Command, CtlCommand, Invocation, LogFormat, PluginCommand, StateCommand,
+};
 use vhost_plug::control::{self, Request};
 
 fn main() -> ExitCode {
@@ -44,6 +46,7 @@ fn run_command(cmd: Command) -> ExitCode {
                 CtlCommand::Status => Request::Status,
                 CtlCommand::Plugins => Request::Plugins,
                 CtlCommand::Swap { spec, replace, vm } => Request::Swap { spec, replace, vm },
+                CtlCommand::Conns { vm } => Request::Conns { vm },
             };
             match control::request(&socket, &req) {
                 Ok(answer) => {
@@ -60,6 +63,18 @@ fn run_command(cmd: Command) -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("{}: {e}", socket.display());
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::State(StateCommand::Inspect { file, serializer }) => {
+            match vhost_plug::inspect::inspect_file(&file, serializer.as_deref()) {
+                Ok(v) => {
+                    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
                     ExitCode::FAILURE
                 }
             }

@@ -33,6 +33,22 @@ pub enum Command {
         #[command(subcommand)]
         command: CtlCommand,
     },
+    /// Work with saved device states.
+    #[command(subcommand)]
+    State(StateCommand),
+}
+
+/// `vhost-plug state ...`
+#[derive(Debug, Subcommand)]
+pub enum StateCommand {
+    /// Decode a saved device state (SET_DEVICE_STATE_FD blob) and print it as JSON.
+    Inspect {
+        /// The state file.
+        file: PathBuf,
+        /// Serializer component to decode with [default: the built-in one the state names].
+        #[arg(long, value_name = "PATH")]
+        serializer: Option<PathBuf>,
+    },
 }
 
 /// `vhost-plug ctl ...`
@@ -49,6 +65,12 @@ pub enum CtlCommand {
         /// Name of the plugin to replace [default: the new plugin's name].
         #[arg(long, value_name = "NAME")]
         replace: Option<String>,
+        /// Only the VM with this CID [default: every VM].
+        #[arg(long, value_name = "CID")]
+        vm: Option<u64>,
+    },
+    /// Open connections: addresses, initiator, state, bytes each way and credit.
+    Conns {
         /// Only the VM with this CID [default: every VM].
         #[arg(long, value_name = "CID")]
         vm: Option<u64>,
@@ -124,6 +146,11 @@ struct Cli {
     /// Serve `vhost-plug ctl` on this unix socket (created 0600; only root and this user).
     #[arg(long, value_name = "PATH")]
     control_socket: Option<PathBuf>,
+
+    /// Serve Prometheus metrics (GET /metrics) on unix:PATH (created 0600) or a loopback
+    /// IP:PORT such as 127.0.0.1:9100.
+    #[arg(long, value_name = "ADDR", value_parser = metrics_value)]
+    metrics: Option<crate::metrics::MetricsAddr>,
 
     /// Log line format (on stderr).
     #[arg(long, value_enum, value_name = "FORMAT", default_value_t = LogFormat::Text, global = true)]
@@ -293,6 +320,7 @@ where
         allow_routes: cli.allow_routes,
         control_socket: cli.control_socket,
         plugin_cache: cli.plugin_cache,
+        metrics: cli.metrics,
         warnings,
     }))
 }
@@ -301,6 +329,10 @@ fn plugin_value(value: &str) -> Result<crate::plugin::PluginSpec, String> {
     value
         .parse()
         .map_err(|e: crate::plugin::PluginError| e.to_string())
+}
+
+fn metrics_value(value: &str) -> Result<crate::metrics::MetricsAddr, String> {
+    value.parse()
 }
 
 fn route_value(value: &str) -> Result<super::RouteSpec, String> {
