@@ -102,6 +102,8 @@ pub struct DaemonConfig {
     /// The VMs, in the order given.
     pub vms: Vec<VmConfig>,
     pub log_format: LogFormat,
+    /// Log filter directives (`--log-level`); `None`: VHOST_PLUG_LOG, RUST_LOG, else info.
+    pub log_level: Option<String>,
     /// Plugins for every VM (`--plugin`); empty means the built-in defaults.
     pub plugins: Vec<crate::plugin::PluginSpec>,
     /// Where plugins may send connections (`--allow-route`).
@@ -124,6 +126,7 @@ impl DaemonConfig {
         DaemonConfig {
             vms,
             log_format: LogFormat::Text,
+            log_level: None,
             plugins: Vec::new(),
             allow_routes: Vec::new(),
             control_socket: None,

@@ -16,9 +16,12 @@ fn main() -> ExitCode {
         // clap's own help and version output also arrive here.
         Err(e) => return e.exit(),
     };
-    let filter = EnvFilter::try_from_env("VHOST_PLUG_LOG")
-        .or_else(|_| EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = match &cfg.log_level {
+        Some(directives) => EnvFilter::new(directives),
+        None => EnvFilter::try_from_env("VHOST_PLUG_LOG")
+            .or_else(|_| EnvFilter::try_from_default_env())
+            .unwrap_or_else(|_| EnvFilter::new("info")),
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())

@@ -156,6 +156,11 @@ struct Cli {
     #[arg(long, value_enum, value_name = "FORMAT", default_value_t = LogFormat::Text, global = true)]
     log_format: LogFormat,
 
+    /// Log filter, e.g. `debug` or `info,vhost_plug::device=debug` (overrides VHOST_PLUG_LOG
+    /// and RUST_LOG) [default: info]
+    #[arg(long, value_name = "FILTER", value_parser = log_level_value)]
+    log_level: Option<String>,
+
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -316,6 +321,7 @@ where
     Ok(Invocation::Daemon(DaemonConfig {
         vms,
         log_format: cli.log_format,
+        log_level: cli.log_level,
         plugins: cli.plugins,
         allow_routes: cli.allow_routes,
         control_socket: cli.control_socket,
@@ -329,6 +335,12 @@ fn plugin_value(value: &str) -> Result<crate::plugin::PluginSpec, String> {
     value
         .parse()
         .map_err(|e: crate::plugin::PluginError| e.to_string())
+}
+
+fn log_level_value(value: &str) -> Result<String, String> {
+    tracing_subscriber::EnvFilter::try_new(value)
+        .map(|_| value.to_string())
+        .map_err(|e| e.to_string())
 }
 
 fn metrics_value(value: &str) -> Result<crate::metrics::MetricsAddr, String> {

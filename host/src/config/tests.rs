@@ -1165,6 +1165,15 @@ fn metrics_endpoint() {
     );
     let (_, text) = cli_err(&with(&base, "metrics.example:9100"));
     assert!(text.contains("unix:PATH or a loopback IP:PORT"), "{text}");
+    assert_eq!(ok(&base).log_level, None);
+    assert_eq!(
+        ok(&[&base[..], &["--log-level", "info,vhost_plug=debug"]].concat())
+            .log_level
+            .as_deref(),
+        Some("info,vhost_plug=debug")
+    );
+    let (kind, _) = cli_err(&[&base[..], &["--log-level", "info,[bad"]].concat());
+    assert_eq!(kind, ErrorKind::ValueValidation);
     // A daemon flag: not next to a subcommand.
     assert!(parse(&["--metrics", "127.0.0.1:9100", "ctl", "--socket", "/c", "status"]).is_err());
 }
