@@ -109,6 +109,8 @@ impl Device {
     /// Consumes exactly the CONNECT line, leaving any bytes after it in the socket for the
     /// guest, and offers the connection to the guest.
     fn read_connect_line(&mut self, idx: usize) {
+        let span = self.conns[idx].span.clone();
+        let _entered = span.enter();
         let c = &mut self.conns[idx];
         let fd = c.fd.as_raw_fd();
         let mut line = [0u8; MAX_CONNECT_LINE];
@@ -188,7 +190,8 @@ impl Device {
         self.keys.insert(self.conns[idx].key, idx);
         self.publish_count();
         self.note_opened(Initiator::Host);
-        debug!(cid = self.cfg.guest_cid, port, local_port, "host connect");
+        // The addresses are in the connection's span.
+        debug!("host connect");
         self.wake_rx(idx);
     }
 

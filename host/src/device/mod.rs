@@ -470,6 +470,13 @@ impl Device {
 
     fn remove(&mut self, idx: usize) {
         if let Some(c) = self.conns.try_remove(idx) {
+            debug!(
+                parent: &c.span,
+                bytes_from_guest = c.bytes_from_guest,
+                bytes_to_guest = c.bytes_to_guest,
+                reset = c.was_reset,
+                "connection closed"
+            );
             let _ = self.epoll.ctl(
                 ControlOperation::Delete,
                 c.fd.as_raw_fd(),
