@@ -21,8 +21,8 @@ use vmm_sys_util::event::{
 
 use crate::control::VmStats;
 use crate::device::Device;
-use crate::metrics::TransferDir;
 use crate::mem::{Bitmap, GuestMemAtomic};
+use crate::metrics::TransferDir;
 use crate::migration::{DeviceFacts, StatePlugins, Transfer};
 use crate::vsock::header::F_SEQPACKET;
 
@@ -152,7 +152,12 @@ impl VhostUserBackend for VsockBackend {
     fn check_device_state(&self) -> io::Result<()> {
         let mut transfer = self.transfer.lock().unwrap_or_else(|p| p.into_inner());
         let r = transfer.check();
-        if let Some(dir) = self.transfer_dir.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        if let Some(dir) = self
+            .transfer_dir
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
             self.count_transfer(dir, r.is_ok());
         }
         r.map_err(|e| {

@@ -159,7 +159,10 @@ mod tests {
         let t = Arc::new(ConnTable::default());
         let fd = Arc::new(EventFd::new(0).expect("eventfd"));
         t.set_waker(Some(fd.clone()));
-        assert!(t.request(Duration::from_millis(20)).is_err(), "nobody answers");
+        assert!(
+            t.request(Duration::from_millis(20)).is_err(),
+            "nobody answers"
+        );
         // The late answer to that request.
         let _ = fd.read();
         t.publish(Vec::new(), 0);
@@ -195,6 +198,9 @@ mod tests {
         assert!(s.frontend);
         assert_eq!((s.rows.len(), s.total, s.rows[0].peer_port), (1, 1, 1024));
         t.set_waker(None);
-        assert_eq!(t.request(Duration::ZERO).expect("answer"), Snapshot::default());
+        assert_eq!(
+            t.request(Duration::ZERO).expect("answer"),
+            Snapshot::default()
+        );
     }
 }

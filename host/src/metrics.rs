@@ -304,15 +304,17 @@ fn serve<S: Read + Write>(mut s: S, registry: &Registry) -> std::io::Result<()> 
     s.flush()
 }
 
-fn answer(req: &httparse::Request<'_, '_>, registry: &Registry) -> (&'static str, &'static str, String) {
+fn answer(
+    req: &httparse::Request<'_, '_>,
+    registry: &Registry,
+) -> (&'static str, &'static str, String) {
     let path = req.path.unwrap_or("");
     let path = path.split_once('?').map_or(path, |(p, _)| p);
     if path != "/metrics" {
         return ("404 Not Found", "text/plain", "try /metrics\n".into());
     }
-    match req.method {
-        Some("GET") | Some("HEAD") => {}
-        _ => return ("405 Method Not Allowed", "text/plain", "GET only\n".into()),
+    if req.method != Some("GET") {
+        return ("405 Method Not Allowed", "text/plain", "GET only\n".into());
     }
     let openmetrics = req.headers.iter().any(|h| {
         h.name.eq_ignore_ascii_case("accept")
@@ -324,11 +326,7 @@ fn answer(req: &httparse::Request<'_, '_>, registry: &Registry) -> (&'static str
     } else {
         prometheus_client::encoding::prometheus_text::CONTENT_TYPE
     };
-    let body = render(registry, openmetrics);
-    if req.method == Some("HEAD") {
-        return ("200 OK", ctype, String::new());
-    }
-    ("200 OK", ctype, body)
+    ("200 OK", ctype, render(registry, openmetrics))
 }
 
 struct VmSource {
@@ -545,7 +543,6 @@ impl VmCollector {
             m.encode_family(&set)?
                 .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
         }
-        drop(m);
         for (name, help, get) in [
             (
                 "plugin_failures",
@@ -636,7 +633,10 @@ mod tests {
         let big = format!("GET /metrics HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(9000));
         assert!(ask(&big).starts_with("HTTP/1.1 431"));
         let om = ask("GET /metrics HTTP/1.1\r\nAccept: application/openmetrics-text\r\n\r\n");
-        assert!(om.contains("openmetrics-text") && om.ends_with("# EOF\n"), "{om}");
+        assert!(
+            om.contains("openmetrics-text") && om.ends_with("# EOF\n"),
+            "{om}"
+        );
     }
 
     struct Duplex<'a> {

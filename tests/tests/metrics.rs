@@ -241,7 +241,10 @@ fn scenario(transport: Transport) -> Result<()> {
         let calls = v("vhost_plug_plugin_call_duration_seconds_count", &acl)?;
         let sum = v("vhost_plug_plugin_call_duration_seconds_sum", &acl)?;
         let inf = v("vhost_plug_plugin_call_duration_seconds", &acl)?;
-        ensure!(calls >= 3.0 && inf == calls, "calls {calls}, +Inf bucket {inf}");
+        ensure!(
+            calls >= 3.0 && inf == calls,
+            "calls {calls}, +Inf bucket {inf}"
+        );
         ensure!(sum > 0.0, "latency sum {sum}");
         eprintln!(
             "[metrics {transport:?}] acl: {calls} calls, mean {:.1} us",

@@ -158,7 +158,10 @@ fn ctl_conns_lists_open_connections() -> Result<()> {
                 ensure!(rows(&v)?[0]["direction"] == "guest", "{v}");
                 break;
             }
-            ensure!(Instant::now() < deadline, "closed connection still listed: {v}");
+            ensure!(
+                Instant::now() < deadline,
+                "closed connection still listed: {v}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         // Time to answer, measured.
@@ -206,7 +209,10 @@ fn saved_state(serializer: &str) -> Result<Vec<u8>> {
 fn state_inspect_decodes_saved_states_and_refuses_damaged_ones() -> Result<()> {
     let dir = tempfile::tempdir()?;
     for (serializer, name) in [
-        ("serializer=builtin:serializer-postcard", "serializer-postcard"),
+        (
+            "serializer=builtin:serializer-postcard",
+            "serializer-postcard",
+        ),
         ("serializer=builtin:serializer-json", "serializer-json"),
     ] {
         let blob = saved_state(serializer)?;
@@ -222,7 +228,10 @@ fn state_inspect_decodes_saved_states_and_refuses_damaged_ones() -> Result<()> {
             st["event_queue"]["owner"] == "backend" && st["event_queue"]["driver_live"] == true,
             "{v}"
         );
-        ensure!(st["connections"].as_array().is_some_and(|c| c.is_empty()), "{v}");
+        ensure!(
+            st["connections"].as_array().is_some_and(|c| c.is_empty()),
+            "{v}"
+        );
         let plugins = st["plugins"].as_array().context("plugins")?;
         ensure!(
             plugins.len() == 1 && plugins[0]["name"] == "acl",
@@ -245,11 +254,16 @@ fn state_inspect_decodes_saved_states_and_refuses_damaged_ones() -> Result<()> {
             ("magic", magic, "bad magic"),
             ("empty", Vec::new(), "bad magic"),
         ] {
-            let f = dir.path().join(format!("{name}-{}.state", what.replace(' ', "-")));
+            let f = dir
+                .path()
+                .join(format!("{name}-{}.state", what.replace(' ', "-")));
             std::fs::write(&f, &bytes)?;
             let (ok, out, err) = inspect(&f, &[])?;
             ensure!(!ok && out.is_empty(), "{name} {what}: accepted: {out}");
-            ensure!(err.contains(want), "{name} {what}: stderr {err:?}, want {want:?}");
+            ensure!(
+                err.contains(want),
+                "{name} {what}: stderr {err:?}, want {want:?}"
+            );
         }
         // A serializer that cannot read this payload: its refusal is reported.
         if name == "serializer-json" {

@@ -1175,5 +1175,13 @@ fn metrics_endpoint() {
     let (kind, _) = cli_err(&[&base[..], &["--log-level", "info,[bad"]].concat());
     assert_eq!(kind, ErrorKind::ValueValidation);
     // A daemon flag: not next to a subcommand.
-    assert!(parse(&["--metrics", "127.0.0.1:9100", "ctl", "--socket", "/c", "status"]).is_err());
+    assert!(parse(&[
+        "--metrics",
+        "127.0.0.1:9100",
+        "ctl",
+        "--socket",
+        "/c",
+        "status"
+    ])
+    .is_err());
 }
