@@ -77,7 +77,7 @@ pub struct VmCounters {
     pub transfers: [[AtomicU64; 2]; 2],
     /// Control-socket plugin swaps: `[0 = ok, 1 = failed]`.
     pub swaps: [AtomicU64; 2],
-    /// The VM's serializer instance, set once when the VM is created.
+    /// The VM's serializer instance, set once when the VM is created (it is never replaced).
     pub serializer: OnceLock<(String, Arc<PluginCounters>)>,
 }
 

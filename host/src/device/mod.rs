@@ -224,9 +224,8 @@ impl Device {
     /// The span entered while handling a connection. Fields are from the guest's side:
     /// `local_port` is the guest's port, `peer_cid`/`peer_port` the other end. At INFO, so
     /// a filter quieter than that (`VHOST_PLUG_LOG=warn`) makes it `Span::none()`, which costs
-    /// nothing to enter.
-    /// The ports of a host connection still reading its CONNECT line are recorded once
-    /// known.
+    /// nothing to enter. The ports of a host connection still reading its CONNECT line are
+    /// recorded once known.
     fn conn_span(&self, c: &Conn) -> Arc<tracing::Span> {
         let span = tracing::info_span!(
             "conn",
@@ -603,6 +602,8 @@ impl Device {
             }
         }
         for (idx, state) in expired {
+            let span = self.conns[idx].span.clone();
+            let _entered = span.enter();
             warn!(cid = self.cfg.guest_cid, ?state, "handshake timed out");
             match state {
                 // Nothing was told to the guest yet.
