@@ -19,6 +19,8 @@ use vhost_plug_tests::packet::HOST_CID;
 use vhost_plug_tests::{ConnectError, DaemonKind, DriverConfig, SimConfig, SockType, VmSpec};
 
 const PROMPT: Duration = Duration::from_secs(10);
+/// Bytes sent host -> guest while scraping.
+const BULK: usize = 1 << 20;
 const XFER: Duration = Duration::from_secs(10);
 /// The denying policy: only host port 1234 and guest port 5000.
 const POLICY: &str = "policy=builtin:port-allowlist,name=acl,config=allow=2:1234,3:5000";
@@ -30,6 +32,7 @@ enum Transport {
 }
 
 /// Where to reach the endpoint, once the daemon runs.
+#[derive(Clone)]
 enum Endpoint {
     Unix(std::path::PathBuf),
     Tcp(String),
@@ -188,6 +191,46 @@ fn scenario(transport: Transport) -> Result<()> {
         h.write_all(&down)?;
         ensure!(recv_exact(&g, down.len())? == down, "guest got other bytes");
 
+        // 1 MiB host -> guest while another thread scrapes: the byte counter only grows.
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let scraper = {
+            let (ep, stop) = (ep.clone(), stop.clone());
+            std::thread::spawn(move || -> Result<(usize, Duration)> {
+                let (mut n, mut last, mut slowest) = (0, 0.0, Duration::ZERO);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let t0 = Instant::now();
+                    let sc = scrape(&ep)?;
+                    slowest = slowest.max(t0.elapsed());
+                    let v = value(
+                        &sc,
+                        "vhost_plug_bytes_total",
+                        &[("cid", "3"), ("direction", "host_to_guest")],
+                    )?;
+                    ensure!(v >= last, "bytes counter went back from {last} to {v}");
+                    last = v;
+                    n += 1;
+                }
+                Ok((n, slowest))
+            })
+        };
+        let bulk = vec![9u8; BULK];
+        let writer = {
+            let mut h = h.try_clone()?;
+            std::thread::spawn(move || h.write_all(&bulk))
+        };
+        let got = recv_exact(&g, BULK);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        writer
+            .join()
+            .map_err(|_| anyhow::anyhow!("writer panicked"))??;
+        ensure!(got?.iter().all(|b| *b == 9), "guest got other bytes");
+        let (scrapes, slowest) = scraper
+            .join()
+            .map_err(|_| anyhow::anyhow!("scraper panicked"))??;
+        eprintln!(
+            "[metrics {transport:?}] {scrapes} scrapes during a 1 MiB transfer, slowest {slowest:?}"
+        );
+
         // Denied by the plugin: guest -> host 1235.
         match vm
             .guest
@@ -209,7 +252,7 @@ fn scenario(transport: Transport) -> Result<()> {
             &ep,
             "vhost_plug_bytes_total",
             &[("cid", "3"), ("direction", "host_to_guest")],
-            7_005.0,
+            (7_005 + BULK) as f64,
         )?;
         let v = |name: &str, labels: &[(&str, &str)]| value(&sc, name, labels);
         ensure!(v("vhost_plug_connections_open", &[("cid", "3")])? == 2.0);
