@@ -148,14 +148,50 @@ fn ctl_conns_lists_open_connections() -> Result<()> {
         let (ok, v9) = ctl(&sock, &["conns", "--vm", "9"])?;
         ensure!(!ok && v9["error"] == "no such VM", "{v9}");
 
+        // Guest 3 -> guest 4 (same default group): an outgoing row on 3, a sibling one on 4.
+        let vm4 = s.boot(1)?;
+        let l4 = vm4.guest.listen(6000, SockType::Stream)?;
+        let gs = vm
+            .guest
+            .connect_timeout(4, 6000, SockType::Stream, PROMPT)
+            .map_err(|e| anyhow::anyhow!("connect to VM 4: {e}"))?;
+        let g4 = l4.accept(PROMPT)?;
+        gs.send(b"sib")?;
+        recv_exact(&g4, 3)?;
+        let (ok, v4) = ctl(&sock, &["conns", "--vm", "4"])?;
+        ensure!(ok && rows(&v4)?.len() == 1, "{v4}");
+        let sib = &rows(&v4)?[0];
+        ensure!(
+            sib["direction"] == "sibling" && sib["vm"] == 4 && sib["local_port"] == 6000,
+            "{sib}"
+        );
+        ensure!(
+            sib["peer_cid"] == 3 && sib["peer_port"] == gs.local_port(),
+            "{sib}"
+        );
+        ensure!(sib["bytes_to_guest"] == 3, "{sib}");
+        let (_, v3) = ctl(&sock, &["conns", "--vm", "3"])?;
+        ensure!(
+            rows(&v3)?.iter().any(|r| r["direction"] == "guest"
+                && r["peer_cid"] == 4
+                && r["peer_port"] == 6000
+                && r["bytes_from_guest"] == 3),
+            "{v3}"
+        );
+        drop((gs, g4));
+
         // One closes: it leaves the list.
         drop(g2);
         drop(h2);
         let deadline = Instant::now() + PROMPT;
         loop {
             let (_, v) = ctl(&sock, &["conns"])?;
-            if rows(&v)?.len() == 1 {
-                ensure!(rows(&v)?[0]["direction"] == "guest", "{v}");
+            let left = rows(&v)?;
+            if left.len() == 1 {
+                ensure!(
+                    left[0]["direction"] == "guest" && left[0]["peer_cid"] == 2,
+                    "{v}"
+                );
                 break;
             }
             ensure!(
