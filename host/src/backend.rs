@@ -19,9 +19,11 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
+use crate::control::VmStats;
 use crate::device::Device;
 use crate::handover::Slots;
 use crate::mem::{Bitmap, GuestMemAtomic};
+use crate::metrics::TransferDir;
 use crate::migration::{DeviceFacts, Outgoing, StatePlugins, Transfer};
 use crate::vsock::header::F_SEQPACKET;
 
@@ -38,6 +40,9 @@ pub struct VsockBackend {
     handover: Arc<Slots>,
     max_connections: usize,
     transfer: Mutex<Transfer>,
+    /// Direction of the transfer `CHECK_DEVICE_STATE` will report on (for the metrics).
+    transfer_dir: Mutex<Option<TransferDir>>,
+    stats: Option<Arc<VmStats>>,
     guest_cid: u64,
     queue_size: usize,
     exit: (EventConsumer, EventNotifier),
@@ -52,12 +57,15 @@ impl VsockBackend {
     ) -> io::Result<Self> {
         let guest_cid = dev.guest_cid();
         let max_connections = dev.max_connections();
+        let stats = dev.stats();
         Ok(VsockBackend {
             dev: Arc::new(Mutex::new(dev)),
             state,
             handover,
             max_connections,
             transfer: Mutex::new(Transfer::default()),
+            transfer_dir: Mutex::new(None),
+            stats,
             guest_cid,
             queue_size,
             exit: new_event_consumer_and_notifier(EventFlag::NONBLOCK)?,
@@ -68,6 +76,12 @@ impl VsockBackend {
     /// to tear down, and a poisoned lock must not take the daemon down).
     pub fn device(&self) -> MutexGuard<'_, Device> {
         self.dev.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn count_transfer(&self, dir: TransferDir, ok: bool) {
+        if let Some(s) = &self.stats {
+            s.counters.transfer(dir, ok);
+        }
     }
 
     /// The 8-byte config space: `guest_cid` little endian.
@@ -120,6 +134,7 @@ impl VhostUserBackend for VsockBackend {
             ));
         }
         let mut transfer = self.transfer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut dir = self.transfer_dir.lock().unwrap_or_else(|p| p.into_inner());
         match direction {
             VhostTransferStateDirection::SAVE => {
                 let (snap, out) = match self.handover.take_target() {
@@ -129,9 +144,12 @@ impl VhostUserBackend for VsockBackend {
                     }
                     None => (self.device().snapshot(), None),
                 };
-                transfer
-                    .save(snap, &self.state, file, out)
-                    .map_err(io::Error::other)?;
+                *dir = None;
+                if let Err(e) = transfer.save(snap, &self.state, file, out) {
+                    self.count_transfer(TransferDir::Save, false);
+                    return Err(io::Error::other(e));
+                }
+                *dir = Some(TransferDir::Save);
             }
             VhostTransferStateDirection::LOAD => {
                 let facts = DeviceFacts {
@@ -146,6 +164,7 @@ impl VhostUserBackend for VsockBackend {
                         .unwrap_or_else(|p| p.into_inner())
                         .restore(st, fds)
                 });
+                *dir = Some(TransferDir::Load);
             }
         }
         Ok(None)
@@ -153,7 +172,16 @@ impl VhostUserBackend for VsockBackend {
 
     fn check_device_state(&self) -> io::Result<()> {
         let mut transfer = self.transfer.lock().unwrap_or_else(|p| p.into_inner());
-        transfer.check().map_err(|e| {
+        let r = transfer.check();
+        if let Some(dir) = self
+            .transfer_dir
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            self.count_transfer(dir, r.is_ok());
+        }
+        r.map_err(|e| {
             warn!(cid = self.guest_cid, error = %e, "device state transfer failed");
             io::Error::other(e)
         })
@@ -191,6 +219,9 @@ impl VhostUserBackend for VsockBackend {
         // Taking the lock waits for any packet being processed on the worker; afterwards the
         // ring is not ready, so nothing touches it again until it is restarted.
         let _dev = self.device();
+        if let Some(s) = &self.stats {
+            s.counters.ring_stop(queue_index);
+        }
         debug!(cid = self.guest_cid, queue_index, "vring stopped");
         Ok(())
     }

@@ -30,7 +30,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-pub use cli::{Command, CtlCommand, PluginCommand};
+pub use cli::{Command, CtlCommand, PluginCommand, StateCommand};
 
 /// Guest CID when none is given (same as the peer).
 pub const DEFAULT_GUEST_CID: u64 = 3;
@@ -102,6 +102,8 @@ pub struct DaemonConfig {
     /// The VMs, in the order given.
     pub vms: Vec<VmConfig>,
     pub log_format: LogFormat,
+    /// Log filter directives (`--log-level`); `None`: VHOST_PLUG_LOG, RUST_LOG, else info.
+    pub log_level: Option<String>,
     /// Plugins for every VM (`--plugin`); empty means the built-in defaults.
     pub plugins: Vec<crate::plugin::PluginSpec>,
     /// Where plugins may send connections (`--allow-route`).
@@ -110,6 +112,8 @@ pub struct DaemonConfig {
     pub control_socket: Option<PathBuf>,
     /// Directory for precompiled plugin artifacts (`--plugin-cache`).
     pub plugin_cache: Option<PathBuf>,
+    /// Prometheus endpoint (`--metrics`).
+    pub metrics: Option<crate::metrics::MetricsAddr>,
     /// Things accepted for compatibility that the operator should know about (ignored YAML
     /// fields, ignored `forward-listen`, ...). Parsing happens before logging is set up, so
     /// the caller logs these once it is.
@@ -122,10 +126,12 @@ impl DaemonConfig {
         DaemonConfig {
             vms,
             log_format: LogFormat::Text,
+            log_level: None,
             plugins: Vec::new(),
             allow_routes: Vec::new(),
             control_socket: None,
             plugin_cache: None,
+            metrics: None,
             warnings: Vec::new(),
         }
     }

@@ -35,6 +35,28 @@ pub enum AcceptReply {
     SiblingAck,
 }
 
+/// Who opened a connection (metrics and `ctl conns`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Initiator {
+    /// The guest connected out (to a host program, a route or a sibling VM).
+    #[default]
+    Guest = 0,
+    /// A host program connected through the uds path.
+    Host = 1,
+    /// Another VM's guest connected to this guest.
+    Sibling = 2,
+}
+
+impl Initiator {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Initiator::Guest => "guest",
+            Initiator::Host => "host",
+            Initiator::Sibling => "sibling",
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum State {
     /// A host program connected to the uds path; its `CONNECT <port>` line is not complete.
@@ -161,6 +183,14 @@ pub struct Conn {
     pub bytes_from_guest: u64,
     /// Ended by RST rather than an orderly shutdown.
     pub was_reset: bool,
+    pub initiator: Initiator,
+    /// Entered while the device handles this connection, so log lines carry its address
+    /// (`Span::none()` until the device names it, and when logging is off). In an `Arc`:
+    /// handlers clone it to enter it while they borrow the device mutably, and an `Arc` clone
+    /// is one atomic add where a `Span` clone is a ref-count round trip through the
+    /// subscriber's registry (about 190 ns against 100 ns per packet for clone + enter + exit,
+    /// measured with the INFO JSON subscriber).
+    pub span: std::sync::Arc<tracing::Span>,
 
     // Guest -> host direction: we are the receiver.
     /// Payload bytes received from the guest.
@@ -213,6 +243,8 @@ impl Conn {
             bytes_to_guest: 0,
             bytes_from_guest: 0,
             was_reset: false,
+            initiator: Initiator::Guest,
+            span: std::sync::Arc::new(tracing::Span::none()),
             rx_cnt: 0,
             fwd_cnt: 0,
             last_fwd_sent: 0,

@@ -41,6 +41,10 @@ pub struct VmHandle {
 pub struct VmStats {
     pub frontend: AtomicBool,
     pub connections: AtomicUsize,
+    /// What the metrics endpoint exports.
+    pub counters: crate::metrics::VmCounters,
+    /// Where `ctl conns` gets the device's connection table.
+    pub conns: crate::connlist::ConnTable,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -68,6 +72,11 @@ pub enum Request {
         vm: u64,
         digest: String,
         count: usize,
+    },
+    /// Open connections with their byte counts and credit.
+    Conns {
+        /// Only this VM (default: every VM).
+        vm: Option<u64>,
     },
 }
 
@@ -256,7 +265,35 @@ pub fn handle(req: Request, vms: &[VmHandle], plugins: &PluginSet) -> Value {
         Request::HandoverFds { .. } => {
             json!({"ok": false, "error": "handover-fds needs the socket it arrives on"})
         }
+        Request::Conns { vm } => conns(vm, vms),
     }
+}
+
+/// Every selected VM's connection table, read on its worker thread (see [`crate::connlist`]).
+fn conns(vm: Option<u64>, vms: &[VmHandle]) -> Value {
+    let mut list = Vec::new();
+    let mut truncated = Vec::new();
+    let mut seen = false;
+    for v in vms.iter().filter(|v| vm.is_none_or(|c| c == v.cid)) {
+        seen = true;
+        // No frontend, no worker to ask and no connections.
+        if !v.stats.frontend.load(Ordering::Relaxed) {
+            continue;
+        }
+        match v.stats.conns.request(crate::connlist::SNAPSHOT_TIMEOUT) {
+            Ok(s) => {
+                if s.total > s.rows.len() {
+                    truncated.push(json!({"vm": v.cid, "total": s.total, "listed": s.rows.len()}));
+                }
+                list.extend(s.rows);
+            }
+            Err(e) => return json!({"ok": false, "error": format!("VM {}: {e}", v.cid)}),
+        }
+    }
+    if !seen {
+        return json!({"ok": false, "error": "no such VM"});
+    }
+    json!({"ok": true, "connections": list, "truncated": truncated})
 }
 
 /// Pauses each VM's connection dispatch (its gate lock), exports the old plugin's state,
@@ -285,6 +322,7 @@ fn swap(
             Err(_) => return json!({"ok": false, "error": "gate lock poisoned"}),
         };
         let pause_us = t0.elapsed().as_micros() as u64;
+        v.stats.counters.swap(r.is_ok());
         match r {
             Ok(()) => {
                 info!(vm = v.cid, old = %old_name, new = new.name(), pause_us, "plugin swapped");

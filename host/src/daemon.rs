@@ -11,6 +11,7 @@ use tracing::{error, info};
 use crate::config::DaemonConfig;
 use crate::control::ControlServer;
 use crate::gate::PluginSet;
+use crate::metrics::MetricsServer;
 use crate::siblings::Registry;
 use crate::vm::Vm;
 
@@ -62,6 +63,21 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
             .name("control".into())
             .spawn(move || server.run())
             .context("spawning control thread")?;
+    }
+    if let Some(addr) = &cfg.metrics {
+        let handles = vms.iter().map(Vm::handle).collect();
+        let server = match MetricsServer::bind(addr, handles) {
+            Ok(s) => s,
+            Err(e) => {
+                remove_all(&paths);
+                return Err(e).context("--metrics");
+            }
+        };
+        paths.extend(server.path().map(|p| OwnedPath::new(p.to_path_buf())));
+        std::thread::Builder::new()
+            .name("metrics".into())
+            .spawn(move || server.run())
+            .context("spawning metrics thread")?;
     }
     for vm in vms {
         std::thread::Builder::new()

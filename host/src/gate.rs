@@ -11,6 +11,8 @@ use std::time::Instant;
 use tracing::{info, warn};
 
 use crate::config::RouteSpec;
+use crate::control::VmStats;
+use crate::metrics::Verdict;
 use crate::plugin::types::{ConnRequest, ConnStats, Endpoint, NamedPluginState, Route, SocketType};
 use crate::plugin::{
     Bridge, Decision, Plugin, PluginError, PluginKind, PluginRuntime, PluginSpec, PolicyChain,
@@ -55,6 +57,8 @@ pub struct Gate {
     vm: String,
     chain: PolicyChain,
     bridge: Option<Bridge>,
+    /// Where verdicts are counted (the VM's shared stats).
+    stats: Option<Arc<VmStats>>,
 }
 
 /// Statistics of a connection when it closes.
@@ -67,7 +71,32 @@ pub struct Closed {
 
 impl Gate {
     pub fn new(vm: String, chain: PolicyChain, bridge: Option<Bridge>) -> Self {
-        Gate { vm, chain, bridge }
+        Gate {
+            vm,
+            chain,
+            bridge,
+            stats: None,
+        }
+    }
+
+    /// Counts the policy verdicts of this gate in `stats`.
+    pub fn set_stats(&mut self, stats: Arc<VmStats>) {
+        self.stats = Some(stats);
+    }
+
+    fn count(&self, v: Verdict) {
+        if let Some(s) = &self.stats {
+            s.counters.verdict(v);
+        }
+    }
+
+    /// Live counters of the VM's policy and bridge plugins (for the metrics endpoint).
+    pub fn plugin_counters(&self) -> Vec<(String, Arc<crate::plugin::PluginCounters>)> {
+        let mut out = self.chain.counters();
+        if let Some(b) = &self.bridge {
+            out.push((b.name().to_string(), b.counters()));
+        }
+        out
     }
 
     pub fn chain_mut(&mut self) -> &mut PolicyChain {
@@ -146,7 +175,13 @@ impl Gate {
             },
             from_guest: r.from_guest,
         };
-        let route = match self.chain.decide(&req) {
+        let decision = self.chain.decide(&req);
+        self.count(match &decision {
+            Decision::Allow => Verdict::Allow,
+            Decision::Deny { .. } => Verdict::Deny,
+            Decision::Redirect { .. } => Verdict::Redirect,
+        });
+        let route = match decision {
             Decision::Deny {
                 plugin,
                 reason,

@@ -2,12 +2,15 @@
 pub mod backend;
 pub mod config;
 pub mod conn;
+pub mod connlist;
 pub mod control;
 pub mod daemon;
 pub mod device;
 pub mod gate;
 pub mod handover;
+pub mod inspect;
 pub mod mem;
+pub mod metrics;
 pub mod migration;
 pub mod plugin;
 pub mod siblings;

@@ -4,7 +4,9 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use tracing_subscriber::EnvFilter;
-use vhost_plug::config::{self, Command, CtlCommand, Invocation, LogFormat, PluginCommand};
+use vhost_plug::config::{
+    self, Command, CtlCommand, Invocation, LogFormat, PluginCommand, StateCommand,
+};
 use vhost_plug::control::{self, Request};
 
 fn main() -> ExitCode {
@@ -14,9 +16,12 @@ fn main() -> ExitCode {
         // clap's own help and version output also arrive here.
         Err(e) => return e.exit(),
     };
-    let filter = EnvFilter::try_from_env("VHOST_PLUG_LOG")
-        .or_else(|_| EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = match &cfg.log_level {
+        Some(directives) => EnvFilter::new(directives),
+        None => EnvFilter::try_from_env("VHOST_PLUG_LOG")
+            .or_else(|_| EnvFilter::try_from_default_env())
+            .unwrap_or_else(|_| EnvFilter::new("info")),
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
@@ -49,6 +54,7 @@ fn run_command(cmd: Command) -> ExitCode {
                     to: std::path::absolute(&to).unwrap_or(to),
                     vm,
                 },
+                CtlCommand::Conns { vm } => Request::Conns { vm },
             };
             match control::request(&socket, &req) {
                 Ok(answer) => {
@@ -65,6 +71,18 @@ fn run_command(cmd: Command) -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("{}: {e}", socket.display());
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::State(StateCommand::Inspect { file, serializer }) => {
+            match vhost_plug::inspect::inspect_file(&file, serializer.as_deref()) {
+                Ok(v) => {
+                    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
                     ExitCode::FAILURE
                 }
             }

@@ -73,8 +73,16 @@ impl Vm {
         plugins: &PluginSet,
     ) -> Result<Self, VmError> {
         let name = format!("cid-{}", cfg.guest_cid);
-        let gate = Arc::new(std::sync::Mutex::new(plugins.gate(&name)?));
-        let serializer = Arc::new(std::sync::Mutex::new(plugins.serializer_for(&name)?));
+        let stats = Arc::new(VmStats::default());
+        let mut gate = plugins.gate(&name)?;
+        gate.set_stats(stats.clone());
+        let gate = Arc::new(std::sync::Mutex::new(gate));
+        let serializer = plugins.serializer_for(&name)?;
+        let _ = stats
+            .counters
+            .serializer
+            .set((serializer.name().to_string(), serializer.counters()));
+        let serializer = Arc::new(std::sync::Mutex::new(serializer));
         let listen = |path: PathBuf, kind| {
             sys::listen(&path, kind, 1024).map_err(|source| VmError::Listen { path, source })
         };
@@ -93,7 +101,7 @@ impl Vm {
             listener,
             gate,
             serializer,
-            stats: Arc::default(),
+            stats,
             handover: Arc::default(),
         })
     }
@@ -180,6 +188,7 @@ impl Vm {
         }
         self.registry.close(cid);
         self.stats.frontend.store(false, Ordering::Relaxed);
+        self.stats.conns.set_waker(None);
         for h in daemon.get_epoll_handlers() {
             h.send_exit_event();
         }

@@ -33,6 +33,22 @@ pub enum Command {
         #[command(subcommand)]
         command: CtlCommand,
     },
+    /// Work with saved device states.
+    #[command(subcommand)]
+    State(StateCommand),
+}
+
+/// `vhost-plug state ...`
+#[derive(Debug, Subcommand)]
+pub enum StateCommand {
+    /// Decode a saved device state (SET_DEVICE_STATE_FD blob) and print it as JSON.
+    Inspect {
+        /// The state file.
+        file: PathBuf,
+        /// Serializer component to decode with [default: the built-in one the state names].
+        #[arg(long, value_name = "PATH")]
+        serializer: Option<PathBuf>,
+    },
 }
 
 /// `vhost-plug ctl ...`
@@ -59,6 +75,12 @@ pub enum CtlCommand {
         /// Control socket of the daemon taking over.
         #[arg(long, value_name = "SOCKET")]
         to: PathBuf,
+        /// Only the VM with this CID [default: every VM].
+        #[arg(long, value_name = "CID")]
+        vm: Option<u64>,
+    },
+    /// Open connections: addresses, initiator, state, bytes each way and credit.
+    Conns {
         /// Only the VM with this CID [default: every VM].
         #[arg(long, value_name = "CID")]
         vm: Option<u64>,
@@ -135,9 +157,19 @@ struct Cli {
     #[arg(long, value_name = "PATH")]
     control_socket: Option<PathBuf>,
 
+    /// Serve Prometheus metrics (GET /metrics) on unix:PATH (created 0600) or a loopback
+    /// IP:PORT such as 127.0.0.1:9100.
+    #[arg(long, value_name = "ADDR", value_parser = metrics_value)]
+    metrics: Option<crate::metrics::MetricsAddr>,
+
     /// Log line format (on stderr).
     #[arg(long, value_enum, value_name = "FORMAT", default_value_t = LogFormat::Text, global = true)]
     log_format: LogFormat,
+
+    /// Log filter, e.g. `debug` or `info,vhost_plug::device=debug` (overrides VHOST_PLUG_LOG
+    /// and RUST_LOG) [default: info]
+    #[arg(long, value_name = "FILTER", value_parser = log_level_value)]
+    log_level: Option<String>,
 
     #[command(subcommand)]
     command: Option<Command>,
@@ -299,10 +331,12 @@ where
     Ok(Invocation::Daemon(DaemonConfig {
         vms,
         log_format: cli.log_format,
+        log_level: cli.log_level,
         plugins: cli.plugins,
         allow_routes: cli.allow_routes,
         control_socket: cli.control_socket,
         plugin_cache: cli.plugin_cache,
+        metrics: cli.metrics,
         warnings,
     }))
 }
@@ -311,6 +345,16 @@ fn plugin_value(value: &str) -> Result<crate::plugin::PluginSpec, String> {
     value
         .parse()
         .map_err(|e: crate::plugin::PluginError| e.to_string())
+}
+
+fn log_level_value(value: &str) -> Result<String, String> {
+    tracing_subscriber::EnvFilter::try_new(value)
+        .map(|_| value.to_string())
+        .map_err(|e| e.to_string())
+}
+
+fn metrics_value(value: &str) -> Result<crate::metrics::MetricsAddr, String> {
+    value.parse()
 }
 
 fn route_value(value: &str) -> Result<super::RouteSpec, String> {

@@ -1136,3 +1136,52 @@ fn yaml_per_vm_plugins() {
     assert_eq!(line, 2);
     assert!(message.contains("KIND=PATH"), "{message}");
 }
+
+#[test]
+fn metrics_endpoint() {
+    use crate::metrics::MetricsAddr;
+    let base = ["--socket", "/s", "--uds-path", "/u"];
+    assert_eq!(ok(&base).metrics, None);
+    fn with<'a>(base: &[&'a str], v: &'a str) -> Vec<&'a str> {
+        [base, &["--metrics", v]].concat()
+    }
+    assert_eq!(
+        ok(&with(&base, "unix:/run/vp.metrics")).metrics,
+        Some(MetricsAddr::Unix("/run/vp.metrics".into()))
+    );
+    assert_eq!(
+        ok(&with(&base, "127.0.0.1:9100")).metrics,
+        Some(MetricsAddr::Tcp("127.0.0.1:9100".parse().expect("addr")))
+    );
+    assert_eq!(
+        ok(&with(&base, "[::1]:0")).metrics,
+        Some(MetricsAddr::Tcp("[::1]:0".parse().expect("addr")))
+    );
+    let (kind, text) = cli_err(&with(&base, "0.0.0.0:9100"));
+    assert_eq!(kind, ErrorKind::ValueValidation);
+    assert!(
+        text.contains("--metrics") && text.contains("not a loopback address"),
+        "{text}"
+    );
+    let (_, text) = cli_err(&with(&base, "metrics.example:9100"));
+    assert!(text.contains("unix:PATH or a loopback IP:PORT"), "{text}");
+    assert_eq!(ok(&base).log_level, None);
+    assert_eq!(
+        ok(&[&base[..], &["--log-level", "info,vhost_plug=debug"]].concat())
+            .log_level
+            .as_deref(),
+        Some("info,vhost_plug=debug")
+    );
+    let (kind, _) = cli_err(&[&base[..], &["--log-level", "info,[bad"]].concat());
+    assert_eq!(kind, ErrorKind::ValueValidation);
+    // A daemon flag: not next to a subcommand.
+    assert!(parse(&[
+        "--metrics",
+        "127.0.0.1:9100",
+        "ctl",
+        "--socket",
+        "/c",
+        "status"
+    ])
+    .is_err());
+}

@@ -7,9 +7,10 @@ use tracing::{debug, warn};
 use vmm_sys_util::epoll::{EpollEvent, EventSet};
 
 use super::{
-    Device, MAX_HANDSHAKES, TOKEN_LISTEN_SEQ, TOKEN_LISTEN_STREAM, TOKEN_SIBLING, TOKEN_TIMER,
+    Device, MAX_HANDSHAKES, TOKEN_CONNS, TOKEN_LISTEN_SEQ, TOKEN_LISTEN_STREAM, TOKEN_SIBLING,
+    TOKEN_TIMER,
 };
-use crate::conn::{pending, AcceptReply, Conn, ConnKey, State};
+use crate::conn::{pending, AcceptReply, Conn, ConnKey, Initiator, State};
 use crate::gate::{Admission, Request, Target};
 use crate::siblings::SiblingConnect;
 use crate::sys;
@@ -51,6 +52,7 @@ impl Device {
                     TOKEN_LISTEN_SEQ => self.accept(SockType::Seqpacket),
                     TOKEN_SIBLING => self.sibling_requests(),
                     TOKEN_TIMER => self.expire_handshakes(),
+                    TOKEN_CONNS => self.publish_conns(),
                     tok => self.conn_event(tok, evset),
                 }
             }
@@ -92,7 +94,8 @@ impl Device {
             local_port: 0,
             peer_port: 0,
         };
-        let conn = Conn::new(0, key, kind, sock, State::AwaitConnectLine);
+        let mut conn = Conn::new(0, key, kind, sock, State::AwaitConnectLine);
+        conn.initiator = Initiator::Host;
         match self.insert(conn, false) {
             Ok(idx) => {
                 self.handshakes += 1;
@@ -106,6 +109,8 @@ impl Device {
     /// Consumes exactly the CONNECT line, leaving any bytes after it in the socket for the
     /// guest, and offers the connection to the guest.
     fn read_connect_line(&mut self, idx: usize) {
+        let span = self.conns[idx].span.clone();
+        let _entered = span.enter();
         let c = &mut self.conns[idx];
         let fd = c.fd.as_raw_fd();
         let mut line = [0u8; MAX_CONNECT_LINE];
@@ -180,10 +185,14 @@ impl Device {
         };
         c.set_state(State::Requesting(AcceptReply::HybridOk));
         c.pending = pending::REQUEST;
+        c.span.record("local_port", port);
+        c.span.record("peer_port", local_port);
         self.handshakes -= 1;
         self.keys.insert(self.conns[idx].key, idx);
         self.publish_count();
-        debug!(cid = self.cfg.guest_cid, port, local_port, "host connect");
+        self.note_opened(Initiator::Host);
+        // The addresses are in the connection's span.
+        debug!("host connect");
         self.wake_rx(idx);
     }
 
@@ -225,6 +234,7 @@ impl Device {
             State::Requesting(AcceptReply::SiblingAck),
         );
         conn.pending = pending::REQUEST;
+        conn.initiator = Initiator::Sibling;
         match self.insert(conn, true) {
             Ok(idx) => self.wake_rx(idx),
             Err(e) => warn!(error = %e, "cannot watch sibling socket"),
@@ -240,6 +250,8 @@ impl Device {
         if c.gen != gen {
             return;
         }
+        let span = c.span.clone();
+        let _entered = span.enter();
         if ev
             .intersects(EventSet::IN | EventSet::READ_HANG_UP | EventSet::HANG_UP | EventSet::ERROR)
         {

@@ -25,9 +25,10 @@ use crate::plugin::types::{DeviceState, EventQueueOwner, EventQueueState};
 use crate::vsock::chain::ChainBuf;
 use crate::vsock::header::EVENT_TRANSPORT_RESET;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
-use crate::conn::{pending, Conn, ConnKey};
+use crate::conn::{pending, Conn, ConnKey, Initiator};
 use crate::control::VmStats;
 use crate::gate::{Admission, Closed, Gate, Request, Target};
 use crate::mem::GuestMemAtomic;
@@ -47,6 +48,8 @@ const TOKEN_LISTEN_STREAM: u64 = 1 << 63;
 const TOKEN_LISTEN_SEQ: u64 = (1 << 63) | 1;
 const TOKEN_SIBLING: u64 = (1 << 63) | 2;
 const TOKEN_TIMER: u64 = (1 << 63) | 3;
+/// `ctl conns` asks for a snapshot of the table ([`crate::connlist`]).
+const TOKEN_CONNS: u64 = (1 << 63) | 4;
 
 /// How long a host program may take to send its CONNECT line, and a guest or sibling to
 /// answer a connection request, before the connection is dropped.
@@ -101,6 +104,8 @@ pub struct Device {
     timer_armed: bool,
     gate: Option<Arc<Mutex<Gate>>>,
     stats: Option<Arc<VmStats>>,
+    /// Written by `ctl conns` to have the table copied out ([`crate::connlist`]).
+    conns_wake: Arc<EventFd>,
     iov: Vec<libc::iovec>,
     /// Connections handed over to another daemon (see [`Device::detach_for_handover`]).
     detached: Vec<Conn>,
@@ -109,6 +114,22 @@ pub struct Device {
 // SAFETY: the raw iovec pointers in the scratch vector are only used while a syscall runs and
 // never outlive the call that filled them; everything else in `Device` is Send.
 unsafe impl Send for Device {}
+
+/// A connection's state for `ctl conns`.
+fn state_name(c: &Conn) -> &'static str {
+    use crate::conn::State;
+    if c.pending & pending::RST != 0 {
+        return "closing";
+    }
+    match c.state {
+        State::AwaitConnectLine => "await-connect-line",
+        State::Requesting(_) => "requesting",
+        State::SiblingConnecting => "sibling-connecting",
+        State::TcpConnecting => "tcp-connecting",
+        State::Established if c.guest_shut_send || c.host_eof => "half-closed",
+        State::Established => "established",
+    }
+}
 
 fn token(idx: usize, gen: u32) -> u64 {
     (u64::from(gen) << 32) | idx as u64
@@ -122,6 +143,12 @@ impl Device {
             ControlOperation::Add,
             timer.as_raw_fd(),
             EpollEvent::new(EventSet::IN, TOKEN_TIMER),
+        )?;
+        let conns_wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
+        epoll.ctl(
+            ControlOperation::Add,
+            conns_wake.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, TOKEN_CONNS),
         )?;
         Ok(Device {
             cfg,
@@ -146,6 +173,7 @@ impl Device {
             timer_armed: false,
             gate: None,
             stats: None,
+            conns_wake,
             iov: Vec::with_capacity(64),
             detached: Vec::new(),
         })
@@ -183,9 +211,76 @@ impl Device {
         self.cfg.max_connections
     }
 
-    /// Counters the control socket reads.
+    /// Counters the control socket and the metrics endpoint read; `ctl conns` reaches this
+    /// device through them until the session ends.
     pub fn set_stats(&mut self, stats: Arc<VmStats>) {
+        stats.conns.set_waker(Some(self.conns_wake.clone()));
         self.stats = Some(stats);
+    }
+
+    pub fn stats(&self) -> Option<Arc<VmStats>> {
+        self.stats.clone()
+    }
+
+    /// A connection entered the table (keyed): counted by who opened it.
+    fn note_opened(&self, who: Initiator) {
+        if let Some(s) = &self.stats {
+            s.counters.opened(who);
+        }
+    }
+
+    /// The span entered while handling a connection. Fields are from the guest's side:
+    /// `local_port` is the guest's port, `peer_cid`/`peer_port` the other end. At INFO, so
+    /// a filter quieter than that (`VHOST_PLUG_LOG=warn`) makes it `Span::none()`, which costs
+    /// nothing to enter. The ports of a host connection still reading its CONNECT line are
+    /// recorded once known.
+    fn conn_span(&self, c: &Conn) -> Arc<tracing::Span> {
+        let span = tracing::info_span!(
+            "conn",
+            vm = self.cfg.guest_cid,
+            local_port = tracing::field::Empty,
+            peer_cid = c.key.local_cid,
+            peer_port = tracing::field::Empty,
+        );
+        if c.state != crate::conn::State::AwaitConnectLine {
+            span.record("local_port", c.key.peer_port);
+            span.record("peer_port", c.key.local_port);
+        }
+        Arc::new(span)
+    }
+
+    /// Copies the table (at most [`crate::connlist::MAX_ROWS`] rows) for `ctl conns`.
+    fn publish_conns(&mut self) {
+        let _ = self.conns_wake.read();
+        let Some(stats) = &self.stats else { return };
+        if !stats.conns.wanted() {
+            return;
+        }
+        let rows = self
+            .conns
+            .iter()
+            .take(crate::connlist::MAX_ROWS)
+            .map(|(_, c)| crate::connlist::ConnRow {
+                vm: self.cfg.guest_cid,
+                local_port: c.key.peer_port,
+                peer_cid: c.key.local_cid,
+                peer_port: c.key.local_port,
+                kind: match c.kind {
+                    crate::vsock::header::SockType::Stream => "stream",
+                    crate::vsock::header::SockType::Seqpacket => "seqpacket",
+                }
+                .into(),
+                direction: c.initiator.as_str().into(),
+                state: state_name(c).into(),
+                bytes_from_guest: c.bytes_from_guest,
+                bytes_to_guest: c.bytes_to_guest,
+                peer_buf_alloc: c.peer_buf_alloc,
+                peer_fwd_cnt: c.peer_fwd_cnt,
+                peer_credit: c.peer_credit(),
+                tx_buffered: c.buf.len() + c.partial_msg.len(),
+            })
+            .collect();
+        stats.conns.publish(rows, self.conns.len());
     }
 
     fn publish_count(&self) {
@@ -369,6 +464,7 @@ impl Device {
     }
 
     fn insert(&mut self, mut conn: Conn, keyed: bool) -> std::io::Result<usize> {
+        conn.span = self.conn_span(&conn);
         let entry = self.conns.vacant_entry();
         let idx = entry.key();
         conn.gen = self.next_gen;
@@ -385,9 +481,11 @@ impl Device {
             self.keys.insert(conn.key, idx);
         }
         let handshake = conn.in_handshake();
+        let who = conn.initiator;
         entry.insert(conn);
         if keyed {
             self.publish_count();
+            self.note_opened(who);
         }
         if handshake {
             self.arm_timer();
@@ -397,6 +495,13 @@ impl Device {
 
     fn remove(&mut self, idx: usize) {
         if let Some(c) = self.conns.try_remove(idx) {
+            debug!(
+                parent: &*c.span,
+                bytes_from_guest = c.bytes_from_guest,
+                bytes_to_guest = c.bytes_to_guest,
+                reset = c.was_reset,
+                "connection closed"
+            );
             let _ = self.epoll.ctl(
                 ControlOperation::Delete,
                 c.fd.as_raw_fd(),
@@ -530,6 +635,8 @@ impl Device {
             }
         }
         for (idx, state) in expired {
+            let span = self.conns[idx].span.clone();
+            let _entered = span.enter();
             warn!(cid = self.cfg.guest_cid, ?state, "handshake timed out");
             match state {
                 // Nothing was told to the guest yet.

@@ -122,6 +122,8 @@ impl Device {
     }
 
     fn fill_conn(&mut self, idx: usize, buf: &ChainBuf<'_>) -> Fill {
+        let span = self.conns[idx].span.clone();
+        let _entered = span.enter();
         let guest_cid = self.cfg.guest_cid;
         let buf_alloc = self.cfg.buf_alloc;
         let c = &mut self.conns[idx];
@@ -174,6 +176,11 @@ impl Device {
         c.pending &= !pending::CREDIT_UPDATE;
         buf.write_at(0, &h.to_le_bytes());
         let n = HDR_LEN as u32 + h.len;
+        if let (OP_RW, Some(s)) = (h.op, &self.stats) {
+            s.counters
+                .bytes_to_guest
+                .fetch_add(u64::from(h.len), std::sync::atomic::Ordering::Relaxed);
+        }
         if remove {
             self.remove(idx);
         } else {

@@ -114,6 +114,8 @@ impl Device {
                 _ => self.reply_rst(&h, "no such connection"),
             };
         };
+        let span = self.conns[idx].span.clone();
+        let _entered = span.enter();
         if self.conns[idx].kind != kind {
             return self.reset(idx, "socket type changed");
         }
@@ -274,6 +276,11 @@ impl Device {
         let len = h.len as usize;
         c.rx_cnt = c.rx_cnt.wrapping_add(h.len);
         c.bytes_from_guest += u64::from(h.len);
+        if let Some(s) = &self.stats {
+            s.counters
+                .bytes_from_guest
+                .fetch_add(u64::from(h.len), std::sync::atomic::Ordering::Relaxed);
+        }
         let ok = if c.is_seqpacket() {
             seq_from_guest(c, buf, len, h.flags & SEQ_EOM != 0, &mut self.iov)
         } else {

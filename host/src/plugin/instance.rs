@@ -10,6 +10,13 @@ use super::bindings::{bridge_world, policy_world, serializer_world};
 use super::runtime::{HostState, KindPre, RuntimeShared};
 use super::{FailureKind, Plugin, PluginError, PluginRuntime};
 
+/// Upper bounds (ns) of the call-latency histogram buckets; a last bucket takes the rest.
+/// From 1 us (a warm policy call) to the 10 ms default deadline.
+pub const LATENCY_BUCKETS_NS: [u64; 13] = [
+    1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000,
+    5_000_000, 10_000_000,
+];
+
 /// Per-instance counters, readable from any thread (for metrics).
 #[derive(Debug, Default)]
 pub struct PluginCounters {
@@ -22,6 +29,9 @@ pub struct PluginCounters {
     pub total_call_ns: AtomicU64,
     pub max_call_ns: AtomicU64,
     pub quarantined: AtomicBool,
+    /// Calls per latency bucket ([`LATENCY_BUCKETS_NS`], then one for anything slower); not
+    /// cumulative.
+    pub latency_buckets: [AtomicU64; LATENCY_BUCKETS_NS.len() + 1],
 }
 
 /// A point-in-time copy of [`PluginCounters`].
@@ -204,6 +214,8 @@ impl<W: World> Slot<W> {
         self.counters.calls.fetch_add(1, Ordering::Relaxed);
         self.counters.total_call_ns.fetch_add(ns, Ordering::Relaxed);
         self.counters.max_call_ns.fetch_max(ns, Ordering::Relaxed);
+        let bucket = LATENCY_BUCKETS_NS.partition_point(|&b| b < ns);
+        self.counters.latency_buckets[bucket].fetch_add(1, Ordering::Relaxed);
         match r {
             Ok(v) => match check(v) {
                 Ok(t) => {

@@ -38,7 +38,7 @@ mod worlds;
 mod tests;
 
 pub use error::{FailureKind, PluginError};
-pub use instance::{PluginCounters, PluginStats};
+pub use instance::{PluginCounters, PluginStats, LATENCY_BUCKETS_NS};
 pub use route::{NoSiblings, RouteAllowlist, RouteError, SiblingCheck};
 pub use runtime::{Plugin, PluginInfo, PluginRuntime, PoolingLimits, ReturnLimits, RuntimeConfig};
 pub use spec::{PluginKind, PluginSource, PluginSpec};

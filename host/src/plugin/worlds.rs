@@ -440,6 +440,11 @@ impl Serializer {
     pub fn stats(&self) -> PluginStats {
         self.slot.counters.snapshot()
     }
+
+    /// Live counters (for the metrics endpoint).
+    pub fn counters(&self) -> Arc<PluginCounters> {
+        self.slot.counters.clone()
+    }
 }
 
 /// Instances move to the VM's thread.
