@@ -11,11 +11,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
-use vhost::vhost_user::message::VhostUserProtocolFeatures;
-use vhost_plug_tests::harness::{Setup, TestVm};
+use vhost_plug_tests::harness::{ctl, Setup, TestVm};
 use vhost_plug_tests::host::{accept_timeout, host_connect, host_listen, HOST_TIMEOUT};
 use vhost_plug_tests::packet::HOST_CID;
-use vhost_plug_tests::{DaemonKind, DriverConfig, GuestSocket, SimConfig, SockType, VmSpec};
+use vhost_plug_tests::state::state_cfg;
+use vhost_plug_tests::{DaemonKind, DriverConfig, GuestSocket, QueueSet, SockType, VmSpec};
 
 const PROMPT: Duration = Duration::from_secs(10);
 const XFER: Duration = Duration::from_secs(10);
@@ -33,15 +33,6 @@ fn run(args: &[&str]) -> Result<(bool, String, String)> {
     ))
 }
 
-fn ctl(socket: &Path, args: &[&str]) -> Result<(bool, Value)> {
-    let sock = socket.display().to_string();
-    let mut all = vec!["ctl", "--socket", &sock];
-    all.extend_from_slice(args);
-    let (ok, out, err) = run(&all)?;
-    let v = serde_json::from_str(&out).with_context(|| format!("ctl output: {out} / {err}"))?;
-    Ok((ok, v))
-}
-
 fn recv_exact(g: &GuestSocket, n: usize) -> Result<Vec<u8>> {
     let mut out = vec![0u8; n];
     let mut at = 0;
@@ -54,14 +45,7 @@ fn recv_exact(g: &GuestSocket, n: usize) -> Result<Vec<u8>> {
 }
 
 fn boot_with_state(s: &Setup) -> Result<TestVm> {
-    s.boot_with(
-        0,
-        SimConfig {
-            extra_protocol_features: VhostUserProtocolFeatures::DEVICE_STATE,
-            ..SimConfig::default()
-        },
-        DriverConfig::default(),
-    )
+    s.boot_with(0, state_cfg(QueueSet::All), DriverConfig::default())
 }
 
 /// The `connections` rows of a `ctl conns` answer.
@@ -231,6 +215,11 @@ fn saved_state(serializer: &str) -> Result<Vec<u8>> {
     )?;
     let r = (|| -> Result<Vec<u8>> {
         let mut vm = boot_with_state(&s)?;
+        // One packet exchange (a refused connect) makes sure the device has seen the driver's
+        // rings in use; a state saved before that is not "live" (it has nothing to reset).
+        let _ = vm
+            .guest
+            .connect_timeout(HOST_CID, 1, SockType::Stream, Duration::from_secs(5));
         vm.guest.pause_interrupts()?;
         let bases = vm.sim.stop_vrings()?;
         let blob = vm.sim.save_state(XFER)?;
