@@ -31,6 +31,12 @@ pub const RX_QUEUE: u16 = 0;
 pub const TX_QUEUE: u16 = 1;
 pub const EVENT_QUEUE: u16 = 2;
 pub const NUM_QUEUES: usize = 3;
+/// Virtio features the device offers.
+pub const OFFERED_FEATURES: u64 = (1 << VIRTIO_F_VERSION_1)
+    | (1 << VIRTIO_F_NOTIFY_ON_EMPTY)
+    | (1 << VIRTIO_RING_F_EVENT_IDX)
+    | (1 << F_SEQPACKET)
+    | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
 /// Event id of the device's host-socket epoll in the worker's event loop.
 pub const HOST_EVENT: u16 = NUM_QUEUES as u16 + 1;
 
@@ -103,11 +109,7 @@ impl VhostUserBackend for VsockBackend {
     }
 
     fn features(&self) -> u64 {
-        (1 << VIRTIO_F_VERSION_1)
-            | (1 << VIRTIO_F_NOTIFY_ON_EMPTY)
-            | (1 << VIRTIO_RING_F_EVENT_IDX)
-            | (1 << F_SEQPACKET)
-            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        OFFERED_FEATURES
     }
 
     fn acked_features(&self, features: u64) {

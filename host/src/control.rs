@@ -9,7 +9,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -19,6 +19,9 @@ use tracing::{info, warn};
 
 use crate::gate::{Gate, PluginSet};
 use crate::handover;
+use crate::metrics::TransferDir;
+use crate::migration::{self, StatePlugins};
+use crate::plugin::types::{DeviceState, EventQueueOwner, EventQueueState};
 use crate::plugin::PluginSpec;
 
 /// Longest request line accepted.
@@ -30,6 +33,7 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct VmHandle {
     pub cid: u64,
     pub gate: Arc<Mutex<Gate>>,
+    pub serializer: Arc<Mutex<crate::plugin::Serializer>>,
     pub stats: Arc<VmStats>,
     pub handover: Arc<handover::Slots>,
     /// Connection limit of the VM; bounds the sockets a handover may bring.
@@ -45,6 +49,16 @@ pub struct VmStats {
     pub counters: crate::metrics::VmCounters,
     /// Where `ctl conns` gets the device's connection table.
     pub conns: crate::connlist::ConnTable,
+    /// What a SAVE would record about the device right now (for `ctl save`).
+    pub facts: DeviceFactsLive,
+}
+
+/// Device facts of a saved state, published by the device when they change.
+#[derive(Default)]
+pub struct DeviceFactsLive {
+    pub acked_features: AtomicU64,
+    pub event_queue_owned: AtomicBool,
+    pub driver_live: AtomicBool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -62,6 +76,12 @@ pub enum Request {
         /// Only this VM (default: every VM).
         vm: Option<u64>,
     },
+    /// Writes the VM's state (device facts and plugin states, as a migration SAVE would) to
+    /// `file` on the daemon's side.
+    Save { file: PathBuf, vm: Option<u64> },
+    /// Loads the plugin states of a state file written by `save` (or a SAVE) into the
+    /// running VM; the device part is for a VMM's LOAD and is only checked here.
+    Load { file: PathBuf, vm: Option<u64> },
     /// Old daemon: the next SAVE of the VM (or of every VM) is a same-host handover to the
     /// daemon serving control socket `to`: the state carries the connection table and the
     /// sockets go to `to`.
@@ -262,6 +282,28 @@ pub fn handle(req: Request, vms: &[VmHandle], plugins: &PluginSet) -> Value {
             info!(?armed, to = ?to, "next SAVE is a same-host handover");
             json!({"ok": true, "armed": armed})
         }
+        Request::Save { file, vm } => match pick_vm(vms, vm) {
+            Ok(v) => {
+                let r = save_file(v, &file);
+                v.stats.counters.transfer(TransferDir::Save, r.is_ok());
+                match r {
+                    Ok(bytes) => json!({"ok": true, "vm": v.cid, "file": file, "bytes": bytes}),
+                    Err(e) => json!({"ok": false, "error": e}),
+                }
+            }
+            Err(e) => json!({"ok": false, "error": e}),
+        },
+        Request::Load { file, vm } => match pick_vm(vms, vm) {
+            Ok(v) => {
+                let r = load_file(v, &file);
+                v.stats.counters.transfer(TransferDir::Load, r.is_ok());
+                match r {
+                    Ok(names) => json!({"ok": true, "vm": v.cid, "plugins": names}),
+                    Err(e) => json!({"ok": false, "error": e}),
+                }
+            }
+            Err(e) => json!({"ok": false, "error": e}),
+        },
         Request::HandoverFds { .. } => {
             json!({"ok": false, "error": "handover-fds needs the socket it arrives on"})
         }
@@ -294,6 +336,93 @@ fn conns(vm: Option<u64>, vms: &[VmHandle]) -> Value {
         return json!({"ok": false, "error": "no such VM"});
     }
     json!({"ok": true, "connections": list, "truncated": truncated})
+}
+
+/// The VM a request names, or the only one.
+fn pick_vm(vms: &[VmHandle], vm: Option<u64>) -> Result<&VmHandle, String> {
+    match vm {
+        Some(cid) => vms
+            .iter()
+            .find(|v| v.cid == cid)
+            .ok_or_else(|| format!("no VM with CID {cid}")),
+        None if vms.len() == 1 => Ok(&vms[0]),
+        None => Err("this daemon serves several VMs: name one with --vm".into()),
+    }
+}
+
+fn state_plugins(v: &VmHandle) -> StatePlugins {
+    StatePlugins {
+        gate: v.gate.clone(),
+        serializer: v.serializer.clone(),
+    }
+}
+
+/// A migration-style state of the VM, written 0600 and renamed into place.
+fn save_file(v: &VmHandle, file: &Path) -> Result<usize, String> {
+    let r = Ordering::Relaxed;
+    let state = DeviceState {
+        guest_cid: v.cid,
+        acked_features: v.stats.facts.acked_features.load(r),
+        event_queue: EventQueueState {
+            owner: if v.stats.facts.event_queue_owned.load(r) {
+                EventQueueOwner::Backend
+            } else {
+                EventQueueOwner::Frontend
+            },
+            driver_live: v.stats.facts.driver_live.load(r),
+        },
+        plugins: state_plugins(v).export().map_err(|e| e.to_string())?,
+        connections: Vec::new(),
+    };
+    let blob = migration::encode(&v.serializer, &state).map_err(|e| e.to_string())?;
+    let mut tmp = file.as_os_str().to_owned();
+    tmp.push(format!(".tmp{}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let write = || -> std::io::Result<()> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(&blob)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, file)
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        format!("writing {}: {e}", file.display())
+    })?;
+    info!(vm = v.cid, file = ?file, bytes = blob.len(), "state saved to file");
+    Ok(blob.len())
+}
+
+/// Decodes and checks a state file, then imports its plugin states (all or nothing).
+fn load_file(v: &VmHandle, file: &Path) -> Result<Vec<String>, String> {
+    let f = std::fs::File::open(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let mut bytes = Vec::new();
+    f.take(migration::MAX_BLOB as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("{}: {e}", file.display()))?;
+    let facts = migration::DeviceFacts {
+        guest_cid: v.cid,
+        offered_features: crate::backend::OFFERED_FEATURES,
+        max_connections: v.max_connections,
+    };
+    let state = migration::decode(&v.serializer, &bytes, &facts)
+        .map_err(|e| format!("{}: {e}", file.display()))?;
+    if !state.connections.is_empty() {
+        return Err(format!(
+            "{}: a handover state (with connections) is loaded by a VMM, not by ctl load",
+            file.display()
+        ));
+    }
+    state_plugins(v)
+        .import(&state.plugins)
+        .map_err(|e| format!("{}: {e}", file.display()))?;
+    info!(vm = v.cid, file = ?file, "plugin states loaded from file");
+    Ok(state.plugins.into_iter().map(|p| p.name).collect())
 }
 
 /// Pauses each VM's connection dispatch (its gate lock), exports the old plugin's state,

@@ -49,6 +49,14 @@ fn run_command(cmd: Command) -> ExitCode {
                 CtlCommand::Status => Request::Status,
                 CtlCommand::Plugins => Request::Plugins,
                 CtlCommand::Swap { spec, replace, vm } => Request::Swap { spec, replace, vm },
+                CtlCommand::Save { file, vm } => Request::Save {
+                    file: std::path::absolute(&file).unwrap_or(file),
+                    vm,
+                },
+                CtlCommand::Load { file, vm } => Request::Load {
+                    file: std::path::absolute(&file).unwrap_or(file),
+                    vm,
+                },
                 // The daemon resolves the path from its own working directory.
                 CtlCommand::Handover { to, vm } => Request::Handover {
                     to: std::path::absolute(&to).unwrap_or(to),

@@ -111,6 +111,7 @@ impl Vm {
         VmHandle {
             cid: self.cfg.guest_cid,
             gate: self.gate.clone(),
+            serializer: self.serializer.clone(),
             stats: self.stats.clone(),
             handover: self.handover.clone(),
             max_connections: self.cfg.max_connections,

@@ -381,3 +381,106 @@ fn connection_log_lines_carry_the_connection_span() -> Result<()> {
     })();
     r.with_context(|| format!("daemon stderr:\n{}", s.daemon.stderr()))
 }
+
+/// Guest connections to host port `port`, each accepted and closed.
+fn connect_n(vm: &TestVm, port: u32, n: usize) -> Result<()> {
+    let l = host_listen(&vm.spec.uds_path, port)?;
+    for _ in 0..n {
+        let g = vm
+            .guest
+            .connect_timeout(HOST_CID, port, SockType::Stream, PROMPT)
+            .map_err(|e| anyhow::anyhow!("connect: {e}"))?;
+        let _h = accept_timeout(&l, HOST_TIMEOUT)?;
+        g.close()?;
+    }
+    let _ = std::fs::remove_file(vhost_plug_tests::host::port_path(&vm.spec.uds_path, port));
+    Ok(())
+}
+
+#[test]
+fn ctl_save_and_load_take_plugin_state_to_disk_and_back() -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir()?;
+    let sock = dir.path().join("ctl.sock");
+    let sock_s = sock.display().to_string();
+    let s = Setup::with(
+        DaemonKind::VhostPlug,
+        |d| vec![VmSpec::new(d, 3), VmSpec::new(d, 4)],
+        &[
+            "--control-socket",
+            &sock_s,
+            "--plugin",
+            "policy=builtin:port-allowlist-v1,name=acl,config=allow=2:1234",
+            "--plugin",
+            "serializer=builtin:serializer-json",
+        ],
+    )?;
+    let r = (|| -> Result<()> {
+        let vm = boot_with_state(&s)?;
+        connect_n(&vm, 1234, 3)?;
+        let f1 = dir.path().join("three.state");
+        let f1_s = f1.display().to_string();
+        let (ok, v) = ctl(&sock, &["save", &f1_s])?;
+        ensure!(!ok, "save without --vm on a two-VM daemon: {v}");
+        let (ok, v) = ctl(&sock, &["save", &f1_s, "--vm", "3"])?;
+        ensure!(ok, "ctl save: {v}");
+        let mode = std::fs::metadata(&f1)?.permissions().mode() & 0o777;
+        ensure!(mode == 0o600, "state file mode {mode:o}");
+        // What was saved: CID 3, live driver, the acl plugin with 3 hits on its one rule.
+        let (ok, out, err) = inspect(&f1, &[])?;
+        ensure!(ok, "inspect: {err}");
+        let j: Value = serde_json::from_str(&out)?;
+        ensure!(j["state"]["guest_cid"] == 3, "{j}");
+        ensure!(j["state"]["event_queue"]["driver_live"] == true, "{j}");
+        ensure!(j["state"]["plugins"][0]["name"] == "acl", "{j}");
+
+        connect_n(&vm, 1234, 2)?;
+        let f2 = dir.path().join("five.state");
+        let (ok, v) = ctl(&sock, &["save", &f2.display().to_string(), "--vm", "3"])?;
+        ensure!(ok, "{v}");
+        ensure!(
+            std::fs::read(&f1)? != std::fs::read(&f2)?,
+            "hit counters not in the state"
+        );
+
+        // Back to three hits: saving again gives the first file byte for byte.
+        let (ok, v) = ctl(&sock, &["load", &f1_s, "--vm", "3"])?;
+        ensure!(ok && v["plugins"][0] == "acl", "ctl load: {v}");
+        let f3 = dir.path().join("again.state");
+        let (ok, v) = ctl(&sock, &["save", &f3.display().to_string(), "--vm", "3"])?;
+        ensure!(ok, "{v}");
+        ensure!(
+            std::fs::read(&f1)? == std::fs::read(&f3)?,
+            "the state after load differs from the file loaded"
+        );
+
+        // Refusals change nothing: another VM's file, a damaged file, a missing file.
+        let (ok, v) = ctl(&sock, &["load", &f1_s, "--vm", "4"])?;
+        ensure!(
+            !ok && v["error"].as_str().is_some_and(|e| e.contains("CID")),
+            "{v}"
+        );
+        let bad = dir.path().join("bad.state");
+        let mut bytes = std::fs::read(&f1)?;
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x20;
+        std::fs::write(&bad, &bytes)?;
+        let (ok, v) = ctl(&sock, &["load", &bad.display().to_string(), "--vm", "3"])?;
+        ensure!(
+            !ok && v["error"].as_str().is_some_and(|e| e.contains("checksum")),
+            "{v}"
+        );
+        let (ok, v) = ctl(&sock, &["load", "no-such.state", "--vm", "3"])?;
+        ensure!(!ok, "{v}");
+        let f4 = dir.path().join("after-refusals.state");
+        let (ok, v) = ctl(&sock, &["save", &f4.display().to_string(), "--vm", "3"])?;
+        ensure!(ok, "{v}");
+        ensure!(
+            std::fs::read(&f1)? == std::fs::read(&f4)?,
+            "a refused load changed the state"
+        );
+        vm.shutdown();
+        Ok(())
+    })();
+    r.with_context(|| format!("daemon stderr:\n{}", s.daemon.stderr()))
+}

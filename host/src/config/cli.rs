@@ -69,6 +69,20 @@ pub enum CtlCommand {
         #[arg(long, value_name = "CID")]
         vm: Option<u64>,
     },
+    /// Write the VM's state (device facts and plugin states) to FILE, on the daemon's side.
+    Save {
+        file: PathBuf,
+        /// The VM with this CID [default: the only VM].
+        #[arg(long, value_name = "CID")]
+        vm: Option<u64>,
+    },
+    /// Load the plugin states of a state FILE into the running VM (all or nothing).
+    Load {
+        file: PathBuf,
+        /// The VM with this CID [default: the only VM].
+        #[arg(long, value_name = "CID")]
+        vm: Option<u64>,
+    },
     /// Make the next device-state SAVE a same-host handover: the state carries the
     /// connection table and the sockets go to the new daemon's control socket.
     Handover {

@@ -316,6 +316,20 @@ impl Device {
     /// Records the features the driver acked.
     pub fn set_acked_features(&mut self, features: u64) {
         self.acked_features = features;
+        self.publish_facts();
+    }
+
+    /// Lets `ctl save` see what a SAVE would record about the device.
+    fn publish_facts(&self) {
+        if let Some(s) = &self.stats {
+            let st = self.snapshot();
+            let r = std::sync::atomic::Ordering::Relaxed;
+            s.facts.acked_features.store(st.acked_features, r);
+            s.facts
+                .event_queue_owned
+                .store(st.event_queue.owner == EventQueueOwner::Backend, r);
+            s.facts.driver_live.store(st.event_queue.driver_live, r);
+        }
     }
 
     /// Whether the driver acked SEQPACKET sockets.
@@ -332,22 +346,25 @@ impl Device {
         evq: Option<&VringRwLock<GuestMemAtomic>>,
     ) {
         // Both facts only ever turn true: once known, the rings are not looked at again.
+        let before = (self.event_queue_owned, self.driver_live);
         if let (false, Some(evq)) = (self.event_queue_owned, evq) {
             self.event_queue_owned = evq.get_ref().get_queue().ready();
         }
-        if self.driver_live {
-            return;
+        if !self.driver_live {
+            let Some(atomic) = &self.mem else { return };
+            let mem = atomic.memory();
+            let state = rx.get_ref();
+            let q = state.get_queue();
+            if q.ready() {
+                let posted = q
+                    .avail_idx(&*mem, std::sync::atomic::Ordering::Acquire)
+                    .map(|i| i.0 != 0)
+                    .unwrap_or(false);
+                self.driver_live = posted || q.next_avail() != 0;
+            }
         }
-        let Some(atomic) = &self.mem else { return };
-        let mem = atomic.memory();
-        let state = rx.get_ref();
-        let q = state.get_queue();
-        if q.ready() {
-            let posted = q
-                .avail_idx(&*mem, std::sync::atomic::Ordering::Acquire)
-                .map(|i| i.0 != 0)
-                .unwrap_or(false);
-            self.driver_live = posted || q.next_avail() != 0;
+        if before != (self.event_queue_owned, self.driver_live) {
+            self.publish_facts();
         }
     }
 
@@ -391,6 +408,7 @@ impl Device {
             }
             None => self.pending_reset = st.event_queue.driver_live,
         }
+        self.publish_facts();
         debug!(
             cid = self.cfg.guest_cid,
             reset = self.pending_reset,
