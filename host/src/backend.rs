@@ -36,6 +36,7 @@ pub const OFFERED_FEATURES: u64 = (1 << VIRTIO_F_VERSION_1)
     | (1 << VIRTIO_F_NOTIFY_ON_EMPTY)
     | (1 << VIRTIO_RING_F_EVENT_IDX)
     | (1 << F_SEQPACKET)
+    | VhostUserVirtioFeatures::LOG_ALL.bits()
     | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
 /// Event id of the device's host-socket epoll in the worker's event loop.
 pub const HOST_EVENT: u16 = NUM_QUEUES as u16 + 1;
@@ -121,6 +122,7 @@ impl VhostUserBackend for VsockBackend {
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::DEVICE_STATE
+            | VhostUserProtocolFeatures::LOG_SHMFD
     }
 
     fn set_device_state_fd(
