@@ -103,7 +103,7 @@ fn parse_args() -> Result<Opts> {
         only: GROUPS.iter().map(|g| g.to_string()).collect(),
         kinds: KINDS.to_vec(),
         tx_buffer_size: None,
-        qemu_rounds: 2,
+        qemu_rounds: 3,
         qemu_mib: 128,
         qemu_rtts: 2000,
         qemu_conns: 200,
