@@ -148,7 +148,8 @@ for ax, d in zip(axes, ["h2g", "g2h"]):
     ax.set_title(titles[d])
     ax.set_xlabel("write size (one connection)")
     ax.grid(True, alpha=0.3)
-    ax.set_ylim(bottom=0)
+# After all lines are drawn: the y axis is shared, so an earlier limit would cut them off.
+axes[0].set_ylim(bottom=0)
 axes[0].set_ylabel("MiB/s (median)")
 axes[1].legend(loc="upper left", fontsize=8)
 fig.suptitle("vhost-user vsock stream throughput, simulated VMM + guest driver, checksummed"
