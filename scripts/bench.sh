@@ -5,6 +5,9 @@
 #
 #   bash scripts/bench.sh [bench args...]    e.g. --quick, --reps 5 (output dir: BENCH_OUT)
 #
+# The run ends with the QEMU section: the same kinds of figures through a real Linux guest
+# under QEMU/TCG (tests/src/bench/qemu.rs), a few minutes.
+#
 # Output: target/bench/{table.md,sweep.csv,raw.csv,machine.txt,load.txt,vmstat.txt},
 # target/bench/txbuf-1m/ (throughput with a 1 MiB tx-buffer-size; BENCH_SKIP_WINDOW=1 skips it) and
 # docs/bench-throughput.png (throughput by write size, both daemons and the reference).
@@ -24,6 +27,21 @@ fi
 if [ ! -x "$PEER_ROOT/bin/vhost-device-vsock" ]; then
     echo "== installing vhost-device-vsock $PEER_VERSION (reference daemon) into $PEER_ROOT"
     cargo install vhost-device-vsock --locked --version "$PEER_VERSION" --root "$PEER_ROOT"
+fi
+
+# The QEMU section (bench group `qemu`) boots a real Linux guest under TCG, built from these
+# Debian packages by tests/guest/build.sh; without them (and not root) it is skipped.
+GUEST_PKGS="qemu-system-x86 linux-image-amd64 busybox-static socat"
+if ! command -v qemu-system-x86_64 >/dev/null || ! compgen -G '/boot/vmlinuz-*' >/dev/null ||
+    ! command -v busybox >/dev/null || ! command -v socat >/dev/null; then
+    if [ "$(id -u)" -eq 0 ]; then
+        echo "== installing $GUEST_PKGS (QEMU section)"
+        apt-get update
+        # shellcheck disable=SC2086
+        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $GUEST_PKGS
+    else
+        echo "warning: $GUEST_PKGS missing and not root: the QEMU section will fail" >&2
+    fi
 fi
 
 echo "== build (release)"
@@ -130,7 +148,8 @@ for ax, d in zip(axes, ["h2g", "g2h"]):
     ax.set_title(titles[d])
     ax.set_xlabel("write size (one connection)")
     ax.grid(True, alpha=0.3)
-    ax.set_ylim(bottom=0)
+# After all lines are drawn: the y axis is shared, so an earlier limit would cut them off.
+axes[0].set_ylim(bottom=0)
 axes[0].set_ylabel("MiB/s (median)")
 axes[1].legend(loc="upper left", fontsize=8)
 fig.suptitle("vhost-user vsock stream throughput, simulated VMM + guest driver, checksummed"

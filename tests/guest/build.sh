@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds the test guest for tests/tests/guest_qemu.rs from the host's Debian packages:
+# Builds the test guest for tests/tests/guest_qemu.rs and the QEMU section of the benchmark
+# (tests/src/qemu.rs) from the host's Debian packages:
 #   OUT/vmlinuz      the kernel of linux-image-amd64
 #   OUT/initrd.img   busybox-static, socat with its shared libraries, the virtio-vsock modules,
 #                    vsockt (vsockt.c, linked statically) and ./init as /init

@@ -15,13 +15,31 @@
  *   vsockt seqpacket CID PORT SECS SEQPACKET client: sends messages of SEND_SIZES, then
  *                                  receives messages of RECV_SIZES (host test knows both);
  *                                  checks every length and byte
+ *   vsockt bench-server BASE SECS  the guest side of the benchmark (tests/src/bench/qemu.rs);
+ *                                  prints "listening" once these stream listeners are up and
+ *                                  serves one connection at a time until "quit":
+ *                                  BASE+1 sink: read a line "<n>\n", then n bytes (or to
+ *                                         EOF) checking the bench pattern, reply
+ *                                         "bytes=<got> bad=<first bad offset or -1>\n"
+ *                                  BASE+2 source: read a line "<n>\n", write n pattern bytes,
+ *                                         close
+ *                                  BASE+3 echo: every byte back until EOF
+ *                                  BASE+4 accept and close at once
+ *                                  BASE+0 control, one command line, one reply line:
+ *                                         "ping PORT N W": connect to host PORT, W warm-up then
+ *                                         N 1-byte round trips, reply "p50_us=.. p99_us=.."
+ *                                         "connect PORT N": N sequential connect + close to host
+ *                                         PORT, reply "conns=N secs=.."
+ *                                         "quit": reply "bye", exit 0
  *
  * Every wait is bounded by SECS (or the kernel's 2 s connect timeout). Output goes to stdout,
  * one line per result; the calling shell turns it into @@ markers.
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <inttypes.h>
 #include <poll.h>
+#include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -304,6 +322,242 @@ static int cmd_seqpacket(unsigned cid, unsigned port, int secs)
     return 0;
 }
 
+/*
+ * Benchmark pattern: byte i of a stream is bench_pat[i % BENCH_PERIOD] (a prime period, so
+ * it does not line up with any write size). Same formula as tests/src/bench/qemu.rs.
+ */
+#define BENCH_PERIOD 1048573u
+#define BENCH_CHUNK 65536u
+static unsigned char bench_pat[BENCH_PERIOD + BENCH_CHUNK];
+
+static void bench_pattern_init(void)
+{
+    for (uint64_t j = 0; j < BENCH_PERIOD + BENCH_CHUNK; j++) {
+        uint64_t i = j % BENCH_PERIOD;
+        bench_pat[j] = (unsigned char)(i * 7u + (i >> 11) * 13u + 1u);
+    }
+}
+
+static int read_line(int fd, char *buf, size_t cap)
+{
+    size_t n = 0;
+    while (n + 1 < cap) {
+        ssize_t r = read(fd, buf + n, 1);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0)
+            return -1;
+        if (buf[n] == '\n')
+            break;
+        n++;
+    }
+    buf[n] = 0;
+    return (int)n;
+}
+
+static void reply(int fd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void reply(int fd, const char *fmt, ...)
+{
+    char line[256];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(line, sizeof line, fmt, ap);
+    va_end(ap);
+    if (n > 0)
+        (void)write_all(fd, line, (size_t)n < sizeof line ? (size_t)n : sizeof line - 1);
+}
+
+static void bench_sink(int c)
+{
+    static unsigned char buf[BENCH_CHUNK];
+    char line[64];
+    if (read_line(c, line, sizeof line) < 0)
+        return;
+    uint64_t want = strtoull(line, NULL, 10), total = 0, off = 0;
+    int64_t bad = -1;
+    while (total < want) {
+        uint64_t left = want - total;
+        ssize_t m = read(c, buf, left < sizeof buf ? (size_t)left : sizeof buf);
+        if (m < 0 && errno == EINTR)
+            continue;
+        if (m <= 0)
+            break;
+        if (bad < 0 && memcmp(buf, bench_pat + off, (size_t)m) != 0) {
+            for (ssize_t j = 0; j < m; j++)
+                if (buf[j] != bench_pat[off + (size_t)j]) {
+                    bad = (int64_t)(total + (uint64_t)j);
+                    break;
+                }
+        }
+        total += (uint64_t)m;
+        off = (off + (uint64_t)m) % BENCH_PERIOD;
+    }
+    reply(c, "bytes=%" PRIu64 " bad=%" PRId64 "\n", total, bad);
+}
+
+static void bench_source(int c)
+{
+    char line[64];
+    if (read_line(c, line, sizeof line) < 0)
+        return;
+    uint64_t left = strtoull(line, NULL, 10), off = 0;
+    while (left > 0) {
+        size_t k = left < BENCH_CHUNK ? (size_t)left : BENCH_CHUNK;
+        if (write_all(c, bench_pat + off, k) < 0)
+            return;
+        left -= k;
+        off = (off + k) % BENCH_PERIOD;
+    }
+}
+
+static void bench_echo(int c)
+{
+    char buf[4096];
+    for (;;) {
+        ssize_t m = read(c, buf, sizeof buf);
+        if (m < 0 && errno == EINTR)
+            continue;
+        if (m <= 0 || write_all(c, buf, (size_t)m) < 0)
+            return;
+    }
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+static int host_connect(unsigned port, int secs)
+{
+    int fd = vsock_socket(SOCK_STREAM);
+    set_timeouts(fd, secs);
+    struct sockaddr_vm a = vm_addr(VMADDR_CID_HOST, port);
+    if (connect(fd, (struct sockaddr *)&a, sizeof a) < 0) {
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+#define MAX_PINGS 100000
+
+static void bench_ping(int c, unsigned port, int n, int warm, int secs)
+{
+    static double us[MAX_PINGS];
+    if (n < 1 || n > MAX_PINGS || warm < 0) {
+        reply(c, "error=bad-count\n");
+        return;
+    }
+    int fd = host_connect(port, secs);
+    if (fd < 0) {
+        reply(c, "error=connect-%s\n", errname(errno));
+        return;
+    }
+    char b = 'x';
+    for (int i = 0; i < warm + n; i++) {
+        double t0 = now_ms();
+        if (write(fd, &b, 1) != 1 || read(fd, &b, 1) != 1) {
+            reply(c, "error=round-trip-%d-%s\n", i, errname(errno));
+            close(fd);
+            return;
+        }
+        if (i >= warm)
+            us[i - warm] = (now_ms() - t0) * 1e3;
+    }
+    close(fd);
+    qsort(us, (size_t)n, sizeof us[0], cmp_double);
+    /* Nearest rank, as tests/src/bench/stats.rs. */
+    int r50 = (n * 50 + 99) / 100, r99 = (n * 99 + 99) / 100;
+    reply(c, "p50_us=%.1f p99_us=%.1f samples=%d\n", us[r50 > 0 ? r50 - 1 : 0],
+          us[r99 > 0 ? r99 - 1 : 0], n);
+}
+
+static void bench_connect(int c, unsigned port, int n, int secs)
+{
+    double t0 = now_ms();
+    for (int i = 0; i < n; i++) {
+        int fd = host_connect(port, secs);
+        if (fd < 0) {
+            reply(c, "error=connect-%d-%s\n", i, errname(errno));
+            return;
+        }
+        close(fd);
+    }
+    reply(c, "conns=%d secs=%.4f\n", n, (now_ms() - t0) / 1e3);
+}
+
+/* Returns 1 after "quit". */
+static int bench_control(int c, int secs)
+{
+    char line[128], cmd[16];
+    unsigned port = 0;
+    int n = 0, warm = 0;
+    if (read_line(c, line, sizeof line) < 0)
+        return 0;
+    if (sscanf(line, "%15s", cmd) != 1) {
+        reply(c, "error=empty\n");
+        return 0;
+    }
+    if (!strcmp(cmd, "quit")) {
+        reply(c, "bye\n");
+        return 1;
+    }
+    if (!strcmp(cmd, "ping") && sscanf(line, "ping %u %d %d", &port, &n, &warm) == 3)
+        bench_ping(c, port, n, warm, secs);
+    else if (!strcmp(cmd, "connect") && sscanf(line, "connect %u %d", &port, &n) == 2)
+        bench_connect(c, port, n, secs);
+    else
+        reply(c, "error=unknown-command\n");
+    return 0;
+}
+
+static int cmd_bench_server(unsigned base, int secs)
+{
+    bench_pattern_init();
+    struct pollfd p[5];
+    for (unsigned k = 0; k < 5; k++) {
+        int l = vsock_socket(SOCK_STREAM);
+        struct sockaddr_vm a = vm_addr(VMADDR_CID_ANY, base + k);
+        if (bind(l, (struct sockaddr *)&a, sizeof a) < 0 || listen(l, 128) < 0) {
+            printf("bind/listen %u: %s\n", base + k, strerror(errno));
+            return 2;
+        }
+        p[k].fd = l;
+        p[k].events = POLLIN;
+    }
+    printf("listening\n");
+    fflush(stdout);
+    for (;;) {
+        int r = poll(p, 5, -1);
+        if (r < 0 && errno != EINTR) {
+            printf("poll: %s\n", strerror(errno));
+            return 1;
+        }
+        for (unsigned k = 0; k < 5 && r > 0; k++) {
+            if (!(p[k].revents & POLLIN))
+                continue;
+            int c = accept4(p[k].fd, NULL, NULL, SOCK_CLOEXEC);
+            if (c < 0)
+                continue;
+            set_timeouts(c, secs);
+            int quit = 0;
+            switch (k) {
+            case 0: quit = bench_control(c, secs); break;
+            case 1: bench_sink(c); break;
+            case 2: bench_source(c); break;
+            case 3: bench_echo(c); break;
+            default: break;
+            }
+            close(c);
+            if (quit) {
+                printf("quit\n");
+                return 0;
+            }
+        }
+    }
+}
+
 int main(int argc, char **argv)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -315,6 +569,8 @@ int main(int argc, char **argv)
         return cmd_connect_many(atoi(argv[2]), atoi(argv[3]), atoi(argv[4]), atoi(argv[5]));
     if (argc == 5 && !strcmp(argv[1], "seqpacket"))
         return cmd_seqpacket(atoi(argv[2]), atoi(argv[3]), atoi(argv[4]));
+    if (argc == 4 && !strcmp(argv[1], "bench-server"))
+        return cmd_bench_server(atoi(argv[2]), atoi(argv[3]));
     fprintf(stderr, "usage: see the comment at the top of vsockt.c\n");
     return 2;
 }

@@ -17,7 +17,8 @@
 //! Modules: [`daemon`] (spawn/kill, binary lookup), [`sim`] (vhost-user frontend, memfd
 //! memory, vrings), [`driver`] (guest driver and socket API), [`ring`] (split virtqueue,
 //! driver side), [`host`] (CONNECT handshake, `<uds>_<port>` listeners, SEQPACKET),
-//! [`harness`] (fixtures, scenario outcome codes), [`data`] (payload patterns, checksums).
+//! [`harness`] (fixtures, scenario outcome codes), [`data`] (payload patterns, checksums),
+//! [`qemu`] (a real Linux guest under QEMU in front of a daemon), [`bench`] (the benchmark).
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
@@ -29,6 +30,7 @@ pub mod harness;
 pub mod host;
 pub mod mem;
 pub mod packet;
+pub mod qemu;
 pub mod ring;
 pub mod sim;
 pub mod state;

@@ -14,40 +14,35 @@
 //! - `daemon_survives_killed_qemu`: SIGKILL QEMU with connections open, boot a fresh QEMU on
 //!   the same socket.
 //!
-//! Needs qemu-system-x86, linux-image-amd64, busybox-static and socat (`tests/run.sh` installs
-//! them) and the release daemon. Run alone:
+//! The rig (guest image, QEMU, console markers) is `vhost_plug_tests::qemu`, shared with the
+//! benchmark. Needs qemu-system-x86, linux-image-amd64, busybox-static and socat
+//! (`tests/run.sh` installs them) and the release daemon. Run alone:
 //! `cargo test --release -p vhost-plug-tests --test guest_qemu -- --nocapture`.
 //! Every failure prints the tail of the serial log, QEMU's stderr and the daemon's stderr;
 //! serial logs are also kept in `target/guest/logs/`.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::fs::File;
+use std::collections::BTreeSet;
 use std::io::{ErrorKind, Read, Write};
 use std::net::Shutdown;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use tempfile::TempDir;
 
 use vhost_plug_tests::data::Pattern;
 use vhost_plug_tests::host::{
-    accept_timeout, host_connect_with, host_listen, port_path, wait_readable, SeqpacketListener,
+    accept_timeout, host_listen, port_path, wait_readable, SeqpacketListener,
 };
-use vhost_plug_tests::{Daemon, DaemonKind, VmSpec};
+use vhost_plug_tests::qemu::{
+    connect_retry, guest_lock, read_to_eof, sha256_hex, QemuRig as Rig, STEP,
+};
+use vhost_plug_tests::DaemonKind;
 
 const GUEST_CID: u64 = 3;
 /// Bytes of each 64 MiB stream.
 const BIG: usize = 64 << 20;
-/// Boot to `@@ UP` (about 5 s on an idle machine).
-const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
-/// Bound for one scenario step that moves little data.
-const STEP: Duration = Duration::from_secs(30);
 /// Bound for a 64 MiB transfer plus checksumming under TCG.
 const BIG_STEP: Duration = Duration::from_secs(120);
 /// How long a killed VM's host connections may stay open.
@@ -65,369 +60,11 @@ fn pat(k: usize, j: usize) -> u8 {
         .wrapping_add(1)) as u8
 }
 
-// ----- guest image and QEMU -------------------------------------------------------------
-
-/// One real guest at a time: TCG needs the machine's cores.
-static GUEST_LOCK: Mutex<()> = Mutex::new(());
-
-#[derive(Clone, Debug)]
-struct GuestImage {
-    kernel: PathBuf,
-    initrd: PathBuf,
-    /// `target/guest`.
-    dir: PathBuf,
-}
-
-/// The cargo target directory, from the test executable (`<target>/<profile>/deps/<test>`).
-fn target_dir() -> Result<PathBuf> {
-    let exe = std::env::current_exe().context("locating the test executable")?;
-    let mut dir = exe.parent().context("test executable has no parent")?;
-    if dir.file_name().is_some_and(|n| n == "deps") {
-        dir = dir.parent().context("deps has no parent")?;
-    }
-    Ok(dir
-        .parent()
-        .context("profile dir has no parent")?
-        .to_path_buf())
-}
-
-/// Builds (or reuses) `target/guest/{vmlinuz,initrd.img}` once per test process.
-fn guest_image() -> Result<GuestImage> {
-    static IMAGE: OnceLock<std::result::Result<GuestImage, String>> = OnceLock::new();
-    IMAGE
-        .get_or_init(|| build_image().map_err(|e| format!("{e:#}")))
-        .clone()
-        .map_err(|e| anyhow::anyhow!("{e}"))
-}
-
-fn build_image() -> Result<GuestImage> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/build.sh");
-    let dir = target_dir()?.join("guest");
-    let out = Command::new("bash")
-        .arg(&script)
-        .arg(&dir)
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("running {}", script.display()))?;
-    if !out.status.success() {
-        bail!(
-            "{} failed ({}); the guest needs `apt-get install qemu-system-x86 \
-             linux-image-amd64 busybox-static socat` (tests/run.sh does it):\n{}{}",
-            script.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(GuestImage {
-        kernel: dir.join("vmlinuz"),
-        initrd: dir.join("initrd.img"),
-        dir,
-    })
-}
-
-struct Qemu {
-    child: Child,
-    stderr: PathBuf,
-}
-
-impl Qemu {
-    fn spawn(
-        image: &GuestImage,
-        socket: &Path,
-        serial: &Path,
-        stderr: &Path,
-        scenarios: &[&str],
-    ) -> Result<Qemu> {
-        let err = File::create(stderr).with_context(|| format!("creating {}", stderr.display()))?;
-        let child = Command::new("qemu-system-x86_64")
-            .args(["-accel", "tcg", "-smp", "2", "-m", "512M"])
-            .args(["-object", "memory-backend-memfd,id=mem,size=512M,share=on"])
-            .args(["-numa", "node,memdev=mem"])
-            .arg("-chardev")
-            .arg(format!("socket,id=c0,path={}", socket.display()))
-            .args(["-device", "vhost-user-vsock-pci,chardev=c0"])
-            .arg("-kernel")
-            .arg(&image.kernel)
-            .arg("-initrd")
-            .arg(&image.initrd)
-            .arg("-append")
-            .arg(format!("console=ttyS0 quiet vpt={}", scenarios.join(",")))
-            .args([
-                "-display",
-                "none",
-                "-vga",
-                "none",
-                "-nic",
-                "none",
-                "-no-reboot",
-            ])
-            .arg("-serial")
-            .arg(format!("file:{}", serial.display()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(err)
-            .spawn()
-            .context("spawning qemu-system-x86_64 (apt-get install qemu-system-x86)")?;
-        Ok(Qemu {
-            child,
-            stderr: stderr.to_path_buf(),
-        })
-    }
-
-    fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.try_wait().ok().flatten()
-    }
-
-    /// SIGKILL and reap.
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// Waits for the guest's poweroff.
-    fn wait_exit(&mut self, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Some(st) = self.exited() {
-                ensure!(st.success(), "QEMU exited with {st}");
-                return Ok(());
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
-        bail!("QEMU still running {timeout:?} after the guest's DONE")
-    }
-}
-
-impl Drop for Qemu {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// One `@@` line of the serial console.
-#[derive(Clone, Debug)]
-struct Marker {
-    kind: String,
-    scenario: String,
-    rest: String,
-}
-
-impl Marker {
-    fn parse(line: &str) -> Option<Marker> {
-        let at = line.find("@@ ")?;
-        let mut words = line[at + 3..].trim_end().splitn(3, ' ');
-        Some(Marker {
-            kind: words.next()?.to_string(),
-            scenario: words.next().unwrap_or("").to_string(),
-            rest: words.next().unwrap_or("").to_string(),
-        })
-    }
-
-    /// `key=value` words of an OK line.
-    fn values(&self) -> BTreeMap<String, String> {
-        self.rest
-            .split_whitespace()
-            .filter_map(|w| w.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
-
-    fn value(&self, key: &str) -> Result<String> {
-        self.values().remove(key).with_context(|| {
-            format!(
-                "no {key}= in `@@ {} {} {}`",
-                self.kind, self.scenario, self.rest
-            )
-        })
-    }
-}
-
-// ----- the rig: daemon + one guest boot at a time ---------------------------------------
-
-struct Rig {
-    // Field order is drop order: QEMU goes before the daemon, both before the directory.
-    qemu: Option<Qemu>,
-    daemon: Daemon,
-    spec: VmSpec,
-    image: GuestImage,
-    name: &'static str,
-    boots: usize,
-    serial: PathBuf,
-    /// Markers of the current boot already consumed.
-    consumed: usize,
-    dir: TempDir,
-}
-
-impl Rig {
-    fn new(name: &'static str, extra_args: &[&str]) -> Result<Rig> {
-        let image = guest_image()?;
-        let dir = tempfile::Builder::new()
-            .prefix("vhost-plug-guest")
-            .tempdir()
-            .context("creating temp dir")?;
-        let spec = VmSpec::new(dir.path(), GUEST_CID);
-        let daemon = Daemon::spawn(
-            DaemonKind::VhostPlug,
-            dir.path(),
-            std::slice::from_ref(&spec),
-            extra_args,
-        )?;
-        Ok(Rig {
-            qemu: None,
-            daemon,
-            spec,
-            image,
-            name,
-            boots: 0,
-            serial: PathBuf::new(),
-            consumed: 0,
-            dir,
-        })
-    }
-
-    fn uds(&self) -> &Path {
-        &self.spec.uds_path
-    }
-
-    /// Boots a guest running `scenarios`; returns once it reports `@@ UP`.
-    fn boot(&mut self, scenarios: &[&str]) -> Result<()> {
-        self.boots += 1;
-        self.serial = self.dir.path().join(format!("serial{}.log", self.boots));
-        let stderr = self.dir.path().join(format!("qemu{}.stderr", self.boots));
-        self.consumed = 0;
-        self.qemu = Some(Qemu::spawn(
-            &self.image,
-            &self.spec.socket,
-            &self.serial,
-            &stderr,
-            scenarios,
-        )?);
-        self.expect("UP", "", BOOT_TIMEOUT)
-            .context("guest did not come up")?;
-        Ok(())
-    }
-
-    fn markers(&self) -> Vec<Marker> {
-        let text = std::fs::read(&self.serial).unwrap_or_default();
-        let text = String::from_utf8_lossy(&text);
-        // Only complete lines: the last one may still be being written.
-        let complete = match text.rfind('\n') {
-            Some(i) => &text[..i],
-            None => "",
-        };
-        complete.lines().filter_map(Marker::parse).collect()
-    }
-
-    /// Waits for the next `@@ <kind> <scenario>` line, skipping others; a FAIL of
-    /// `scenario`, a FATAL or QEMU's exit end the wait with an error.
-    fn expect(&mut self, kind: &str, scenario: &str, timeout: Duration) -> Result<Marker> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let markers = self.markers();
-            for m in &markers[self.consumed.min(markers.len())..] {
-                self.consumed += 1;
-                if m.kind == kind && m.scenario == scenario {
-                    return Ok(m.clone());
-                }
-                if m.kind == "FAIL" {
-                    bail!("guest: scenario {} failed: {}", m.scenario, m.rest);
-                }
-                if m.kind == "FATAL" {
-                    bail!("guest: fatal: {} {}", m.scenario, m.rest);
-                }
-                if m.kind == "DONE" {
-                    bail!("guest finished without `@@ {kind} {scenario}`");
-                }
-            }
-            if let Some(st) = self.qemu.as_mut().and_then(|q| q.exited()) {
-                if self.markers().len() == self.consumed {
-                    bail!("QEMU exited ({st}) while waiting for `@@ {kind} {scenario}`");
-                }
-                continue;
-            }
-            if Instant::now() >= deadline {
-                bail!("no `@@ {kind} {scenario}` on the serial console within {timeout:?}");
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// Waits for the guest's DONE and QEMU's exit.
-    fn finish(&mut self) -> Result<()> {
-        self.expect("DONE", "", STEP)?;
-        if let Some(q) = self.qemu.as_mut() {
-            q.wait_exit(STEP)?;
-        }
-        Ok(())
-    }
-
-    fn kill_qemu(&mut self) {
-        if let Some(q) = self.qemu.as_mut() {
-            q.kill();
-        }
-    }
-
-    /// Copies this boot's serial log to `target/guest/logs/` (kept after the temp dir).
-    fn keep_log(&self) {
-        let logs = self.image.dir.join("logs");
-        if std::fs::create_dir_all(&logs).is_ok() {
-            let _ = std::fs::copy(
-                &self.serial,
-                logs.join(format!("{}-boot{}.log", self.name, self.boots)),
-            );
-        }
-    }
-
-    /// Serial tail, QEMU stderr and daemon stderr, for failure messages.
-    fn diagnostics(&self) -> String {
-        let qemu_err = self
-            .qemu
-            .as_ref()
-            .map(|q| tail(&std::fs::read(&q.stderr).unwrap_or_default(), 20))
-            .unwrap_or_default();
-        format!(
-            "--- serial log of boot {} ({}), last lines ---\n{}\n--- QEMU stderr ---\n{}\n\
-             --- daemon stderr ({}), last lines ---\n{}",
-            self.boots,
-            self.serial.display(),
-            tail(&std::fs::read(&self.serial).unwrap_or_default(), 40),
-            qemu_err,
-            self.daemon.stderr_path().display(),
-            tail(strip_ansi(&self.daemon.stderr()).as_bytes(), 40),
-        )
-    }
-}
-
-fn tail(bytes: &[u8], n: usize) -> String {
-    let text = String::from_utf8_lossy(bytes);
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-/// Drops `ESC [ ... letter` sequences (the daemon colours its log even into a file).
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            for d in chars.by_ref() {
-                if d.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 /// Runs `body` on a fresh rig under the guest lock; a failure panics with the diagnostics.
 fn run(name: &'static str, extra_args: &[&str], body: impl FnOnce(&mut Rig) -> Result<()>) {
-    let _guard = GUEST_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let _guard = guest_lock();
     let started = Instant::now();
-    let mut rig = match Rig::new(name, extra_args) {
+    let mut rig = match Rig::new(DaemonKind::VhostPlug, name, GUEST_CID, extra_args) {
         Ok(r) => r,
         Err(e) => panic!("[guest_qemu] {name}: setup failed: {e:#}"),
     };
@@ -452,62 +89,6 @@ fn run(name: &'static str, extra_args: &[&str], body: impl FnOnce(&mut Rig) -> R
 }
 
 // ----- host-side helpers ----------------------------------------------------------------
-
-/// `sha256sum` of `data`, hex.
-fn sha256_hex(data: &[u8]) -> Result<String> {
-    let mut child = Command::new("sha256sum")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("spawning sha256sum")?;
-    child
-        .stdin
-        .take()
-        .context("sha256sum stdin")?
-        .write_all(data)
-        .context("writing to sha256sum")?;
-    let out = child.wait_with_output().context("sha256sum")?;
-    ensure!(out.status.success(), "sha256sum failed");
-    let text = String::from_utf8(out.stdout).context("sha256sum output")?;
-    Ok(text.split_whitespace().next().unwrap_or("").to_string())
-}
-
-/// CONNECT to a guest port, retrying while the guest is not (yet) listening.
-fn connect_retry(uds: &Path, port: u32, first: &[u8]) -> Result<UnixStream> {
-    let deadline = Instant::now() + STEP;
-    loop {
-        match host_connect_with(uds, port, first) {
-            Ok((s, _)) => return Ok(s),
-            Err(e) if Instant::now() >= deadline => {
-                return Err(e).with_context(|| format!("CONNECT {port} for {STEP:?}"))
-            }
-            Err(_) => thread::sleep(Duration::from_millis(100)),
-        }
-    }
-}
-
-/// Reads until EOF, bounded by `timeout` overall.
-fn read_to_eof(s: &mut UnixStream, timeout: Duration) -> Result<Vec<u8>> {
-    let deadline = Instant::now() + timeout;
-    let mut out = Vec::new();
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        ensure!(
-            !left.is_zero(),
-            "no EOF within {timeout:?} ({} bytes read)",
-            out.len()
-        );
-        s.set_read_timeout(Some(left.min(Duration::from_secs(5))))?;
-        match s.read(&mut buf) {
-            Ok(0) => return Ok(out),
-            Ok(n) => out.extend_from_slice(&buf[..n]),
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => return Err(e).context(format!("read after {} bytes", out.len())),
-        }
-    }
-}
 
 /// True if `stream` ends (EOF or an error such as ECONNRESET) within `timeout`, reading and
 /// discarding whatever is still queued.

@@ -10,10 +10,18 @@ use vm_memory::GuestAddressSpace;
 
 use super::{Device, MAX_PKT_PAYLOAD, MAX_SEQ_MSG, MAX_STRAY_RST};
 use crate::conn::{pending, Conn};
-use crate::mem::GuestMemAtomic;
+use crate::mem::{GuestMem, GuestMemAtomic};
 use crate::sys;
 use crate::vsock::chain::ChainBuf;
 use crate::vsock::header::*;
+
+/// Most rx buffers one stream recvmsg fills (Linux posts 4 KiB buffers: 16 of them hold one
+/// 64 KiB write).
+const MAX_BATCH_CHAINS: usize = 64;
+/// Most payload bytes one stream recvmsg reads.
+const MAX_BATCH_BYTES: usize = 128 * 1024;
+/// Most iovecs of one recvmsg (Linux's UIO_MAXIOV).
+const MAX_IOVECS: usize = 1024;
 
 enum Work {
     Stray(Header),
@@ -65,6 +73,12 @@ impl Device {
                     continue;
                 }
             };
+            if let Work::Conn(idx) = work {
+                if buf.len() > HDR_LEN && self.batchable(idx) {
+                    used |= self.fill_stream_batch(idx, head, buf, &mut vr, &mem);
+                    continue;
+                }
+            }
             let fill = match work {
                 Work::Stray(h) => {
                     buf.write_at(0, &h.to_le_bytes());
@@ -119,6 +133,135 @@ impl Device {
                 }
             }
         }
+    }
+
+    /// Whether the next rx packet of connection `idx` is stream data that may span several
+    /// rx buffers (no control packet waiting, credit left).
+    fn batchable(&self, idx: usize) -> bool {
+        self.conns.get(idx).is_some_and(|c| {
+            !c.is_seqpacket()
+                && c.pending & !pending::CREDIT_UPDATE == 0
+                && c.may_read_host()
+                && c.readable
+                && c.peer_credit() > 0
+        })
+    }
+
+    /// Stream data: pops more rx buffers after `first` until they hold the guest's credit
+    /// (bounded by [`MAX_BATCH_BYTES`] and [`MAX_BATCH_CHAINS`]), reads the host socket once
+    /// over all their payload areas, then writes one OP_RW header per buffer that got data.
+    /// Buffers left empty are put back on the ring (they are the last ones popped). Returns
+    /// whether anything was added to the used ring.
+    fn fill_stream_batch<'m>(
+        &mut self,
+        idx: usize,
+        first_head: u16,
+        first: ChainBuf<'m>,
+        vr: &mut vhost_user_backend::VringState<GuestMemAtomic>,
+        mem: &'m GuestMem,
+    ) -> bool {
+        let guest_cid = self.cfg.guest_cid;
+        let buf_alloc = self.cfg.buf_alloc;
+        let c = &mut self.conns[idx];
+        let cap = (c.peer_credit() as usize).min(MAX_BATCH_BYTES);
+        let mut bufs: Vec<(u16, ChainBuf<'m>, usize)> = Vec::with_capacity(MAX_BATCH_CHAINS);
+        let iov = &mut self.iov;
+        iov.clear();
+        let mut part = Vec::new();
+        let mut want = 0usize;
+        let mut next = Some((first_head, first));
+        while let Some((head, buf)) = next.take() {
+            let take = (buf.len() - HDR_LEN).min(cap - want);
+            buf.iovecs(HDR_LEN, take, &mut part);
+            if !bufs.is_empty() && iov.len() + part.len() > MAX_IOVECS {
+                vr.get_queue_mut().go_to_previous_position();
+                break;
+            }
+            iov.extend_from_slice(&part);
+            want += take;
+            bufs.push((head, buf, take));
+            if want >= cap || bufs.len() >= MAX_BATCH_CHAINS {
+                break;
+            }
+            let Some(chain) = vr.get_queue_mut().pop_descriptor_chain(mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            match ChainBuf::new(mem, chain, true, HDR_LEN + MAX_PKT_PAYLOAD) {
+                Ok(b) if b.len() > HDR_LEN => next = Some((head, b)),
+                // Left for the one-buffer path, which reports it.
+                _ => vr.get_queue_mut().go_to_previous_position(),
+            }
+        }
+        let mut h = Header {
+            src_cid: c.key.local_cid,
+            dst_cid: guest_cid,
+            src_port: c.key.local_port,
+            dst_port: c.key.peer_port,
+            len: 0,
+            type_: c.kind.wire(),
+            op: OP_RW,
+            flags: 0,
+            buf_alloc,
+            fwd_cnt: c.fwd_cnt,
+        };
+        let mut remove = false;
+        // Packets written, from the front of `bufs`: (head, bytes incl. header).
+        let mut done: Vec<(u16, u32)> = Vec::with_capacity(bufs.len());
+        match sys::recv_iov(c.fd.as_raw_fd(), iov) {
+            Ok((0, _)) => {
+                end_of_stream(c, &mut h);
+                bufs[0].1.write_at(0, &h.to_le_bytes());
+                done.push((bufs[0].0, HDR_LEN as u32));
+            }
+            Ok((n, _)) => {
+                c.tx_cnt = c.tx_cnt.wrapping_add(n as u32);
+                c.bytes_to_guest += n as u64;
+                // A short read may still be followed by end of stream (a shutdown that came
+                // with the same edge), so `readable` stays set until EAGAIN or EOF.
+                let mut left = n;
+                for (head, buf, take) in &bufs {
+                    if left == 0 {
+                        break;
+                    }
+                    let k = left.min(*take);
+                    buf.mark_dirty(HDR_LEN, k);
+                    h.len = k as u32;
+                    buf.write_at(0, &h.to_le_bytes());
+                    left -= k;
+                    done.push((*head, (HDR_LEN + k) as u32));
+                }
+            }
+            Err(e) if sys::would_block(&e) => c.readable = false,
+            Err(e) => {
+                warn!(cid = guest_cid, key = ?c.key, error = %e, "host socket read failed");
+                c.was_reset = true;
+                h.op = OP_RST;
+                bufs[0].1.write_at(0, &h.to_le_bytes());
+                done.push((bufs[0].0, HDR_LEN as u32));
+                remove = true;
+            }
+        }
+        if !done.is_empty() {
+            // Every packet carries our fwd_cnt, so it is also a credit update.
+            c.last_fwd_sent = c.fwd_cnt;
+            c.pending &= !pending::CREDIT_UPDATE;
+        }
+        // The buffers that got nothing are the last ones popped.
+        for _ in done.len()..bufs.len() {
+            vr.get_queue_mut().go_to_previous_position();
+        }
+        for &(head, len) in &done {
+            if let Err(e) = vr.add_used(head, len) {
+                warn!(error = %e, "rx queue: add_used failed");
+            }
+        }
+        if remove {
+            self.remove(idx);
+        } else {
+            self.wake_rx(idx);
+        }
+        !done.is_empty()
     }
 
     fn fill_conn(&mut self, idx: usize, buf: &ChainBuf<'_>) -> Fill {

@@ -4,9 +4,13 @@
 //! `table.md`, `sweep.csv` (throughput by write size, for the plot) and `raw.csv` (every
 //! repetition).
 //!
+//! A second table comes from a real Linux guest under QEMU (TCG), group `qemu`
+//! (`tests/src/bench/qemu.rs`): throughput both ways, 1-byte round trips and connection setup.
+//!
 //! Usage: `bench [--out DIR] [--reps N] [--scale F] [--rtts N] [--conns N] [--rss N,N..]
-//! [--quick] [--only tput,latency,setup,reference,plugins,rss] [--daemons both|plug|peer]
-//! [--tx-buffer-size BYTES]`.
+//! [--quick] [--only tput,latency,setup,reference,plugins,rss,qemu] [--daemons both|plug|peer]
+//! [--tx-buffer-size BYTES] [--qemu-rounds N] [--qemu-mib N] [--qemu-rtts N]
+//! [--qemu-conns N]`.
 //! See scripts/bench.sh, which builds, installs the peer and plots.
 
 use std::collections::BTreeMap;
@@ -17,6 +21,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
+use vhost_plug_tests::bench::qemu::GuestBench;
 use vhost_plug_tests::bench::report::{markdown, Row, Target};
 use vhost_plug_tests::bench::rss::{idle_connections, RssRun};
 use vhost_plug_tests::bench::stats::{median, Percentiles};
@@ -63,9 +68,23 @@ struct Opts {
     kinds: Vec<DaemonKind>,
     /// `tx-buffer-size` of every VM (both daemons); `None` keeps their default, 64 KiB.
     tx_buffer_size: Option<u32>,
+    /// QEMU section: guest boots per daemon (interleaved between the daemons), MiB per
+    /// transfer, timed round trips and connections per boot.
+    qemu_rounds: usize,
+    qemu_mib: u64,
+    qemu_rtts: usize,
+    qemu_conns: usize,
 }
 
-const GROUPS: [&str; 6] = ["tput", "latency", "setup", "reference", "plugins", "rss"];
+const GROUPS: [&str; 7] = [
+    "tput",
+    "latency",
+    "setup",
+    "reference",
+    "plugins",
+    "rss",
+    "qemu",
+];
 
 impl Opts {
     fn runs(&self, group: &str) -> bool {
@@ -84,6 +103,10 @@ fn parse_args() -> Result<Opts> {
         only: GROUPS.iter().map(|g| g.to_string()).collect(),
         kinds: KINDS.to_vec(),
         tx_buffer_size: None,
+        qemu_rounds: 3,
+        qemu_mib: 128,
+        qemu_rtts: 2000,
+        qemu_conns: 200,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -106,6 +129,10 @@ fn parse_args() -> Result<Opts> {
                     bail!("--only: unknown group {g} (groups: {})", GROUPS.join(","));
                 }
             }
+            "--qemu-rounds" => o.qemu_rounds = val()?.parse().context("--qemu-rounds")?,
+            "--qemu-mib" => o.qemu_mib = val()?.parse().context("--qemu-mib")?,
+            "--qemu-rtts" => o.qemu_rtts = val()?.parse().context("--qemu-rtts")?,
+            "--qemu-conns" => o.qemu_conns = val()?.parse().context("--qemu-conns")?,
             "--tx-buffer-size" => {
                 o.tx_buffer_size = Some(val()?.parse().context("--tx-buffer-size")?)
             }
@@ -123,11 +150,17 @@ fn parse_args() -> Result<Opts> {
                 o.rtts = 2000;
                 o.conns = 200;
                 o.rss_steps = vec![1000];
+                o.qemu_rounds = 1;
+                o.qemu_mib = 16;
+                o.qemu_rtts = 300;
+                o.qemu_conns = 50;
             }
             "-h" | "--help" => {
                 println!(
                     "bench [--out DIR] [--reps N] [--scale F] [--rtts N] [--conns N] \
-                     [--rss N,N..] [--quick] [--only GROUP,..] [--daemons both|plug|peer] [--tx-buffer-size BYTES]\n\
+                     [--rss N,N..] [--quick] [--only GROUP,..] [--daemons both|plug|peer] \
+                     [--tx-buffer-size BYTES] [--qemu-rounds N] [--qemu-mib N] [--qemu-rtts N] \
+                     [--qemu-conns N]\n\
                      groups: {}",
                     GROUPS.join(",")
                 );
@@ -138,6 +171,9 @@ fn parse_args() -> Result<Opts> {
     }
     if o.reps == 0 || o.rtts == 0 || o.conns == 0 || o.scale.is_nan() || o.scale <= 0.0 {
         bail!("--reps, --rtts, --conns and --scale must be positive");
+    }
+    if o.qemu_rounds == 0 || o.qemu_mib == 0 || o.qemu_rtts == 0 || o.qemu_conns == 0 {
+        bail!("--qemu-rounds, --qemu-mib, --qemu-rtts and --qemu-conns must be positive");
     }
     o.rss_steps.sort_unstable();
     Ok(o)
@@ -239,9 +275,24 @@ fn run() -> Result<()> {
     if o.runs("rss") {
         rss(&o, t0, &mut res);
     }
+    if o.runs("qemu") {
+        qemu(&o, t0, &mut res);
+    }
 
-    let rows = rows(&o, &res);
-    let table = markdown(&rows);
+    // The simulated-guest table, unless only the QEMU section ran.
+    let mut table = if GROUPS.iter().any(|g| *g != "qemu" && o.runs(g)) {
+        markdown(&rows(&o, &res))
+    } else {
+        String::new()
+    };
+    if o.runs("qemu") {
+        let _ = write!(
+            table,
+            "\n### Real Linux guest under QEMU (TCG: the guest CPU is emulated, so absolute \
+             figures are far below a KVM guest's; compare the ratios)\n\n{}",
+            markdown(&qemu_rows(&o, &res))
+        );
+    }
     let mut notes = String::new();
     for ((key, who), e) in &res.errors {
         let _ = writeln!(notes, "- {key} on {who} failed: {e}");
@@ -445,6 +496,185 @@ fn rss(o: &Opts, t0: Instant, res: &mut Results) {
             Err(e) => res.fail(t0, "rss", k.name(), &e),
         }
     }
+}
+
+/// The QEMU section: per round, one guest boot per daemon running every scenario, so
+/// machine-load drift hits both daemons alike.
+fn qemu(o: &Opts, t0: Instant, res: &mut Results) {
+    let bytes = o.qemu_mib << 20;
+    for round in 0..o.qemu_rounds {
+        for &k in &o.kinds {
+            let who = k.name();
+            if res.error("qemu-boot", who).is_some() {
+                continue;
+            }
+            let label = format!("bench-{who}-{round}");
+            let mut g = match GuestBench::boot(k, &label) {
+                Ok(g) => g,
+                Err(e) => {
+                    res.fail(t0, "qemu-boot", who, &e);
+                    continue;
+                }
+            };
+            log(t0, format!("qemu round {round}: guest up on {who}"));
+            let mut failed = false;
+            for dir in Dir::BOTH {
+                let key = format!("qemu-tput-{}", dir.tag());
+                match g.transfer(dir, bytes) {
+                    Ok(t) => {
+                        log(
+                            t0,
+                            format!(
+                                "qemu round {round} {who} {}: {:.1} MiB/s; daemon {:.0} ms \
+                                 CPU/GiB; QEMU {:.0}% of a core",
+                                dir.label(),
+                                t.mib_s(),
+                                t.daemon_ms_per_gib(),
+                                t.qemu_cpu / t.secs.max(1e-9) * 100.0
+                            ),
+                        );
+                        res.push(&key, who, t.mib_s());
+                        res.push(&format!("cpu-{key}"), who, t.daemon_ms_per_gib());
+                    }
+                    Err(e) => {
+                        res.fail(t0, &key, who, &e.context(g.diagnostics()));
+                        failed = true;
+                    }
+                }
+            }
+            for dir in Dir::BOTH {
+                if failed {
+                    break;
+                }
+                let key = format!("qemu-lat-{}", dir.tag());
+                match g.round_trips(dir, o.qemu_rtts) {
+                    Ok(p) => {
+                        log(
+                            t0,
+                            format!(
+                                "qemu round {round} {who} {} 1-byte round trip: p50 {:.0} us, \
+                                 p99 {:.0} us",
+                                dir.label(),
+                                p.p50,
+                                p.p99
+                            ),
+                        );
+                        res.push(&format!("{key}-p50"), who, p.p50);
+                        res.push(&format!("{key}-p99"), who, p.p99);
+                    }
+                    Err(e) => {
+                        res.fail(t0, &key, who, &e.context(g.diagnostics()));
+                        failed = true;
+                    }
+                }
+            }
+            for dir in Dir::BOTH {
+                if failed {
+                    break;
+                }
+                let key = format!("qemu-setup-{}", dir.tag());
+                match g.setup_rate(dir, o.qemu_conns) {
+                    Ok(r) => {
+                        log(
+                            t0,
+                            format!(
+                                "qemu round {round} {who} {} setup: {r:.0} conn/s",
+                                dir.label()
+                            ),
+                        );
+                        res.push(&key, who, r);
+                    }
+                    Err(e) => {
+                        res.fail(t0, &key, who, &e.context(g.diagnostics()));
+                        failed = true;
+                    }
+                }
+            }
+            if !failed {
+                if let Err(e) = g.finish() {
+                    res.fail(t0, "qemu-finish", who, &e);
+                }
+            }
+        }
+    }
+}
+
+fn qemu_rows(o: &Opts, res: &Results) -> Vec<Row> {
+    let plug = DaemonKind::VhostPlug.name();
+    let peer = DaemonKind::Peer.name();
+    let failed = |key: &str| -> String {
+        KINDS
+            .iter()
+            .filter(|k| {
+                res.error(key, k.name()).is_some() || res.error("qemu-boot", k.name()).is_some()
+            })
+            .map(|k| format!("failed on {}", k.name()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let rounds = o.qemu_rounds;
+    let mut rows = Vec::new();
+    for dir in Dir::BOTH {
+        let key = format!("qemu-tput-{}", dir.tag());
+        rows.push(
+            Row::new(
+                format!(
+                    "QEMU guest: throughput {}, 64 KiB writes, {} MiB, median of {rounds}",
+                    dir.label(),
+                    o.qemu_mib
+                ),
+                "MiB/s",
+            )
+            .values(res.median(&key, plug), res.median(&key, peer))
+            .target(Target::at_least(1.5))
+            .note(failed(&key)),
+        );
+    }
+    for dir in Dir::BOTH {
+        let key = format!("cpu-qemu-tput-{}", dir.tag());
+        rows.push(
+            Row::new(
+                format!("QEMU guest: daemon CPU per GiB {}", dir.label()),
+                "ms",
+            )
+            .values(res.median(&key, plug), res.median(&key, peer)),
+        );
+    }
+    for dir in Dir::BOTH {
+        let key = format!("qemu-lat-{}", dir.tag());
+        for (p, target) in [("p50", Target::at_most(1.0)), ("p99", None)] {
+            let k = format!("{key}-{p}");
+            rows.push(
+                Row::new(
+                    format!(
+                        "QEMU guest: 1-byte round trip {} sends, {p} of {}, median of {rounds}",
+                        dir.label(),
+                        o.qemu_rtts
+                    ),
+                    "us",
+                )
+                .values(res.median(&k, plug), res.median(&k, peer))
+                .target(target)
+                .note(failed(&key)),
+            );
+        }
+    }
+    for dir in Dir::BOTH {
+        let key = format!("qemu-setup-{}", dir.tag());
+        rows.push(
+            Row::new(
+                format!(
+                    "QEMU guest: connection setup {} ({} sequential), median of {rounds}",
+                    dir.label(),
+                    o.qemu_conns
+                ),
+                "conn/s",
+            )
+            .values(res.median(&key, plug), res.median(&key, peer))
+            .note(failed(&key)),
+        );
+    }
+    rows
 }
 
 fn rows(o: &Opts, res: &Results) -> Vec<Row> {
