@@ -87,6 +87,41 @@ impl Default for SimConfig {
 }
 
 /// Per-queue plumbing handed to the guest driver.
+/// Page size of the vhost-user dirty log.
+pub const LOG_PAGE: usize = 4096;
+/// `VHOST_F_LOG_ALL`.
+const LOG_ALL: u64 = 1 << 26;
+
+/// The frontend's dirty log (see [`SimVmm::start_dirty_log`]).
+pub struct DirtyLog {
+    file: File,
+    pages: usize,
+}
+
+impl DirtyLog {
+    /// Guest page numbers whose bit is set.
+    pub fn dirty_pages(&self) -> Result<Vec<usize>> {
+        let mut bits = Vec::new();
+        (&self.file)
+            .read_to_end(&mut bits)
+            .context("reading the dirty log")?;
+        use std::io::Seek;
+        (&self.file).rewind().context("rewinding the dirty log")?;
+        Ok((0..self.pages)
+            .filter(|p| bits.get(p / 8).is_some_and(|b| b & (1 << (p % 8)) != 0))
+            .collect())
+    }
+
+    /// Clears every bit (as a VMM does after copying the dirty pages).
+    pub fn clear(&self) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        let len = self.file.metadata().context("dirty log size")?.len() as usize;
+        self.file
+            .write_all_at(&vec![0u8; len], 0)
+            .context("clearing the dirty log")
+    }
+}
+
 pub struct QueueHandle {
     pub addrs: RingAddrs,
     /// The driver writes this to notify the backend.
@@ -397,6 +432,39 @@ impl SimVmm {
             .read_obj(GuestAddress(q.addrs.avail.0 + 2))
             .context("reading avail idx")?;
         Ok(u16::from_le(v))
+    }
+
+    /// Starts dirty-page logging as a VMM does for live migration: a shared log of one bit
+    /// per 4 KiB page of guest memory (`SET_LOG_BASE` with `LOG_SHMFD`), then the features
+    /// again with `VHOST_F_LOG_ALL`. The VMM must have acked `LOG_SHMFD`.
+    pub fn start_dirty_log(&mut self) -> Result<DirtyLog> {
+        let pages = self.config.mem_size.div_ceil(LOG_PAGE);
+        let size = pages.div_ceil(8).div_ceil(4096) * 4096;
+        let name = std::ffi::CString::new("vhost-plug-dirty-log").context("memfd name")?;
+        // SAFETY: `name` is a valid C string and MFD_CLOEXEC a valid flag; the result is
+        // checked before use.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error()).context("memfd_create for the log");
+        }
+        // SAFETY: memfd_create just returned this fd; nothing else owns it.
+        let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        file.set_len(size as u64).context("sizing the dirty log")?;
+        let features = self.acked_features | LOG_ALL;
+        let fe = self.frontend()?;
+        vu(fe.set_features(features), "SET_FEATURES(LOG_ALL)")?;
+        vu(
+            fe.set_log_base(
+                0,
+                Some(vhost::VhostUserDirtyLogRegion {
+                    mmap_size: size as u64,
+                    mmap_offset: 0,
+                    mmap_handle: file.as_raw_fd(),
+                }),
+            ),
+            "SET_LOG_BASE",
+        )?;
+        Ok(DirtyLog { file, pages })
     }
 
     /// A copy of all guest memory.
