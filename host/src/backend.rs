@@ -158,6 +158,7 @@ impl VhostUserBackend for VsockBackend {
     }
 
     fn update_memory(&self, mem: GuestMemAtomic) -> io::Result<()> {
+        check_regions(&mem)?;
         self.device().set_memory(mem);
         Ok(())
     }
@@ -204,6 +205,43 @@ impl VhostUserBackend for VsockBackend {
         }
         Ok(())
     }
+}
+
+/// Refuses a memory table whose regions reach past the end of their regular file (or memfd):
+/// touching such a mapping raises SIGBUS, which would take down every VM of the daemon.
+/// A frontend that shrinks the file later can still do that; this catches the table itself.
+fn check_regions(mem: &GuestMemAtomic) -> io::Result<()> {
+    use vm_memory::{GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion};
+    let guard = mem.memory();
+    for r in guard.iter() {
+        let Some(fo) = r.file_offset() else { continue };
+        let meta = fo.file().metadata()?;
+        if !meta.is_file() {
+            continue;
+        }
+        let end = fo.start().checked_add(r.len());
+        if end.is_none_or(|e| e > meta.len()) {
+            warn!(
+                gpa = r.start_addr().0,
+                size = r.len(),
+                offset = fo.start(),
+                file_size = meta.len(),
+                "memory region extends beyond the end of its file"
+            );
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "memory region at {:#x} ({} bytes at file offset {}) extends beyond its \
+                     {}-byte file",
+                    r.start_addr().0,
+                    r.len(),
+                    fo.start(),
+                    meta.len()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A backend shared with vhost-user-backend's threads.

@@ -17,11 +17,13 @@
 //! Modules: [`daemon`] (spawn/kill, binary lookup), [`sim`] (vhost-user frontend, memfd
 //! memory, vrings), [`driver`] (guest driver and socket API), [`ring`] (split virtqueue,
 //! driver side), [`host`] (CONNECT handshake, `<uds>_<port>` listeners, SEQPACKET),
-//! [`harness`] (fixtures, scenario outcome codes), [`data`] (payload patterns, checksums).
+//! [`harness`] (fixtures, scenario outcome codes), [`data`] (payload patterns, checksums),
+//! [`vhost_raw`] (hand-built vhost-user requests for hostile-VMM tests).
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod bench;
+pub mod checks;
 pub mod daemon;
 pub mod data;
 pub mod driver;
@@ -31,6 +33,7 @@ pub mod mem;
 pub mod packet;
 pub mod ring;
 pub mod sim;
+pub mod vhost_raw;
 
 pub use daemon::{Daemon, DaemonKind, VmSpec};
 pub use driver::{
