@@ -15,9 +15,7 @@ use vhost_user_backend::{VhostUserBackend, VringRwLock};
 use virtio_bindings::bindings::virtio_config::{VIRTIO_F_NOTIFY_ON_EMPTY, VIRTIO_F_VERSION_1};
 use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::device::Device;
 use crate::mem::{Bitmap, GuestMemAtomic};
@@ -30,6 +28,8 @@ pub const EVENT_QUEUE: u16 = 2;
 pub const NUM_QUEUES: usize = 3;
 /// Event id of the device's host-socket epoll in the worker's event loop.
 pub const HOST_EVENT: u16 = NUM_QUEUES as u16 + 1;
+/// Event id of [`VsockBackend::exit_fd`] in the worker's event loop.
+pub const EXIT_EVENT: u16 = HOST_EVENT + 1;
 
 pub struct VsockBackend {
     dev: Arc<Mutex<Device>>,
@@ -37,7 +37,8 @@ pub struct VsockBackend {
     transfer: Mutex<Transfer>,
     guest_cid: u64,
     queue_size: usize,
-    exit: (EventConsumer, EventNotifier),
+    /// Stops the vring worker (see [`VsockBackend::exit_fd`]).
+    exit: EventFd,
 }
 
 impl VsockBackend {
@@ -49,7 +50,7 @@ impl VsockBackend {
             transfer: Mutex::new(Transfer::default()),
             guest_cid,
             queue_size,
-            exit: new_event_consumer_and_notifier(EventFlag::NONBLOCK)?,
+            exit: EventFd::new(EFD_NONBLOCK)?,
         })
     }
 
@@ -57,6 +58,20 @@ impl VsockBackend {
     /// to tear down, and a poisoned lock must not take the daemon down).
     pub fn device(&self) -> MutexGuard<'_, Device> {
         self.dev.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Register this with every vring worker as [`EXIT_EVENT`]; [`VsockBackend::stop_workers`]
+    /// then ends them. This replaces `exit_event`, whose consumer fd vhost-user-backend 0.24
+    /// registers with `into_raw_fd` and never closes: one fd leaked per frontend session.
+    pub fn exit_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.exit)
+    }
+
+    /// Ends the vring workers (the eventfd stays readable, so every worker sees it).
+    pub fn stop_workers(&self) {
+        if let Err(e) = self.exit.write(1) {
+            warn!(cid = self.guest_cid, error = %e, "cannot signal the vring workers to exit");
+        }
     }
 
     /// The 8-byte config space: `guest_cid` little endian.
@@ -163,10 +178,6 @@ impl VhostUserBackend for VsockBackend {
         Ok(())
     }
 
-    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        Some((self.exit.0.try_clone().ok()?, self.exit.1.try_clone().ok()?))
-    }
-
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
         // Taking the lock waits for any packet being processed on the worker; afterwards the
         // ring is not ready, so nothing touches it again until it is restarted.
@@ -196,6 +207,8 @@ impl VhostUserBackend for VsockBackend {
             RX_QUEUE | EVENT_QUEUE => {}
             TX_QUEUE => dev.process_tx(tx),
             HOST_EVENT => dev.handle_host_events(),
+            // An error is the only other way out of vhost-user-backend's worker loop.
+            EXIT_EVENT => return Err(io::Error::other("frontend session over")),
             other => warn!(event = other, "unknown device event"),
         }
         // Answers to the guest's packets and host data both go out through rx; a tx queue
