@@ -349,3 +349,105 @@ fn host_connects_the_guest_never_answers() -> Result<()> {
     ensure!(s.daemon.is_running(), "daemon exited");
     Ok(())
 }
+
+/// Runs a client of the control socket as uid 65534 in a forked child (no allocation after
+/// fork): 0 answered, 3 connect refused, 4 closed without an answer, 2 setuid failed.
+fn control_client_as_nobody(path: &std::path::Path) -> Result<i32> {
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: sockaddr_un is plain old data; all-zero is valid.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    let bytes = path.as_os_str().as_bytes();
+    ensure!(
+        bytes.len() < addr.sun_path.len(),
+        "control socket path too long"
+    );
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    let req = b"{\"cmd\":\"status\"}\n";
+    // SAFETY: the child only makes raw system calls on memory prepared before the fork and
+    // ends with _exit, so it neither allocates nor runs destructors of the parent's state.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(std::io::Error::last_os_error()).context("fork");
+    }
+    if pid == 0 {
+        // SAFETY: see above; every pointer refers to this stack frame or `req`.
+        unsafe {
+            if libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
+                libc::_exit(2);
+            }
+            let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+            let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+            if fd < 0 || libc::connect(fd, (&addr as *const libc::sockaddr_un).cast(), len) != 0 {
+                libc::_exit(3);
+            }
+            libc::write(fd, req.as_ptr().cast(), req.len());
+            let mut b = [0u8; 64];
+            let n = libc::read(fd, b.as_mut_ptr().cast(), b.len());
+            libc::_exit(if n > 0 { 0 } else { 4 });
+        }
+    }
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    if unsafe { libc::waitpid(pid, &mut status, 0) } != pid {
+        return Err(std::io::Error::last_os_error()).context("waitpid");
+    }
+    ensure!(libc::WIFEXITED(status), "client child died: {status:#x}");
+    Ok(libc::WEXITSTATUS(status))
+}
+
+/// Another local user cannot use the control socket: the file is 0600, and even when its
+/// mode is opened up, SO_PEERCRED turns the client away with a log line. The second user is
+/// played by a forked child that drops to uid 65534, which needs root; without root only the
+/// file mode and the owner's own access are checked (and the run says so).
+#[test]
+fn control_socket_refuses_other_users() -> Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = tempfile::tempdir()?;
+    let sock = dir.path().join("ctl.sock");
+    let sock_s = sock.display().to_string();
+    let s = Setup::with(
+        DaemonKind::VhostPlug,
+        |d| vec![VmSpec::new(d, 3)],
+        &["--control-socket", &sock_s],
+    )?;
+    let meta = std::fs::metadata(&sock)?;
+    ensure!(
+        meta.mode() & 0o777 == 0o600,
+        "mode {:o}",
+        meta.mode() & 0o777
+    );
+    // SAFETY: geteuid cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    ensure!(meta.uid() == euid, "socket owned by {}", meta.uid());
+    let mut own = UnixStream::connect(&sock)?;
+    own.write_all(b"{\"cmd\":\"status\"}\n")?;
+    let mut answer = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(&own), &mut answer)?;
+    ensure!(answer.contains("\"ok\":true"), "owner's status: {answer}");
+    if euid != 0 {
+        eprintln!("[peercred] not root: the cross-user connect needs root to play uid 65534");
+        return Ok(());
+    }
+    // Root can traverse the temp dir; uid 65534 must be able to as well.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
+    let code = control_client_as_nobody(&sock)?;
+    eprintln!("[peercred] uid 65534 on the 0600 socket: child exit {code}");
+    ensure!(
+        code == 3,
+        "uid 65534 connected to a 0600 socket (child exit {code})"
+    );
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666))?;
+    let mark = s.daemon.log_mark();
+    let code = control_client_as_nobody(&sock)?;
+    eprintln!("[peercred] uid 65534 on the socket opened to 0666: child exit {code}");
+    ensure!(code == 4, "uid 65534 got an answer (child exit {code})");
+    let line = s
+        .daemon
+        .wait_log(mark, &["refused a client of another user"], PROMPT)
+        .context("no log line for the refused client")?;
+    eprintln!("[peercred] {}", line.trim());
+    Ok(())
+}
