@@ -77,9 +77,9 @@ impl Stats {
 
 /// How a guest ends a connection after its echo.
 #[derive(Clone, Copy, Debug)]
-enum Close {
+enum Ending {
     /// SHUTDOWN(SEND), wait for the host's end of stream, then close.
-    HalfThenClose,
+    HalfClose,
     /// Close at once (SHUTDOWN both, RST from the device).
     Close,
     /// RST.
@@ -129,7 +129,7 @@ fn guest_to_host(
     port: u32,
     size: usize,
     seed: u64,
-    close: Close,
+    close: Ending,
 ) -> Result<u64> {
     let g = guest
         .connect(HOST_CID, port, SockType::Stream)
@@ -144,14 +144,14 @@ fn guest_to_host(
             "guest->host echo of {size} bytes differs"
         );
         match close {
-            Close::HalfThenClose => {
+            Ending::HalfClose => {
                 g.shutdown(false, true)?;
                 let n = g.recv(&mut [0u8; 16])?;
                 ensure!(n == 0, "{n} bytes after the host's end of stream");
                 g.close()?;
             }
-            Close::Close => g.close()?,
-            Close::Reset => g.reset()?,
+            Ending::Close => g.close()?,
+            Ending::Reset => g.reset()?,
         }
         let echoed = echo.join().map_err(|_| anyhow!("host echo panicked"))??;
         ensure!(
@@ -300,15 +300,15 @@ fn soak() -> Result<()> {
             0..=34 => {
                 let pi = rng.below(HOST_PORTS.len() as u64) as usize;
                 let close = match rng.below(3) {
-                    0 => Close::HalfThenClose,
-                    1 => Close::Close,
-                    _ => Close::Reset,
+                    0 => Ending::HalfClose,
+                    1 => Ending::Close,
+                    _ => Ending::Reset,
                 };
                 let size = rng.size();
                 st.op(match close {
-                    Close::HalfThenClose => "guest->host, half-close",
-                    Close::Close => "guest->host, close",
-                    Close::Reset => "guest->host, reset",
+                    Ending::HalfClose => "guest->host, half-close",
+                    Ending::Close => "guest->host, close",
+                    Ending::Reset => "guest->host, reset",
                 });
                 guest_to_host(
                     &vms[v].guest,
@@ -370,7 +370,7 @@ fn soak() -> Result<()> {
                                     HOST_PORTS[*pi],
                                     *size,
                                     *sd,
-                                    Close::Close,
+                                    Ending::Close,
                                 )
                             })
                         })
@@ -396,7 +396,7 @@ fn soak() -> Result<()> {
                 let guest: &Guest = guest;
                 std::thread::scope(|sc| -> Result<u64> {
                     let t = sc.spawn(move || {
-                        guest_to_host(guest, l_ref, HOST_PORTS[pi], size, op_seed, Close::Close)
+                        guest_to_host(guest, l_ref, HOST_PORTS[pi], size, op_seed, Ending::Close)
                     });
                     std::thread::sleep(pause);
                     guest.pause_interrupts()?;
