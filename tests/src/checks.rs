@@ -103,6 +103,33 @@ pub fn wait_fds(d: &Daemon, want: usize, timeout: Duration) -> Result<usize> {
     }
 }
 
+/// Raises this process's soft open-file limit to its hard limit (the daemons it spawns
+/// inherit it) and fails, saying why, if that is below `need`: tests that hold thousands of
+/// sockets must not run into a 1024 default.
+pub fn raise_fd_limit(need: u64) -> Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid rlimit for getrlimit to fill.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("getrlimit(RLIMIT_NOFILE)");
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: `lim` is a valid rlimit; raising the soft limit up to the hard one is allowed.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("setrlimit(RLIMIT_NOFILE)");
+        }
+    }
+    ensure!(
+        lim.rlim_cur >= need,
+        "this test needs {need} open files; the hard limit is {} (raise it with ulimit -Hn)",
+        lim.rlim_cur
+    );
+    Ok(lim.rlim_cur)
+}
+
 /// Copies `bytes` into fresh guest memory of `vm` (outside every driver buffer) and returns
 /// its guest address.
 pub fn scratch(vm: &mut TestVm, bytes: &[u8]) -> Result<u64> {

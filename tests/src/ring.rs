@@ -407,6 +407,34 @@ mod tests {
     }
 
     #[test]
+    fn raw_chains_are_written_as_given_and_freed_on_use() {
+        let (m, a, mut r) = ring(false);
+        let d = |next| RawDesc::read(0x8000, 44, Some(next));
+        // A two-descriptor loop, and a next index beyond the queue.
+        let h = r
+            .add_raw(&[d(RawNext::Chain(1)), d(RawNext::Chain(0))])
+            .unwrap();
+        let h2 = r.add_raw(&[d(RawNext::Index(999))]).unwrap();
+        let desc = |i: u16, off: u64| -> u16 {
+            m.memory()
+                .read_obj(GuestAddress(a.desc.0 + 16 * u64::from(i) + off))
+                .unwrap()
+        };
+        let second = desc(h, 14);
+        assert_eq!(desc(second, 14), h, "loop closes on the head");
+        assert_eq!(desc(h, 12), VRING_DESC_F_NEXT);
+        assert_eq!(desc(h2, 14), 999);
+        assert!(r.add_raw(&[d(RawNext::Chain(5))]).is_err());
+        assert_eq!(r.num_free(), 5);
+        device_use(&m, &a, 0, h, 0);
+        assert_eq!(r.pop_used().unwrap(), Some(Used { head: h, len: 0 }));
+        assert_eq!(r.num_free(), 7);
+        // A bare head with no descriptor behind it moves avail idx only.
+        r.publish_raw_head(600).unwrap();
+        assert_eq!(r.avail_idx(), 3);
+    }
+
+    #[test]
     fn full_queue_is_refused() {
         let (_m, _a, mut r) = ring(false);
         let d = Desc {

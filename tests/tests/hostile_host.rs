@@ -10,7 +10,9 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, ensure, Context, Result};
-use vhost_plug_tests::checks::{guest_echo, host_echo, resources, serves, wait_fds};
+use vhost_plug_tests::checks::{
+    guest_echo, host_echo, raise_fd_limit, resources, serves, wait_fds,
+};
 use vhost_plug_tests::data::{digest, recv_digest, Pattern};
 use vhost_plug_tests::harness::Setup;
 use vhost_plug_tests::host::{
@@ -226,6 +228,7 @@ fn thousands_of_pending_host_connects() -> Result<()> {
     const SILENT: usize = 1500;
     const HALF_LINE: usize = 500;
     const HANDSHAKE_LIMIT: usize = 1024;
+    raise_fd_limit(4096)?;
     let mut s = setup()?;
     let a = s.boot(0)?;
     let b = s.boot(1)?;
