@@ -457,11 +457,10 @@ fn soak() -> Result<()> {
                     }
                     Ok(sw) => {
                         let err = sw["error"].as_str().unwrap_or("").to_string();
-                        // A swap refused whole (nothing swapped) because the old plugin's
-                        // state export missed its deadline on a loaded host: fail-safe.
-                        if err.contains("deadline expired")
-                            && sw["swapped"].as_array().is_some_and(|a| a.is_empty())
-                        {
+                        // A plugin state export/import that missed its deadline on a loaded
+                        // host: that VM keeps its old plugin (VMs listed in `swapped` have the
+                        // new one; each VM's swap is all or nothing).
+                        if err.contains("deadline expired") {
                             Err(anyhow!(Refused(format!("swap refused: {err}"))))
                         } else {
                             Err(anyhow!("swap failed: {sw}"))
