@@ -14,11 +14,12 @@ use vhost::vhost_user::message::{
 use vhost_user_backend::{VhostUserBackend, VringRwLock};
 use virtio_bindings::bindings::virtio_config::{VIRTIO_F_NOTIFY_ON_EMPTY, VIRTIO_F_VERSION_1};
 use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::device::Device;
-use crate::mem::{Bitmap, GuestMemAtomic};
+use crate::mem::{Bitmap, GuestMem, GuestMemAtomic};
 use crate::migration::{DeviceFacts, StatePlugins, Transfer};
 use crate::vsock::header::F_SEQPACKET;
 
@@ -39,6 +40,8 @@ pub struct VsockBackend {
     queue_size: usize,
     /// Stops the vring worker (see [`VsockBackend::exit_fd`]).
     exit: EventFd,
+    /// The guest memory snapshot [`check_regions`] last passed (see `memory_checked`).
+    checked: Mutex<Option<Arc<GuestMem>>>,
 }
 
 impl VsockBackend {
@@ -51,6 +54,7 @@ impl VsockBackend {
             guest_cid,
             queue_size,
             exit: EventFd::new(EFD_NONBLOCK)?,
+            checked: Mutex::new(None),
         })
     }
 
@@ -65,6 +69,28 @@ impl VsockBackend {
     /// registers with `into_raw_fd` and never closes: one fd leaked per frontend session.
     pub fn exit_fd(&self) -> std::os::fd::RawFd {
         std::os::fd::AsRawFd::as_raw_fd(&self.exit)
+    }
+
+    /// vhost-user-backend puts a new memory table in place before `update_memory` can refuse
+    /// it, so a vring event may arrive in between: the device touches guest memory only while
+    /// the current snapshot is one that [`check_regions`] passed.
+    fn memory_checked(&self, dev: &Device) -> bool {
+        let Some(atomic) = dev.memory() else {
+            return true;
+        };
+        let snap = atomic.memory();
+        let mut checked = self.checked.lock().unwrap_or_else(|p| p.into_inner());
+        if checked
+            .as_ref()
+            .is_some_and(|c| std::ptr::eq(Arc::as_ptr(c), &*snap))
+        {
+            return true;
+        }
+        if check_regions(&snap).is_err() {
+            return false;
+        }
+        *checked = Some(snap.into_inner());
+        true
     }
 
     /// Ends the vring workers (the eventfd stays readable, so every worker sees it).
@@ -173,7 +199,7 @@ impl VhostUserBackend for VsockBackend {
     }
 
     fn update_memory(&self, mem: GuestMemAtomic) -> io::Result<()> {
-        check_regions(&mem)?;
+        check_regions(&mem.memory())?;
         self.device().set_memory(mem);
         Ok(())
     }
@@ -197,7 +223,14 @@ impl VhostUserBackend for VsockBackend {
         else {
             return Ok(());
         };
+        // An error is the only other way out of vhost-user-backend's worker loop.
+        if device_event == EXIT_EVENT {
+            return Err(io::Error::other("frontend session over"));
+        }
         let mut dev = self.device();
+        if !self.memory_checked(&dev) {
+            return Ok(());
+        }
         let evq = vrings.get(usize::from(EVENT_QUEUE));
         dev.note_rings(rx, evq);
         if let Some(evq) = evq {
@@ -207,8 +240,6 @@ impl VhostUserBackend for VsockBackend {
             RX_QUEUE | EVENT_QUEUE => {}
             TX_QUEUE => dev.process_tx(tx),
             HOST_EVENT => dev.handle_host_events(),
-            // An error is the only other way out of vhost-user-backend's worker loop.
-            EXIT_EVENT => return Err(io::Error::other("frontend session over")),
             other => warn!(event = other, "unknown device event"),
         }
         // Answers to the guest's packets and host data both go out through rx; a tx queue
@@ -223,10 +254,9 @@ impl VhostUserBackend for VsockBackend {
 /// Refuses a memory table whose regions reach past the end of their regular file (or memfd):
 /// touching such a mapping raises SIGBUS, which would take down every VM of the daemon.
 /// A frontend that shrinks the file later can still do that; this catches the table itself.
-fn check_regions(mem: &GuestMemAtomic) -> io::Result<()> {
-    use vm_memory::{GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion};
-    let guard = mem.memory();
-    for r in guard.iter() {
+fn check_regions(mem: &GuestMem) -> io::Result<()> {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    for r in mem.iter() {
         let Some(fo) = r.file_offset() else { continue };
         let meta = fo.file().metadata()?;
         if !meta.is_file() {

@@ -604,7 +604,12 @@ fn refused_request(
         SimConfig::default(),
         DriverConfig::default(),
     )
-    .with_context(|| format!("new frontend after {what}"))?;
+    .with_context(|| {
+        format!(
+            "new frontend after {what}; daemon log:\n{}",
+            tail(&s.daemon.log_since(mark), 4000)
+        )
+    })?;
     serves(&again, 6100, what)?;
     serves(other, 6110, what)?;
     again.shutdown();
