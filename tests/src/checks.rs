@@ -90,6 +90,21 @@ pub fn resources(d: &Daemon, label: &str) -> Result<(u64, usize)> {
     Ok((rss, fds))
 }
 
+/// The daemon's fd count once it stopped changing (three equal readings 100 ms apart, within
+/// 10 s): a baseline not taken while a frontend session is being torn down or set up.
+pub fn settled_fds(d: &Daemon) -> Result<usize> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut last = d.open_fds()?;
+    let mut same = 0;
+    while same < 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        let n = d.open_fds()?;
+        same = if n == last { same + 1 } else { 0 };
+        last = n;
+    }
+    Ok(last)
+}
+
 /// Waits up to `timeout` for the daemon's fd count to come down to at most `want`; returns
 /// the last count.
 pub fn wait_fds(d: &Daemon, want: usize, timeout: Duration) -> Result<usize> {
@@ -101,6 +116,26 @@ pub fn wait_fds(d: &Daemon, want: usize, timeout: Duration) -> Result<usize> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The daemon's open fds by kind (`socket`, `anon_inode:[eventfd]`, `pipe`, ...), for failure
+/// messages about fd counts.
+pub fn fd_summary(d: &Daemon) -> String {
+    let Some(pid) = d.pid() else {
+        return "daemon gone".into();
+    };
+    let mut kinds = std::collections::BTreeMap::<String, usize>::new();
+    if let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
+        for e in dir.flatten() {
+            let t = std::fs::read_link(e.path())
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
+            let kind = t.split(':').next().unwrap_or("").to_string();
+            let kind = if kind == "anon_inode" { t } else { kind };
+            *kinds.entry(kind).or_default() += 1;
+        }
+    }
+    format!("{kinds:?}")
 }
 
 /// Raises this process's soft open-file limit to its hard limit (the daemons it spawns

@@ -16,7 +16,7 @@ use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserProtocolFeatures,
 };
 use vhost::vhost_user::VhostUserFrontend;
-use vhost_plug_tests::checks::{resources, serves, wait_fds};
+use vhost_plug_tests::checks::{serves, settled_fds, wait_fds};
 use vhost_plug_tests::data::{digest, recv_digest, send_pattern, Pattern};
 use vhost_plug_tests::harness::{exchange, Setup, TestVm};
 use vhost_plug_tests::host::{accept_timeout, host_connect, host_listen, port_path, HOST_TIMEOUT};
@@ -103,7 +103,7 @@ fn vmm_closes_mid_transfer() -> Result<()> {
     let mut s = setup()?;
     let a = s.boot(0)?;
     let b = s.boot(1)?;
-    let (_, fds0) = resources(&s.daemon, "before")?;
+    let fds0 = settled_fds(&s.daemon)?;
     // VM 3: a guest -> host stream and a host -> guest stream, both far from done.
     let l = host_listen(&a.spec.uds_path, 3000)?;
     let g_up = a
@@ -187,7 +187,7 @@ fn vmm_closes_mid_transfer() -> Result<()> {
 fn vmm_closes_during_state_save() -> Result<()> {
     let mut s = setup()?;
     let b = s.boot(1)?;
-    let (_, fds0) = resources(&s.daemon, "before")?;
+    let fds0 = settled_fds(&s.daemon)?;
     for keep_reading_end in [false, true] {
         let mut a = s.boot_with(0, state_cfg(), DriverConfig::default())?;
         let (mut h1, mut h2, guest_socks) = host_peers(&a, 3200)?;
@@ -251,7 +251,8 @@ fn vmm_closes_during_state_load() -> Result<()> {
         blob
     };
     eprintln!("[load] saved state: {} bytes", blob.len());
-    let (_, fds0) = resources(&s.daemon, "before")?;
+    let fds0 = settled_fds(&s.daemon)?;
+    let kinds0 = vhost_plug_tests::checks::fd_summary(&s.daemon);
     for close_pipe_first in [false, true] {
         let sim = vhost_plug_tests::SimVmm::connect(
             &s.vms[0].socket,
@@ -293,7 +294,11 @@ fn vmm_closes_during_state_load() -> Result<()> {
         drop((w, own));
         let fds = wait_fds(&s.daemon, fds0, PROMPT)?;
         eprintln!("[load] {what}: daemon fds {fds0} -> {fds} once the pipe is closed");
-        ensure!(fds <= fds0, "fds {fds0} -> {fds}");
+        ensure!(
+            fds <= fds0,
+            "fds {fds0} -> {fds}: {} (before: {kinds0})",
+            vhost_plug_tests::checks::fd_summary(&s.daemon)
+        );
     }
     ensure!(s.daemon.is_running(), "daemon exited");
     Ok(())
@@ -305,7 +310,7 @@ fn frontend_sessions_leave_no_fds_behind() -> Result<()> {
     let mut s = setup()?;
     let b = s.boot(1)?;
     next_frontend_serves(&s, 0, 3400, "a first session")?;
-    let fds0 = wait_fds(&s.daemon, 0, Duration::from_millis(300))?;
+    let fds0 = settled_fds(&s.daemon)?;
     for i in 0..20u32 {
         let a = s.boot(0)?;
         let (_h1, _h2, socks) = host_peers(&a, 3410)?;
