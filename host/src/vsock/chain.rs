@@ -329,6 +329,35 @@ mod tests {
     }
 
     #[test]
+    fn looping_chain_is_cut_short() {
+        let m = mem();
+        let vq = MockSplitQueue::new(&m, 16);
+        // One descriptor whose next is itself.
+        let raw = [RawDescriptor::from(SplitDescriptor::new(
+            0x8000,
+            44,
+            VRING_DESC_F_NEXT as u16,
+            0,
+        ))];
+        // add_desc_chains keeps `next` as given (build_desc_chain would rewrite it).
+        vq.add_desc_chains(&raw, 0).expect("chain");
+        let mut q = vq.create_queue::<virtio_queue::Queue>().expect("queue");
+        let chain = q.iter(&m).expect("iter").next().expect("one chain");
+        assert!(matches!(
+            ChainBuf::new(&m, chain, false, 1 << 20),
+            Err(ChainError::CutShort(16))
+        ));
+    }
+
+    #[test]
+    fn descriptor_longer_than_memory_is_rejected_even_when_truncated() {
+        let m = mem();
+        with_chain(&m, &[(0x8000, u32::MAX, false)], false, |b| {
+            assert!(matches!(b, Err(ChainError::BadAddress { .. })));
+        });
+    }
+
+    #[test]
     fn short_chain_has_no_header() {
         let m = mem();
         with_chain(&m, &[(0x8000, 20, false)], false, |b| {
