@@ -563,7 +563,16 @@ fn request_flood_hits_max_connections() -> Result<()> {
     for (g, _) in held {
         g.close()?;
     }
-    std::thread::sleep(Duration::from_millis(300));
+    // A close completes when the device's RST arrives; then the slots are free again.
+    let deadline = std::time::Instant::now() + PROMPT;
+    while a.guest.socket_count() > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    ensure!(
+        a.guest.socket_count() == 0,
+        "{} held connections did not close",
+        a.guest.socket_count()
+    );
     both_serve(&mut s, &a, &b, 6000, "a REQUEST flood")
 }
 
