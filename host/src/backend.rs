@@ -14,15 +14,14 @@ use vhost::vhost_user::message::{
 use vhost_user_backend::{VhostUserBackend, VringRwLock};
 use virtio_bindings::bindings::virtio_config::{VIRTIO_F_NOTIFY_ON_EMPTY, VIRTIO_F_VERSION_1};
 use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::control::VmStats;
 use crate::device::Device;
 use crate::handover::Slots;
-use crate::mem::{Bitmap, GuestMemAtomic};
+use crate::mem::{Bitmap, GuestMem, GuestMemAtomic};
 use crate::metrics::TransferDir;
 use crate::migration::{DeviceFacts, Outgoing, StatePlugins, Transfer};
 use crate::vsock::header::F_SEQPACKET;
@@ -40,6 +39,8 @@ pub const OFFERED_FEATURES: u64 = (1 << VIRTIO_F_VERSION_1)
     | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
 /// Event id of the device's host-socket epoll in the worker's event loop.
 pub const HOST_EVENT: u16 = NUM_QUEUES as u16 + 1;
+/// Event id of [`VsockBackend::exit_fd`] in the worker's event loop.
+pub const EXIT_EVENT: u16 = HOST_EVENT + 1;
 
 pub struct VsockBackend {
     dev: Arc<Mutex<Device>>,
@@ -52,7 +53,10 @@ pub struct VsockBackend {
     stats: Option<Arc<VmStats>>,
     guest_cid: u64,
     queue_size: usize,
-    exit: (EventConsumer, EventNotifier),
+    /// Stops the vring worker (see [`VsockBackend::exit_fd`]).
+    exit: EventFd,
+    /// The guest memory snapshot [`check_regions`] last passed (see `memory_checked`).
+    checked: Mutex<Option<Arc<GuestMem>>>,
 }
 
 impl VsockBackend {
@@ -75,7 +79,8 @@ impl VsockBackend {
             stats,
             guest_cid,
             queue_size,
-            exit: new_event_consumer_and_notifier(EventFlag::NONBLOCK)?,
+            exit: EventFd::new(EFD_NONBLOCK)?,
+            checked: Mutex::new(None),
         })
     }
 
@@ -88,6 +93,42 @@ impl VsockBackend {
     fn count_transfer(&self, dir: TransferDir, ok: bool) {
         if let Some(s) = &self.stats {
             s.counters.transfer(dir, ok);
+        }
+    }
+
+    /// Register this with every vring worker as [`EXIT_EVENT`]; [`VsockBackend::stop_workers`]
+    /// then ends them. This replaces `exit_event`, whose consumer fd vhost-user-backend 0.24
+    /// registers with `into_raw_fd` and never closes: one fd leaked per frontend session.
+    pub fn exit_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.exit)
+    }
+
+    /// vhost-user-backend puts a new memory table in place before `update_memory` can refuse
+    /// it, so a vring event may arrive in between: the device touches guest memory only while
+    /// the current snapshot is one that [`check_regions`] passed.
+    fn memory_checked(&self, dev: &Device) -> bool {
+        let Some(atomic) = dev.memory() else {
+            return true;
+        };
+        let snap = atomic.memory();
+        let mut checked = self.checked.lock().unwrap_or_else(|p| p.into_inner());
+        if checked
+            .as_ref()
+            .is_some_and(|c| std::ptr::eq(Arc::as_ptr(c), &*snap))
+        {
+            return true;
+        }
+        if check_regions(&snap).is_err() {
+            return false;
+        }
+        *checked = Some(snap.into_inner());
+        true
+    }
+
+    /// Ends the vring workers (the eventfd stays readable, so every worker sees it).
+    pub fn stop_workers(&self) {
+        if let Err(e) = self.exit.write(1) {
+            warn!(cid = self.guest_cid, error = %e, "cannot signal the vring workers to exit");
         }
     }
 
@@ -211,12 +252,9 @@ impl VhostUserBackend for VsockBackend {
     }
 
     fn update_memory(&self, mem: GuestMemAtomic) -> io::Result<()> {
+        check_regions(&mem.memory())?;
         self.device().set_memory(mem);
         Ok(())
-    }
-
-    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        Some((self.exit.0.try_clone().ok()?, self.exit.1.try_clone().ok()?))
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
@@ -241,7 +279,14 @@ impl VhostUserBackend for VsockBackend {
         else {
             return Ok(());
         };
+        // An error is the only other way out of vhost-user-backend's worker loop.
+        if device_event == EXIT_EVENT {
+            return Err(io::Error::other("frontend session over"));
+        }
         let mut dev = self.device();
+        if !self.memory_checked(&dev) {
+            return Ok(());
+        }
         let evq = vrings.get(usize::from(EVENT_QUEUE));
         dev.note_rings(rx, evq);
         if let Some(evq) = evq {
@@ -263,6 +308,42 @@ impl VhostUserBackend for VsockBackend {
         }
         Ok(())
     }
+}
+
+/// Refuses a memory table whose regions reach past the end of their regular file (or memfd):
+/// touching such a mapping raises SIGBUS, which would take down every VM of the daemon.
+/// A frontend that shrinks the file later can still do that; this catches the table itself.
+fn check_regions(mem: &GuestMem) -> io::Result<()> {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    for r in mem.iter() {
+        let Some(fo) = r.file_offset() else { continue };
+        let meta = fo.file().metadata()?;
+        if !meta.is_file() {
+            continue;
+        }
+        let end = fo.start().checked_add(r.len());
+        if end.is_none_or(|e| e > meta.len()) {
+            warn!(
+                gpa = r.start_addr().0,
+                size = r.len(),
+                offset = fo.start(),
+                file_size = meta.len(),
+                "memory region extends beyond the end of its file"
+            );
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "memory region at {:#x} ({} bytes at file offset {}) extends beyond its \
+                     {}-byte file",
+                    r.start_addr().0,
+                    r.len(),
+                    fo.start(),
+                    meta.len()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A backend shared with vhost-user-backend's threads.

@@ -12,7 +12,7 @@ use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
-use crate::backend::{VsockBackend, HOST_EVENT};
+use crate::backend::{VsockBackend, EXIT_EVENT, HOST_EVENT};
 use crate::config::VmConfig;
 use crate::control::{VmHandle, VmStats};
 use crate::device::{Device, DeviceConfig, Listeners};
@@ -49,6 +49,15 @@ pub fn seqpacket_path(uds_path: &std::path::Path) -> PathBuf {
     let mut p = uds_path.as_os_str().to_owned();
     p.push(".seqpacket");
     PathBuf::from(p)
+}
+
+/// Ends a session's vring workers when dropped.
+struct StopWorkers(Arc<VsockBackend>);
+
+impl Drop for StopWorkers {
+    fn drop(&mut self) {
+        self.0.stop_workers();
+    }
 }
 
 pub struct Vm {
@@ -161,9 +170,13 @@ impl Vm {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let mut daemon = VhostUserDaemon::new(format!("vsock-{cid}"), backend.clone(), mem)
             .map_err(|e| VmError::Daemon(e.to_string()))?;
+        // Declared after `daemon`, so dropped before it: the workers are told to exit before
+        // vhost-user-backend joins them, on every way out of this function.
+        let _stop = StopWorkers(backend.clone());
         let host_fd = backend.device().epoll_fd();
         for h in daemon.get_epoll_handlers() {
             h.register_listener(host_fd, EventSet::IN, u64::from(HOST_EVENT))?;
+            h.register_listener(backend.exit_fd(), EventSet::IN, u64::from(EXIT_EVENT))?;
         }
         daemon
             .start(&mut self.listener)
@@ -190,9 +203,7 @@ impl Vm {
         self.registry.close(cid);
         self.stats.frontend.store(false, Ordering::Relaxed);
         self.stats.conns.set_waker(None);
-        for h in daemon.get_epoll_handlers() {
-            h.send_exit_event();
-        }
+        backend.stop_workers();
         backend.device().drop_all();
         Ok(())
     }

@@ -274,6 +274,41 @@ impl Daemon {
         }
     }
 
+    /// Bytes of stderr written so far: a mark for [`Daemon::log_since`] and
+    /// [`Daemon::wait_log`].
+    pub fn log_mark(&self) -> u64 {
+        std::fs::metadata(&self.stderr_path).map_or(0, |m| m.len())
+    }
+
+    /// Stderr written after `mark` (at most the last 1 MiB of it).
+    pub fn log_since(&self, mark: u64) -> String {
+        let Ok(b) = std::fs::read(&self.stderr_path) else {
+            return String::new();
+        };
+        let start = usize::try_from(mark)
+            .unwrap_or(usize::MAX)
+            .min(b.len())
+            .max(b.len().saturating_sub(1 << 20));
+        String::from_utf8_lossy(&b[start..]).into_owned()
+    }
+
+    /// Waits up to `timeout` for a stderr line written after `mark` that contains every one
+    /// of `needles`; returns that line.
+    pub fn wait_log(&self, mark: u64, needles: &[&str], timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let found = self
+                .log_since(mark)
+                .lines()
+                .find(|l| needles.iter().all(|n| l.contains(n)))
+                .map(str::to_owned);
+            if found.is_some() || Instant::now() >= deadline {
+                return found;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Kills the process and reaps it. Idempotent.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {

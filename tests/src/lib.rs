@@ -18,11 +18,14 @@
 //! memory, vrings), [`driver`] (guest driver and socket API), [`ring`] (split virtqueue,
 //! driver side), [`host`] (CONNECT handshake, `<uds>_<port>` listeners, SEQPACKET),
 //! [`harness`] (fixtures, scenario outcome codes), [`data`] (payload patterns, checksums),
-//! [`qemu`] (a real Linux guest under QEMU in front of a daemon), [`bench`] (the benchmark).
+//! [`qemu`] (a real Linux guest under QEMU in front of a daemon), [`bench`] (the benchmark),
+//! [`state`] (saved device states), [`checks`] (echo, fd and RSS checks) and [`vhost_raw`]
+//! (hand-built vhost-user requests for hostile-VMM tests).
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod bench;
+pub mod checks;
 pub mod daemon;
 pub mod data;
 pub mod driver;
@@ -34,6 +37,7 @@ pub mod qemu;
 pub mod ring;
 pub mod sim;
 pub mod state;
+pub mod vhost_raw;
 
 pub use daemon::{Daemon, DaemonKind, VmSpec};
 pub use driver::{

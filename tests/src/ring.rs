@@ -12,8 +12,9 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::mem::GuestMem;
 
-const VRING_DESC_F_NEXT: u16 = 1;
-const VRING_DESC_F_WRITE: u16 = 2;
+pub const VRING_DESC_F_NEXT: u16 = 1;
+pub const VRING_DESC_F_WRITE: u16 = 2;
+pub const VRING_DESC_F_INDIRECT: u16 = 4;
 const VRING_USED_F_NO_NOTIFY: u16 = 1;
 
 /// Guest addresses of one queue's three parts.
@@ -48,6 +49,38 @@ pub struct Desc {
     pub len: u32,
     /// Device-writable (rx, event) or device-readable (tx).
     pub write: bool,
+}
+
+/// Where a raw descriptor's `next` field points.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RawNext {
+    /// The descriptor at this position of the same raw chain (loops are allowed).
+    Chain(usize),
+    /// This descriptor index, as is (may lie beyond the queue).
+    Index(u16),
+}
+
+/// A descriptor written exactly as given, for hostile-guest tests: any address, length,
+/// flags and `next`, valid or not.
+#[derive(Clone, Copy, Debug)]
+pub struct RawDesc {
+    pub addr: u64,
+    pub len: u32,
+    /// `VRING_DESC_F_*` bits, written as given.
+    pub flags: u16,
+    pub next: RawNext,
+}
+
+impl RawDesc {
+    /// A device-readable descriptor; `next` set means `VRING_DESC_F_NEXT` is set too.
+    pub fn read(addr: u64, len: u32, next: Option<RawNext>) -> Self {
+        RawDesc {
+            addr,
+            len,
+            flags: if next.is_some() { VRING_DESC_F_NEXT } else { 0 },
+            next: next.unwrap_or(RawNext::Index(0)),
+        }
+    }
 }
 
 /// A used-ring entry returned to the driver.
@@ -150,6 +183,59 @@ impl SplitRing {
             }
         }
         let head = ids[0];
+        self.publish(head)?;
+        self.chains[usize::from(head)] = Some(ids);
+        Ok(head)
+    }
+
+    /// Writes `descs` into free descriptor slots exactly as given (flags and `next` included,
+    /// see [`RawNext`]) and publishes the first as a chain head. The slots return to the free
+    /// list when the device uses the head, whatever the chain looked like.
+    pub fn add_raw(&mut self, descs: &[RawDesc]) -> Result<u16> {
+        if descs.is_empty() || descs.len() > self.free.len() {
+            bail!(
+                "raw chain of {} descriptors, {} free",
+                descs.len(),
+                self.free.len()
+            );
+        }
+        let split = self.free.len() - descs.len();
+        let ids: Vec<u16> = self.free.split_off(split);
+        for (i, d) in descs.iter().enumerate() {
+            let next = match d.next {
+                RawNext::Chain(j) => match ids.get(j) {
+                    Some(id) => *id,
+                    None => {
+                        self.free.extend_from_slice(&ids);
+                        bail!("raw descriptor {i} points at chain position {j}, beyond the chain");
+                    }
+                },
+                RawNext::Index(n) => n,
+            };
+            let base = Self::off(self.addrs.desc, 16 * u64::from(ids[i]));
+            let mut raw = [0u8; 16];
+            raw[0..8].copy_from_slice(&d.addr.to_le_bytes());
+            raw[8..12].copy_from_slice(&d.len.to_le_bytes());
+            raw[12..14].copy_from_slice(&d.flags.to_le_bytes());
+            raw[14..16].copy_from_slice(&next.to_le_bytes());
+            if let Err(e) = self.mem.write_slice(&raw, base) {
+                self.free.extend_from_slice(&ids);
+                return Err(e).context("writing raw descriptor");
+            }
+        }
+        let head = ids[0];
+        self.publish(head)?;
+        self.chains[usize::from(head)] = Some(ids);
+        Ok(head)
+    }
+
+    /// Puts `head` on the available ring as is, without writing or owning any descriptor
+    /// (a head beyond the queue size is the point of calling this).
+    pub fn publish_raw_head(&mut self, head: u16) -> Result<()> {
+        self.publish(head)
+    }
+
+    fn publish(&mut self, head: u16) -> Result<()> {
         let slot = u64::from(self.avail_idx % self.addrs.size);
         self.mem
             .write_obj(head.to_le(), Self::off(self.addrs.avail, 4 + 2 * slot))
@@ -163,9 +249,7 @@ impl SplitRing {
                 Self::off(self.addrs.avail, 2),
                 Ordering::Release,
             )
-            .context("writing avail idx")?;
-        self.chains[usize::from(head)] = Some(ids);
-        Ok(head)
+            .context("writing avail idx")
     }
 
     /// Whether the device wants a notification for what was published since the last call
@@ -320,6 +404,34 @@ mod tests {
         // A second completion of the same head is a device bug.
         device_use(&m, &a, 1, h, 10);
         assert!(r.pop_used().is_err());
+    }
+
+    #[test]
+    fn raw_chains_are_written_as_given_and_freed_on_use() {
+        let (m, a, mut r) = ring(false);
+        let d = |next| RawDesc::read(0x8000, 44, Some(next));
+        // A two-descriptor loop, and a next index beyond the queue.
+        let h = r
+            .add_raw(&[d(RawNext::Chain(1)), d(RawNext::Chain(0))])
+            .unwrap();
+        let h2 = r.add_raw(&[d(RawNext::Index(999))]).unwrap();
+        let desc = |i: u16, off: u64| -> u16 {
+            m.memory()
+                .read_obj(GuestAddress(a.desc.0 + 16 * u64::from(i) + off))
+                .unwrap()
+        };
+        let second = desc(h, 14);
+        assert_eq!(desc(second, 14), h, "loop closes on the head");
+        assert_eq!(desc(h, 12), VRING_DESC_F_NEXT);
+        assert_eq!(desc(h2, 14), 999);
+        assert!(r.add_raw(&[d(RawNext::Chain(5))]).is_err());
+        assert_eq!(r.num_free(), 5);
+        device_use(&m, &a, 0, h, 0);
+        assert_eq!(r.pop_used().unwrap(), Some(Used { head: h, len: 0 }));
+        assert_eq!(r.num_free(), 7);
+        // A bare head with no descriptor behind it moves avail idx only.
+        r.publish_raw_head(600).unwrap();
+        assert_eq!(r.avail_idx(), 3);
     }
 
     #[test]

@@ -309,6 +309,11 @@ impl Device {
         }
     }
 
+    /// The guest memory the device works on, once the frontend sent a table.
+    pub fn memory(&self) -> Option<&GuestMemAtomic> {
+        self.mem.as_ref()
+    }
+
     pub fn set_memory(&mut self, mem: GuestMemAtomic) {
         self.mem = Some(mem);
     }

@@ -117,11 +117,12 @@ impl Device {
         let span = self.conns[idx].span.clone();
         let _entered = span.enter();
         if self.conns[idx].kind != kind {
-            return self.reset(idx, "socket type changed");
+            return self.violation(idx, "socket type changed");
         }
         if self.conns[idx].pending & pending::RST != 0 {
             return; // already being torn down
         }
+        self.check_credit(idx, &h);
         self.conns[idx].update_peer_credit(h.buf_alloc, h.fwd_cnt);
         match h.op {
             OP_RW => self.guest_rw(idx, &h, buf),
@@ -135,10 +136,36 @@ impl Device {
             }
             OP_CREDIT_UPDATE => self.conns[idx].credit_requested = false,
             OP_CREDIT_REQUEST => self.conns[idx].pending |= pending::CREDIT_UPDATE,
-            OP_REQUEST => self.reset(idx, "REQUEST on an open connection"),
-            _ => self.reset(idx, "unknown operation"),
+            OP_REQUEST => self.violation(idx, "REQUEST on an open connection"),
+            _ => self.violation(idx, "unknown operation"),
         }
         self.wake_rx(idx);
+    }
+
+    /// Resets a connection whose guest broke the protocol, saying so in the log.
+    fn violation(&mut self, idx: usize, why: &str) {
+        if let Some(c) = self.conns.get(idx) {
+            warn!(cid = self.cfg.guest_cid, key = ?c.key, why, "guest protocol violation; resetting the connection");
+        }
+        self.reset(idx, why)
+    }
+
+    /// Logs a `fwd_cnt` that moved backwards or past the bytes sent: more bytes in flight
+    /// than before. The connection simply gets no credit while the record says so.
+    fn check_credit(&self, idx: usize, h: &Header) {
+        let c = &self.conns[idx];
+        let before = c.tx_cnt.wrapping_sub(c.peer_fwd_cnt);
+        let now = c.tx_cnt.wrapping_sub(h.fwd_cnt);
+        if now > before {
+            warn!(
+                cid = self.cfg.guest_cid,
+                key = ?c.key,
+                fwd_cnt = h.fwd_cnt,
+                previous = c.peer_fwd_cnt,
+                sent = c.tx_cnt,
+                "guest fwd_cnt inconsistent (backwards or past the bytes sent)"
+            );
+        }
     }
 
     fn lookup(&self, h: &Header) -> Option<usize> {
@@ -244,7 +271,7 @@ impl Device {
     fn guest_response(&mut self, idx: usize) {
         let c = &mut self.conns[idx];
         let State::Requesting(reply) = c.state else {
-            return self.reset(idx, "unexpected RESPONSE");
+            return self.violation(idx, "unexpected RESPONSE");
         };
         let fd = c.fd.as_raw_fd();
         let res = match reply {
@@ -268,10 +295,10 @@ impl Device {
         let buf_alloc = self.cfg.buf_alloc as usize;
         let c = &mut self.conns[idx];
         if c.state != State::Established {
-            return self.reset(idx, "data before the connection was established");
+            return self.violation(idx, "data before the connection was established");
         }
         if c.guest_shut_send {
-            return self.reset(idx, "data after SHUTDOWN(SEND)");
+            return self.violation(idx, "data after SHUTDOWN(SEND)");
         }
         let len = h.len as usize;
         c.rx_cnt = c.rx_cnt.wrapping_add(h.len);
@@ -292,7 +319,7 @@ impl Device {
                 self.reset(idx, &why)
             }
             Ok(()) if c.buf.len() + c.partial_msg.len() > buf_alloc => {
-                self.reset(idx, "guest sent beyond its credit")
+                self.violation(idx, "guest sent beyond its credit")
             }
             Ok(()) => {
                 if c.needs_credit_update(self.cfg.buf_alloc) {

@@ -104,6 +104,10 @@ pub(crate) struct Slot<W: World> {
     quarantine: Option<String>,
 }
 
+/// Call deadlines an instantiation may take: setting up memory and running start code takes
+/// longer than a call, and a daemon starting on a loaded host must not fail its plugins.
+const INSTANTIATE_DEADLINES: u64 = 50;
+
 impl<W: World> Slot<W> {
     /// Instantiate right away so that a plugin that cannot even start is reported at setup.
     pub(crate) fn new(rt: &PluginRuntime, plugin: Plugin, vm: &str) -> Result<Self, PluginError> {
@@ -134,9 +138,9 @@ impl<W: World> Slot<W> {
             self.rt
                 .new_store(inner.name.clone(), self.vm.clone(), inner.config.clone());
         store.data_mut().begin_call();
-        store.set_epoch_deadline(self.rt.deadline_ticks);
+        store.set_epoch_deadline(self.rt.deadline_ticks.saturating_mul(INSTANTIATE_DEADLINES));
         self.counters.instantiations.fetch_add(1, Ordering::Relaxed);
-        // Instantiation runs the component's start code: under the deadline too.
+        // Instantiation runs the component's start code: under a (longer) deadline too.
         self.rt.call_started();
         let r = W::instantiate(&inner.pre, &mut store);
         self.rt.call_finished();

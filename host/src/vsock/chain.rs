@@ -28,6 +28,13 @@ pub enum ChainError {
     TooManySegments,
     #[error("chain of {0} bytes is shorter than a packet header")]
     TooShortForHeader(usize),
+    #[error("no descriptor: the head index is beyond the queue or unreadable")]
+    NoDescriptor,
+    #[error(
+        "chain cut short after {0} descriptors: it loops, is longer than the queue, or names \
+         a descriptor beyond it"
+    )]
+    CutShort(usize),
     #[error("payload length {len} exceeds the {avail} bytes the chain holds")]
     PayloadOutsideChain { len: u32, avail: usize },
 }
@@ -58,18 +65,29 @@ impl<'a> ChainBuf<'a> {
         };
         let mut segs = Vec::new();
         let mut len = 0usize;
+        // (descriptors seen, whether the last one had NEXT set): virtio-queue ends the walk
+        // silently on a loop or a bad next index, which shows as a NEXT flag left unfollowed.
+        let mut walked = (0usize, false);
         for (i, desc) in chain.enumerate() {
+            walked = (i + 1, desc.has_next());
             if desc.is_write_only() != write {
                 return Err(ChainError::WrongDirection(i));
-            }
-            let take = (desc.len() as usize).min(max_len - len);
-            if take == 0 {
-                continue;
             }
             let bad = ChainError::BadAddress {
                 addr: desc.addr().0,
                 len: desc.len(),
             };
+            let take = (desc.len() as usize).min(max_len - len);
+            // The part beyond `take` is never touched, but a descriptor must still lie
+            // inside guest memory as a whole.
+            if take < desc.len() as usize
+                && !mem.check_range(GuestAddress(desc.addr().0), desc.len() as usize, access)
+            {
+                return Err(bad);
+            }
+            if take == 0 {
+                continue;
+            }
             let iter = mem
                 .get_slices(GuestAddress(desc.addr().0), take, access)
                 .map_err(|_| bad.clone())?;
@@ -82,10 +100,14 @@ impl<'a> ChainBuf<'a> {
             }
             len += take;
             if len == max_len {
-                break;
+                return Ok(Self { segs, len });
             }
         }
-        Ok(Self { segs, len })
+        match walked {
+            (0, _) => Err(ChainError::NoDescriptor),
+            (n, true) => Err(ChainError::CutShort(n)),
+            _ => Ok(Self { segs, len }),
+        }
     }
 
     /// Total bytes in the chain.
@@ -303,6 +325,35 @@ mod tests {
         });
         with_chain(&m, &[(0x8000, 64, false)], true, |b| {
             assert!(matches!(b, Err(ChainError::WrongDirection(0))));
+        });
+    }
+
+    #[test]
+    fn looping_chain_is_cut_short() {
+        let m = mem();
+        let vq = MockSplitQueue::new(&m, 16);
+        // One descriptor whose next is itself.
+        let raw = [RawDescriptor::from(SplitDescriptor::new(
+            0x8000,
+            44,
+            VRING_DESC_F_NEXT as u16,
+            0,
+        ))];
+        // add_desc_chains keeps `next` as given (build_desc_chain would rewrite it).
+        vq.add_desc_chains(&raw, 0).expect("chain");
+        let mut q = vq.create_queue::<virtio_queue::Queue>().expect("queue");
+        let chain = q.iter(&m).expect("iter").next().expect("one chain");
+        assert!(matches!(
+            ChainBuf::new(&m, chain, false, 1 << 20),
+            Err(ChainError::CutShort(16))
+        ));
+    }
+
+    #[test]
+    fn descriptor_longer_than_memory_is_rejected_even_when_truncated() {
+        let m = mem();
+        with_chain(&m, &[(0x8000, u32::MAX, false)], false, |b| {
+            assert!(matches!(b, Err(ChainError::BadAddress { .. })));
         });
     }
 

@@ -15,7 +15,7 @@ use super::socket::{SockKey, SockType, Socket};
 use super::{DriverConfig, RxLayout, TxLayout};
 use crate::mem::GuestMem;
 use crate::packet::*;
-use crate::ring::{Desc, SplitRing};
+use crate::ring::{Desc, RawDesc, SplitRing};
 
 /// Control packets waiting for tx space, at most.
 const CTRL_QUEUE_MAX: usize = 16384;
@@ -69,6 +69,8 @@ pub(crate) struct Queue {
     pub kick: EventFd,
     slots: Vec<GuestAddress>,
     by_head: Vec<Option<usize>>,
+    /// Heads of raw chains (no buffer of ours behind them).
+    raw: Vec<bool>,
     free: Vec<usize>,
 }
 
@@ -81,6 +83,7 @@ impl Queue {
             kick,
             slots,
             by_head: vec![None; n],
+            raw: vec![false; n],
             free,
         }
     }
@@ -89,6 +92,13 @@ impl Queue {
         let head = self.ring.add(descs)?;
         self.by_head[usize::from(head)] = Some(slot);
         Ok(())
+    }
+
+    /// True (and forgotten) if `head` was a raw chain's.
+    fn take_raw(&mut self, head: u16) -> bool {
+        self.raw
+            .get_mut(usize::from(head))
+            .is_some_and(std::mem::take)
     }
 
     fn take(&mut self, head: u16) -> Result<usize> {
@@ -377,6 +387,23 @@ impl Core {
         Ok(true)
     }
 
+    /// Places a raw descriptor chain on the tx ring (no kick). False if there is no room.
+    pub fn submit_raw_chain(&mut self, descs: &[RawDesc]) -> Result<bool> {
+        if self.tx.ring.num_free() < descs.len() {
+            return Ok(false);
+        }
+        let head = self.tx.ring.add_raw(descs)?;
+        if let Some(r) = self.tx.raw.get_mut(usize::from(head)) {
+            *r = true;
+        }
+        Ok(true)
+    }
+
+    /// Puts a bare head index on the tx available ring (no kick).
+    pub fn publish_raw_tx_head(&mut self, head: u16) -> Result<()> {
+        self.tx.ring.publish_raw_head(head)
+    }
+
     pub fn kick_tx(&mut self) -> Result<()> {
         self.tx.kick_if_needed(&mut self.stats)
     }
@@ -468,6 +495,9 @@ impl Core {
     fn service_tx_inner(&mut self) -> Result<()> {
         loop {
             while let Some(u) = self.tx.ring.pop_used()? {
+                if self.tx.take_raw(u.head) {
+                    continue;
+                }
                 let slot = self.tx.take(u.head)?;
                 self.tx.free.push(slot);
             }

@@ -331,6 +331,35 @@ impl Guest {
         }
     }
 
+    /// Puts a raw descriptor chain on the tx queue (see [`crate::ring::RawDesc`]) and kicks,
+    /// waiting up to the default timeout for ring space. The descriptors are freed when the
+    /// device returns the head, as for any chain.
+    pub fn send_raw_chain(&self, descs: &[crate::ring::RawDesc]) -> Result<()> {
+        let deadline = Instant::now() + self.timeout;
+        let mut core = self.shared.lock();
+        loop {
+            core.check_alive()?;
+            if core.submit_raw_chain(descs)? {
+                core.kick_tx()?;
+                return Ok(());
+            }
+            let (g, timed_out) = self.shared.wait_until(core, deadline);
+            core = g;
+            if timed_out {
+                anyhow::bail!("no tx ring space for a raw chain within {:?}", self.timeout);
+            }
+        }
+    }
+
+    /// Publishes `head` on the tx available ring without any descriptor behind it (e.g. an
+    /// index beyond the queue size) and kicks.
+    pub fn send_raw_head(&self, head: u16) -> Result<()> {
+        let mut core = self.shared.lock();
+        core.check_alive()?;
+        core.publish_raw_tx_head(head)?;
+        core.kick_tx()
+    }
+
     /// A REQUEST header from this guest, for raw tests to modify.
     pub fn request_header(&self, src_port: u32, dst_cid: u64, dst_port: u32) -> PacketHeader {
         let core = self.shared.lock();
