@@ -205,3 +205,15 @@ pub fn ctl(socket: &Path, args: &[&str]) -> Result<(bool, serde_json::Value)> {
     })?;
     Ok((out.status.success(), v))
 }
+
+/// Reads exactly `n` bytes from a guest socket.
+pub fn recv_exact(g: &crate::GuestSocket, n: usize) -> Result<Vec<u8>> {
+    let mut out = vec![0u8; n];
+    let mut at = 0;
+    while at < n {
+        let k = g.recv(&mut out[at..])?;
+        anyhow::ensure!(k > 0, "guest socket closed after {at} of {n} bytes");
+        at += k;
+    }
+    Ok(out)
+}

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use prometheus_parse::{Scrape, Value};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_plug_tests::harness::recv_exact;
 use vhost_plug_tests::harness::Setup;
 use vhost_plug_tests::host::{accept_timeout, host_connect, host_listen, HOST_TIMEOUT};
 use vhost_plug_tests::packet::HOST_CID;
@@ -124,17 +125,6 @@ fn logged_addr(s: &Setup) -> Result<String> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-fn recv_exact(g: &vhost_plug_tests::GuestSocket, n: usize) -> Result<Vec<u8>> {
-    let mut out = vec![0u8; n];
-    let mut at = 0;
-    while at < n {
-        let k = g.recv(&mut out[at..])?;
-        ensure!(k > 0, "guest socket closed after {at} of {n} bytes");
-        at += k;
-    }
-    Ok(out)
 }
 
 fn scenario(transport: Transport) -> Result<()> {

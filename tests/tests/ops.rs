@@ -11,11 +11,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
-use vhost_plug_tests::harness::{ctl, Setup, TestVm};
+use vhost_plug_tests::harness::{ctl, recv_exact, Setup, TestVm};
 use vhost_plug_tests::host::{accept_timeout, host_connect, host_listen, HOST_TIMEOUT};
 use vhost_plug_tests::packet::HOST_CID;
 use vhost_plug_tests::state::state_cfg;
-use vhost_plug_tests::{DaemonKind, DriverConfig, GuestSocket, QueueSet, SockType, VmSpec};
+use vhost_plug_tests::{DaemonKind, DriverConfig, QueueSet, SockType, VmSpec};
 
 const PROMPT: Duration = Duration::from_secs(10);
 const XFER: Duration = Duration::from_secs(10);
@@ -31,17 +31,6 @@ fn run(args: &[&str]) -> Result<(bool, String, String)> {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     ))
-}
-
-fn recv_exact(g: &GuestSocket, n: usize) -> Result<Vec<u8>> {
-    let mut out = vec![0u8; n];
-    let mut at = 0;
-    while at < n {
-        let k = g.recv(&mut out[at..])?;
-        ensure!(k > 0, "guest socket closed after {at} of {n} bytes");
-        at += k;
-    }
-    Ok(out)
 }
 
 fn boot_with_state(s: &Setup) -> Result<TestVm> {

@@ -14,7 +14,6 @@ use std::collections::BTreeMap;
 use std::io::Read;
 use std::os::unix::net::UnixListener;
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, ensure, Context, Result};
@@ -122,23 +121,9 @@ fn policy(version: &str) -> String {
     )
 }
 
+/// The control socket's answer (it says whether it worked in `ok`; callers check it).
 fn ctl(socket: &Path, args: &[&str]) -> Result<Value> {
-    let out = Command::new(DaemonKind::VhostPlug.binary()?)
-        .arg("ctl")
-        .arg("--socket")
-        .arg(socket)
-        .args(args)
-        .output()
-        .context("running vhost-plug ctl")?;
-    let v: Value = serde_json::from_slice(&out.stdout).with_context(|| {
-        format!(
-            "ctl output: {} / {}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })?;
-    // The answer says whether it worked (`ok`); callers check it.
-    Ok(v)
+    Ok(vhost_plug_tests::harness::ctl(socket, args)?.1)
 }
 
 /// Guest -> host echo of `size` bytes, ended with `close`.
