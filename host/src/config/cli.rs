@@ -8,7 +8,7 @@ use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use super::{
     check_guest_cid, check_max_connections, check_path, check_queue_size, check_tx_buffer_size,
-    check_unique, parse_number, split_groups, yaml, ConfigError, DaemonConfig, Invocation,
+    check_unique, parse_number, split_groups, toml, yaml, ConfigError, DaemonConfig, Invocation,
     LogFormat, Origin, VmSpec, DEFAULT_MAX_CONNECTIONS,
 };
 
@@ -96,8 +96,11 @@ struct Cli {
     )]
     vm: Vec<VmSpec>,
 
-    /// Load the VMs from a YAML file holding a `vms:` list (fields as the --vm keys, with '_').
-    #[arg(long, value_name = "FILE")]
+    /// Load the VMs from a config file. FILE.toml: vhost-plug's own format (VMs, plugins,
+    /// routes, limits, control socket; see examples/vhost-plug.toml). Any other name: the
+    /// vhost-device-vsock YAML holding a `vms:` list (fields as the --vm keys, with '_').
+    /// Flags given next to it win over the file's settings.
+    #[arg(long, value_name = "FILE", verbatim_doc_comment)]
     config: Option<PathBuf>,
 
     /// Most connections open at once per VM, for VMs that do not set their own
@@ -234,6 +237,7 @@ impl SingleVm {
             groups: self.groups.map(|g| split_groups(g.trim())),
             max_connections: None,
             plugins: None,
+            allow_routes: Vec::new(),
             warnings: Vec::new(),
         })
     }
@@ -244,12 +248,21 @@ where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
 {
-    let cli = Cli::try_parse_from(args)?;
+    let mut cli = Cli::try_parse_from(args)?;
     if let Some(command) = cli.command {
         return Ok(Invocation::Command(command));
     }
     let mut warnings = Vec::new();
-    let specs: Vec<(VmSpec, Origin)> = if let Some(path) = cli.config {
+    let specs: Vec<(VmSpec, Origin)> = if let Some(path) = cli.config.take_if(|p| toml::is_toml(p))
+    {
+        let file = toml::load(&path)?;
+        merge_toml_settings(&mut cli, &file);
+        file.specs
+            .into_iter()
+            .enumerate()
+            .map(|(i, spec)| (spec, Origin::Toml(path.clone(), i)))
+            .collect()
+    } else if let Some(path) = cli.config {
         let loaded = yaml::load(&path)?;
         warnings.extend(loaded.warnings);
         loaded
@@ -295,6 +308,19 @@ where
         plugin_cache: cli.plugin_cache,
         warnings,
     }))
+}
+
+/// The TOML file's daemon-wide settings, where the command line did not give its own:
+/// `--plugin` replaces the file's plugins, `--allow-route` adds to its routes.
+fn merge_toml_settings(cli: &mut Cli, file: &toml::Loaded) {
+    if cli.plugins.is_empty() {
+        cli.plugins = file.plugins.clone();
+    }
+    cli.allow_routes
+        .splice(0..0, file.allow_routes.iter().cloned());
+    cli.control_socket = cli.control_socket.take().or(file.control_socket.clone());
+    cli.plugin_cache = cli.plugin_cache.take().or(file.plugin_cache.clone());
+    cli.max_connections = cli.max_connections.or(file.max_connections);
 }
 
 fn plugin_value(value: &str) -> Result<crate::plugin::PluginSpec, String> {
