@@ -9,6 +9,7 @@ pub mod gate;
 pub mod mem;
 pub mod migration;
 pub mod plugin;
+pub mod scaffold;
 pub mod siblings;
 pub mod sys;
 pub mod vm;

@@ -63,6 +63,18 @@ pub enum PluginCommand {
         /// The component (.wasm) to inspect.
         file: PathBuf,
     },
+    /// Create a plugin crate (template, SDK and WIT copied in) that builds on its own with
+    /// `cargo build --release --target wasm32-wasip2`.
+    New {
+        /// Crate and directory name: ASCII letters, digits, '-' and '_', starting with a letter.
+        name: String,
+        /// The world the plugin implements.
+        #[arg(long, value_enum, default_value_t = crate::plugin::PluginKind::Policy)]
+        world: crate::plugin::PluginKind,
+        /// Create the crate inside DIR [default: the current directory].
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 const UNSUPPORTED_FORWARD: &str = "vhost-device-vsock's vsock forwarding backend \
