@@ -12,14 +12,13 @@ use super::{
     LogFormat, Origin, VmSpec, DEFAULT_MAX_CONNECTIONS,
 };
 
-/// Subcommands of `vhost-plug`. None yet: `vhost-plug` alone runs the daemon.
-///
-/// To add one, add a variant here (its arguments can be an `Args` struct defined in the
-/// module that implements it), then handle it where [`super::parse_invocation_from`]'s
-/// result is matched; [`super::parse_from`] will stop compiling until it decides what a
-/// subcommand means there. Daemon flags given together with a subcommand are refused by
-/// clap, and so is any option before the subcommand name: `--log-format` is global but must
-/// come after it (`vhost-plug ctl --log-format json ...`).
+// Subcommands of `vhost-plug`; `vhost-plug` alone runs the daemon. (A plain comment: clap
+// would show a doc comment here as the program's --help text.)
+//
+// To add one, add a variant here (its arguments can be an `Args` struct defined in the
+// module that implements it), then handle it in main.rs's `run_command`. Daemon flags given
+// together with a subcommand are refused by clap, and so is any option before the subcommand
+// name: `--log-format` is global but must come after it (`vhost-plug ctl --log-format json ...`).
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Work with plugin components.
@@ -77,6 +76,23 @@ pub enum PluginCommand {
     },
 }
 
+const LONG_ABOUT: &str = "\
+vhost-user virtio-vsock backend with WebAssembly plugins (command line compatible with
+vhost-device-vsock 0.3.0).
+
+Without a subcommand it runs the daemon for the VMs given by one of:
+  --socket S --uds-path U [--guest-cid N ...]   one VM from flags
+  --vm socket=S,uds-path=U[,...]                 one VM per --vm (repeatable)
+  --config FILE.toml | FILE.yaml                 VMs (and, in TOML, plugins, routes, limits)
+It stops on SIGINT or SIGTERM and removes its sockets. Logs go to stderr; the filter comes
+from VHOST_PLUG_LOG (or RUST_LOG), e.g. VHOST_PLUG_LOG=debug.
+
+Examples:
+  vhost-plug --guest-cid 3 --socket /tmp/vhost3.socket --uds-path /tmp/vm3.vsock
+  vhost-plug --config /etc/vhost-plug/vhost-plug.toml
+  vhost-plug plugin new my-policy      (a plugin crate; see my-policy/README.md)
+  vhost-plug ctl --socket /run/vhost-plug/control.sock status";
+
 const UNSUPPORTED_FORWARD: &str = "vhost-device-vsock's vsock forwarding backend \
      (forward-cid / forward-listen) is not supported by vhost-plug; use uds-path";
 
@@ -85,6 +101,7 @@ const UNSUPPORTED_FORWARD: &str = "vhost-device-vsock's vsock forwarding backend
     name = "vhost-plug",
     version,
     about = "vhost-user virtio-vsock backend (command line compatible with vhost-device-vsock 0.3.0)",
+    long_about = LONG_ABOUT,
     args_conflicts_with_subcommands = true
 )]
 struct Cli {

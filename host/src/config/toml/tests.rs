@@ -107,6 +107,28 @@ fn the_example_file_parses() {
 }
 
 #[test]
+fn the_systemd_sample_config_parses() {
+    let text = include_str!("../../../../examples/systemd/vhost-plug.toml");
+    let l = parse(text).expect("examples/systemd/vhost-plug.toml");
+    // Everything the service writes is inside its RuntimeDirectory and CacheDirectory.
+    assert_eq!(
+        l.control_socket.as_deref(),
+        Some(Path::new("/run/vhost-plug/control.sock"))
+    );
+    assert_eq!(
+        l.plugin_cache.as_deref(),
+        Some(Path::new("/var/cache/vhost-plug"))
+    );
+    for vm in &l.specs {
+        for p in [&vm.socket, &vm.uds_path] {
+            assert!(p
+                .as_deref()
+                .is_some_and(|p| p.starts_with("/run/vhost-plug")));
+        }
+    }
+}
+
+#[test]
 fn minimal_file_takes_the_defaults() {
     let l = parse(ONE_VM).expect("one VM");
     assert!(l.plugins.is_empty() && l.allow_routes.is_empty());
