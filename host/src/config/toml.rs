@@ -455,7 +455,7 @@ impl File<'_> {
                 ));
             }
             let (line, _) = self.line_col(vm.socket.span().start);
-            cids.push((cid, format!("{p} (the VM around line {line})")));
+            cids.push((cid, format!("{p} (line {line})")));
 
             let socket = self.path_field(&vm.socket, &format!("{p}.socket"))?;
             let uds_path = self.path_field(&vm.uds_path, &format!("{p}.uds-path"))?;
