@@ -433,8 +433,8 @@ impl File<'_> {
 
         // Paths and CIDs already taken, with where they were given.
         let mut paths: Vec<(PathBuf, String, Range<usize>)> = Vec::new();
-        if let Some(c) = (&control_socket).as_ref().zip(doc.control_socket.as_ref()) {
-            paths.push((c.0.clone(), "control-socket".into(), c.1.span()));
+        if let (Some(path), Some(v)) = (&control_socket, &doc.control_socket) {
+            paths.push((path.clone(), "control-socket".into(), v.span()));
         }
         let mut cids: Vec<(u64, String)> = Vec::new();
         let mut specs = Vec::with_capacity(doc.vm.len());
