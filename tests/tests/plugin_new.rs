@@ -46,13 +46,28 @@ fn scaffold_and_build(dir: &Path, name: &str, world: &str) -> Result<PathBuf> {
     );
     let target = target_dir()?;
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let t = Instant::now();
-    let build = Command::new(cargo)
+    let mut build = Command::new(cargo);
+    build
         .args(["build", "--release", "--target", "wasm32-wasip2"])
         .current_dir(&root)
         .env("CARGO_TARGET_DIR", &target)
-        .stdin(Stdio::null())
-        .output()?;
+        .stdin(Stdio::null());
+    // As host/build.rs does: host-build settings stay out of the wasm build (and then its
+    // artifacts are reused).
+    for var in [
+        "CARGO_BUILD_TARGET",
+        "CARGO_BUILD_TARGET_DIR",
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "CARGO_BUILD_RUSTFLAGS",
+        "RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "CARGO_PROFILE_RELEASE_DEBUG",
+    ] {
+        build.env_remove(var);
+    }
+    let t = Instant::now();
+    let build = build.output()?;
     ensure!(
         build.status.success(),
         "cargo build of the {world} scaffold failed:\n{}",
