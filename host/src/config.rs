@@ -7,7 +7,9 @@
 //! * one VM from flags: `--guest-cid 3 --socket S --uds-path U [--tx-buffer-size N]
 //!   [--queue-size N] [--groups a+b]`;
 //! * one VM per `--vm key=value,...` (keys spelled with `-` or `_`, `groups=a+b`);
-//! * `--config FILE`, a YAML file with a `vms:` list (field names with `_`, as the peer).
+//! * `--config FILE`, a YAML file with a `vms:` list (field names with `_`, as the peer);
+//! * `--config FILE.toml`, our own TOML file ([`toml`](self::toml) module): VMs plus plugins,
+//!   route allowlists, limits, control socket and plugin cache in one place.
 //!
 //! Ours on top: `--max-connections N` (default for every VM), the per-VM key
 //! `max-connections`/`max_connections`, and `--log-format text|json`.
@@ -23,6 +25,7 @@
 //! [`parse_invocation_from`] returns it instead of a [`DaemonConfig`].
 
 mod cli;
+mod toml;
 mod yaml;
 
 use std::ffi::OsString;
@@ -68,6 +71,9 @@ pub struct VmConfig {
     pub max_connections: usize,
     /// This VM's own plugins (YAML `plugins:`); empty means the daemon's `--plugin` set.
     pub plugins: Vec<crate::plugin::PluginSpec>,
+    /// Routes this VM's plugins may use on top of the daemon's `allow_routes` (TOML
+    /// `[vm.routes]`).
+    pub allow_routes: Vec<RouteSpec>,
 }
 
 impl VmConfig {
@@ -82,6 +88,7 @@ impl VmConfig {
             groups: vec![DEFAULT_GROUP.to_string()],
             max_connections: DEFAULT_MAX_CONNECTIONS,
             plugins: Vec::new(),
+            allow_routes: Vec::new(),
         }
     }
 }
@@ -227,6 +234,17 @@ pub enum ConfigError {
         column: usize,
         message: String,
     },
+    /// The TOML config file is not valid TOML, breaks the schema or a rule (duplicate CID,
+    /// missing plugin file, bad route). `field` is the path to the offending value, like
+    /// `vm[1].guest-cid` (absent for TOML syntax errors); `line` and `column` start at 1.
+    #[error("{}:{line}:{column}: {}{message}", path.display(), field_prefix(.field))]
+    Toml {
+        path: PathBuf,
+        field: Option<String>,
+        line: usize,
+        column: usize,
+        message: String,
+    },
     /// The config file is wrong in a way that has no position (e.g. it is empty).
     #[error("{}: {message}", path.display())]
     ConfigFile { path: PathBuf, message: String },
@@ -305,6 +323,7 @@ struct VmSpec {
     groups: Option<Vec<String>>,
     max_connections: Option<usize>,
     plugins: Option<Vec<crate::plugin::PluginSpec>>,
+    allow_routes: Vec<RouteSpec>,
     warnings: Vec<String>,
 }
 
@@ -322,6 +341,7 @@ impl VmSpec {
                 .unwrap_or_else(|| vec![DEFAULT_GROUP.to_string()]),
             max_connections: self.max_connections.unwrap_or(max_connections),
             plugins: self.plugins.unwrap_or_default(),
+            allow_routes: self.allow_routes,
         };
         (vm, self.warnings)
     }
@@ -333,6 +353,8 @@ enum Origin {
     Flags,
     VmArg(usize),
     File(PathBuf, usize),
+    /// `[[vm]]` number i (from 0) of a TOML file.
+    Toml(PathBuf, usize),
     Code(usize),
 }
 
@@ -343,6 +365,7 @@ impl Origin {
             Origin::Flags => format!("--{dashed}"),
             Origin::VmArg(_) => format!("{dashed} of {self}"),
             Origin::File(..) | Origin::Code(_) => format!("{} of {self}", dashed.replace('-', "_")),
+            Origin::Toml(..) => format!("{dashed} of {self}"),
         }
     }
 }
@@ -353,6 +376,7 @@ impl fmt::Display for Origin {
             Origin::Flags => f.write_str("the command-line flags"),
             Origin::VmArg(i) => write!(f, "--vm #{}", i + 1),
             Origin::File(path, i) => write!(f, "vms[{i}] in {}", path.display()),
+            Origin::Toml(path, i) => write!(f, "vm[{i}] in {}", path.display()),
             Origin::Code(i) => write!(f, "vms[{i}]"),
         }
     }

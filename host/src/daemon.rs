@@ -32,10 +32,22 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     let mut vms = Vec::new();
     for vm_cfg in cfg.vms {
         let cid = vm_cfg.guest_cid;
-        let own = if vm_cfg.plugins.is_empty() {
+        // A VM with its own plugins or routes gets its own plugin set; the others share one.
+        let own = if vm_cfg.plugins.is_empty() && vm_cfg.allow_routes.is_empty() {
             None
         } else {
-            match plugins.sibling_set(&vm_cfg.plugins, &cfg.allow_routes, registry.clone()) {
+            let specs = if vm_cfg.plugins.is_empty() {
+                &cfg.plugins
+            } else {
+                &vm_cfg.plugins
+            };
+            let routes: Vec<_> = cfg
+                .allow_routes
+                .iter()
+                .chain(&vm_cfg.allow_routes)
+                .cloned()
+                .collect();
+            match plugins.sibling_set(specs, &routes, registry.clone()) {
                 Ok(set) => Some(set),
                 Err(e) => {
                     remove_all(&paths);

@@ -95,6 +95,23 @@ fn run_command(cmd: Command) -> ExitCode {
                 }
             }
         }
+        Command::Plugin(PluginCommand::New { name, world, dir }) => {
+            let parent = dir.unwrap_or_else(|| ".".into());
+            match vhost_plug::scaffold::new_plugin(&name, world, &parent) {
+                Ok(root) => {
+                    let wasm = vhost_plug::scaffold::wasm_file_name(&name);
+                    println!("created {world} plugin crate {}", root.display());
+                    println!("  cd {}", root.display());
+                    println!("  cargo build --release --target wasm32-wasip2");
+                    println!("  vhost-plug plugin check target/wasm32-wasip2/release/{wasm}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Plugin(PluginCommand::Check { file }) => {
             let bytes = match std::fs::read(&file) {
                 Ok(b) => b,

@@ -8,18 +8,17 @@ use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use super::{
     check_guest_cid, check_max_connections, check_path, check_queue_size, check_tx_buffer_size,
-    check_unique, parse_number, split_groups, yaml, ConfigError, DaemonConfig, Invocation,
+    check_unique, parse_number, split_groups, toml, yaml, ConfigError, DaemonConfig, Invocation,
     LogFormat, Origin, VmSpec, DEFAULT_MAX_CONNECTIONS,
 };
 
-/// Subcommands of `vhost-plug`. None yet: `vhost-plug` alone runs the daemon.
-///
-/// To add one, add a variant here (its arguments can be an `Args` struct defined in the
-/// module that implements it), then handle it where [`super::parse_invocation_from`]'s
-/// result is matched; [`super::parse_from`] will stop compiling until it decides what a
-/// subcommand means there. Daemon flags given together with a subcommand are refused by
-/// clap, and so is any option before the subcommand name: `--log-format` is global but must
-/// come after it (`vhost-plug ctl --log-format json ...`).
+// Subcommands of `vhost-plug`; `vhost-plug` alone runs the daemon. (A plain comment: clap
+// would show a doc comment here as the program's --help text.)
+//
+// To add one, add a variant here (its arguments can be an `Args` struct defined in the
+// module that implements it), then handle it in main.rs's `run_command`. Daemon flags given
+// together with a subcommand are refused by clap, and so is any option before the subcommand
+// name: `--log-format` is global but must come after it (`vhost-plug ctl --log-format json ...`).
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Work with plugin components.
@@ -109,7 +108,36 @@ pub enum PluginCommand {
         /// The component (.wasm) to inspect.
         file: PathBuf,
     },
+    /// Create a plugin crate (template, SDK and WIT copied in) that builds on its own with
+    /// `cargo build --release --target wasm32-wasip2`.
+    New {
+        /// Crate and directory name: ASCII letters, digits, '-' and '_', starting with a letter.
+        name: String,
+        /// The world the plugin implements.
+        #[arg(long, value_enum, default_value_t = crate::plugin::PluginKind::Policy)]
+        world: crate::plugin::PluginKind,
+        /// Create the crate inside DIR [default: the current directory].
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
+
+const LONG_ABOUT: &str = "\
+vhost-user virtio-vsock backend with WebAssembly plugins (command line compatible with
+vhost-device-vsock 0.3.0).
+
+Without a subcommand it runs the daemon for the VMs given by one of:
+  --socket S --uds-path U [--guest-cid N ...]   one VM from flags
+  --vm socket=S,uds-path=U[,...]                 one VM per --vm (repeatable)
+  --config FILE.toml | FILE.yaml                 VMs (and, in TOML, plugins, routes, limits)
+It stops on SIGINT or SIGTERM and removes its sockets. Logs go to stderr; the filter comes
+from VHOST_PLUG_LOG (or RUST_LOG), e.g. VHOST_PLUG_LOG=debug.
+
+Examples:
+  vhost-plug --guest-cid 3 --socket /tmp/vhost3.socket --uds-path /tmp/vm3.vsock
+  vhost-plug --config /etc/vhost-plug/vhost-plug.toml
+  vhost-plug plugin new my-policy      (a plugin crate; see my-policy/README.md)
+  vhost-plug ctl --socket /run/vhost-plug/control.sock status";
 
 const UNSUPPORTED_FORWARD: &str = "vhost-device-vsock's vsock forwarding backend \
      (forward-cid / forward-listen) is not supported by vhost-plug; use uds-path";
@@ -119,6 +147,7 @@ const UNSUPPORTED_FORWARD: &str = "vhost-device-vsock's vsock forwarding backend
     name = "vhost-plug",
     version,
     about = "vhost-user virtio-vsock backend (command line compatible with vhost-device-vsock 0.3.0)",
+    long_about = LONG_ABOUT,
     args_conflicts_with_subcommands = true
 )]
 struct Cli {
@@ -142,8 +171,11 @@ struct Cli {
     )]
     vm: Vec<VmSpec>,
 
-    /// Load the VMs from a YAML file holding a `vms:` list (fields as the --vm keys, with '_').
-    #[arg(long, value_name = "FILE")]
+    /// Load the VMs from a config file. FILE.toml: vhost-plug's own format (VMs, plugins,
+    /// routes, limits, control socket; see examples/vhost-plug.toml). Any other name: the
+    /// vhost-device-vsock YAML holding a `vms:` list (fields as the --vm keys, with '_').
+    /// Flags given next to it win over the file's settings.
+    #[arg(long, value_name = "FILE", verbatim_doc_comment)]
     config: Option<PathBuf>,
 
     /// Most connections open at once per VM, for VMs that do not set their own
@@ -290,6 +322,7 @@ impl SingleVm {
             groups: self.groups.map(|g| split_groups(g.trim())),
             max_connections: None,
             plugins: None,
+            allow_routes: Vec::new(),
             warnings: Vec::new(),
         })
     }
@@ -300,12 +333,21 @@ where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
 {
-    let cli = Cli::try_parse_from(args)?;
+    let mut cli = Cli::try_parse_from(args)?;
     if let Some(command) = cli.command {
         return Ok(Invocation::Command(command));
     }
     let mut warnings = Vec::new();
-    let specs: Vec<(VmSpec, Origin)> = if let Some(path) = cli.config {
+    let specs: Vec<(VmSpec, Origin)> = if let Some(path) = cli.config.take_if(|p| toml::is_toml(p))
+    {
+        let file = toml::load(&path)?;
+        merge_toml_settings(&mut cli, &file);
+        file.specs
+            .into_iter()
+            .enumerate()
+            .map(|(i, spec)| (spec, Origin::Toml(path.clone(), i)))
+            .collect()
+    } else if let Some(path) = cli.config {
         let loaded = yaml::load(&path)?;
         warnings.extend(loaded.warnings);
         loaded
@@ -353,6 +395,19 @@ where
         metrics: cli.metrics,
         warnings,
     }))
+}
+
+/// The TOML file's daemon-wide settings, where the command line did not give its own:
+/// `--plugin` replaces the file's plugins, `--allow-route` adds to its routes.
+fn merge_toml_settings(cli: &mut Cli, file: &toml::Loaded) {
+    if cli.plugins.is_empty() {
+        cli.plugins = file.plugins.clone();
+    }
+    cli.allow_routes
+        .splice(0..0, file.allow_routes.iter().cloned());
+    cli.control_socket = cli.control_socket.take().or(file.control_socket.clone());
+    cli.plugin_cache = cli.plugin_cache.take().or(file.plugin_cache.clone());
+    cli.max_connections = cli.max_connections.or(file.max_connections);
 }
 
 fn plugin_value(value: &str) -> Result<crate::plugin::PluginSpec, String> {

@@ -118,6 +118,7 @@ fn flags_all_in_both_forms() {
         groups: vec!["a".into(), "b".into()],
         max_connections: 10,
         plugins: Vec::new(),
+        allow_routes: Vec::new(),
     };
     let spaced = ok(&[
         "--guest-cid",

@@ -337,6 +337,7 @@ impl<'de> Visitor<'de> for VmSeed<'_> {
             groups: groups.value,
             max_connections: max_connections.value,
             plugins: plugins.value,
+            allow_routes: Vec::new(),
             warnings: Vec::new(),
         })
     }

@@ -6,7 +6,7 @@ use std::str::FromStr;
 use super::PluginError;
 
 /// The three plugin worlds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
 pub enum PluginKind {
     Policy,
     Bridge,
