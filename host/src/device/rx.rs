@@ -217,6 +217,11 @@ impl Device {
             Ok((n, _)) => {
                 c.tx_cnt = c.tx_cnt.wrapping_add(n as u32);
                 c.bytes_to_guest += n as u64;
+                if let Some(s) = &self.stats {
+                    s.counters
+                        .bytes_to_guest
+                        .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                }
                 // A short read may still be followed by end of stream (a shutdown that came
                 // with the same edge), so `readable` stays set until EAGAIN or EOF.
                 let mut left = n;
