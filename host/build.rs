@@ -70,6 +70,7 @@ const EXPECTED: &[&str] = &[
     "hostile_bad_redirect",
     "hostile_wrong_world",
     "hostile_no_stateful",
+    "hostile_escape",
     "deny_ports",
 ];
 

@@ -339,6 +339,28 @@ fn hostile_redirect_outside_allowlist_fails_closed() -> Result<()> {
 }
 
 #[test]
+fn plugins_get_no_filesystem_network_or_environment() -> Result<()> {
+    // A TCP service on the host the plugin tries to reach.
+    let (listener, port) = tcp_echo_server()?;
+    listener.set_nonblocking(true)?;
+    let plugin = format!("policy={},config={port}", wasm("hostile_escape")?);
+    let s = setup(&[3], &["--plugin", &plugin])?;
+    let vm = s.boot(0)?;
+    guest_refused(&vm, 666)?;
+    let log = s.daemon.stderr();
+    ensure!(
+        log.contains("sandbox held") && !log.contains("sandbox escaped"),
+        "the plugin got out of its sandbox or did not say: {log}"
+    );
+    match listener.accept() {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => bail!("the plugin reached a host TCP service: {other:?}"),
+    }
+    guest_reaches_host(&vm, 1234)?;
+    Ok(())
+}
+
+#[test]
 fn repeated_failures_quarantine_the_plugin_of_that_vm_only() -> Result<()> {
     let plugin = format!("policy={}", wasm("hostile_trap")?);
     let s = setup(&[3, 4], &["--plugin", &plugin])?;
