@@ -45,3 +45,7 @@ cargo build --release --workspace --all-targets
 
 echo "== test"
 cargo test --release --workspace --no-fail-fast
+
+# Brief fuzzing of the untrusted-input parsers (~20 s per target; docs/fuzzing.md).
+echo "== fuzz"
+host/fuzz/run.sh

@@ -382,6 +382,60 @@ impl fmt::Display for Origin {
     }
 }
 
+/// Fills in each VM's defaults (`max_connections` where the VM sets none), labels its warnings
+/// with where it was described, then applies the rules across VMs.
+fn finish_vms(
+    specs: Vec<(VmSpec, Origin)>,
+    max_connections: usize,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<VmConfig>, ConfigError> {
+    let mut vms = Vec::with_capacity(specs.len());
+    let mut origins = Vec::with_capacity(specs.len());
+    for (spec, origin) in specs {
+        let (vm, spec_warnings) = spec.finish(max_connections);
+        warnings.extend(spec_warnings.into_iter().map(|w| format!("{origin}: {w}")));
+        vms.push(vm);
+        origins.push(origin);
+    }
+    let labelled: Vec<_> = vms.iter().zip(origins).collect();
+    check_unique(&labelled)?;
+    Ok(vms)
+}
+
+/// Entry points of the fuzz targets (`host/fuzz`): the `--vm` value and YAML parsers without
+/// clap and the file system (which would dominate each run), followed by the same defaults and
+/// cross-VM rules as the command line.
+#[doc(hidden)]
+pub mod fuzzing {
+    use std::path::Path;
+
+    use super::{cli, finish_vms, yaml, ConfigError, Origin, VmConfig, DEFAULT_MAX_CONNECTIONS};
+
+    /// The VMs of one `--vm` option per value, as the command line gives them.
+    pub fn parse_vm_args(values: &[&str]) -> Result<Vec<VmConfig>, String> {
+        let specs = values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| Ok((cli::parse_vm_arg(v)?, Origin::VmArg(i))))
+            .collect::<Result<Vec<_>, String>>()?;
+        finish_vms(specs, DEFAULT_MAX_CONNECTIONS, &mut Vec::new()).map_err(|e| e.to_string())
+    }
+
+    /// The VMs of a `--config` file holding `text`.
+    pub fn parse_yaml(text: &str) -> Result<Vec<VmConfig>, ConfigError> {
+        let path = Path::new("fuzz.yaml");
+        let loaded = yaml::parse_str(path, text)?;
+        let specs = loaded
+            .specs
+            .into_iter()
+            .enumerate()
+            .map(|(i, spec)| (spec, Origin::File(path.to_path_buf(), i)))
+            .collect();
+        let mut warnings = loaded.warnings;
+        finish_vms(specs, DEFAULT_MAX_CONNECTIONS, &mut warnings)
+    }
+}
+
 /// Rules across VMs: CIDs unique; every socket path (vhost-user and hybrid vsock, of all VMs)
 /// distinct. Paths compare lexically (`a//b` equals `a/b`; symlinks are not resolved).
 fn check_unique(vms: &[(&VmConfig, Origin)]) -> Result<(), ConfigError> {

@@ -410,8 +410,14 @@ fn load_file(v: &VmHandle, file: &Path) -> Result<Vec<String>, String> {
         offered_features: crate::backend::OFFERED_FEATURES,
         max_connections: v.max_connections,
     };
-    let state = migration::decode(&v.serializer, &bytes, &facts)
-        .map_err(|e| format!("{}: {e}", file.display()))?;
+    let state = {
+        let mut s = v
+            .serializer
+            .lock()
+            .map_err(|_| format!("{}: serializer lock poisoned", file.display()))?;
+        migration::decode_checked(&bytes, &mut s, &facts)
+            .map_err(|e| format!("{}: {e}", file.display()))?
+    };
     if !state.connections.is_empty() {
         return Err(format!(
             "{}: a handover state (with connections) is loaded by a VMM, not by ctl load",

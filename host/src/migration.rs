@@ -152,10 +152,13 @@ impl Transfer {
         self.thread = Some(std::thread::spawn(move || {
             let mut bytes = Vec::new();
             pipe.take(MAX_BLOB as u64 + 1).read_to_end(&mut bytes)?;
-            if bytes.len() > MAX_BLOB {
-                return Err(StateError::TooLarge);
-            }
-            let state = decode(&plugins.serializer, &bytes, &facts)?;
+            let state = {
+                let mut s = plugins
+                    .serializer
+                    .lock()
+                    .map_err(|_| StateError::Lock("serializer"))?;
+                decode_checked(&bytes, &mut s, &facts)?
+            };
             let fds = handed_over(&state, &bytes, &slots)?;
             plugins.import(&state.plugins)?;
             apply(&state, fds);
@@ -192,29 +195,25 @@ pub fn encode(serializer: &Mutex<Serializer>, state: &DeviceState) -> Result<Vec
     Ok(blob::wrap(s.name(), &payload)?)
 }
 
-/// Unframes and decodes a blob with the VM's serializer plugin (inside the sandbox), then
-/// checks the record against this device.
-pub fn decode(
-    serializer: &Mutex<Serializer>,
+/// Everything LOAD does to a received blob before it touches the device: size limit, frame
+/// ([`blob::unwrap`]), serializer name, sandboxed decode with its structural checks, and the
+/// checks against this device. Public so the fuzz targets (`host/fuzz`) run this exact path.
+pub fn decode_checked(
     bytes: &[u8],
+    serializer: &mut Serializer,
     facts: &DeviceFacts,
 ) -> Result<DeviceState, StateError> {
     if bytes.len() > MAX_BLOB {
         return Err(StateError::TooLarge);
     }
-    let state = {
-        let mut s = serializer
-            .lock()
-            .map_err(|_| StateError::Lock("serializer"))?;
-        let (name, payload) = blob::unwrap(bytes)?;
-        if name != s.name() {
-            return Err(StateError::Serializer {
-                found: name.to_string(),
-                ours: s.name().to_string(),
-            });
-        }
-        s.decode(payload)?
-    };
+    let (name, payload) = blob::unwrap(bytes)?;
+    if name != serializer.name() {
+        return Err(StateError::Serializer {
+            found: name.to_string(),
+            ours: serializer.name().to_string(),
+        });
+    }
+    let state = serializer.decode(payload)?;
     check(&state, facts)?;
     Ok(state)
 }

@@ -8,7 +8,7 @@ use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use super::{
     check_guest_cid, check_max_connections, check_path, check_queue_size, check_tx_buffer_size,
-    check_unique, parse_number, split_groups, toml, yaml, ConfigError, DaemonConfig, Invocation,
+    finish_vms, parse_number, split_groups, toml, yaml, ConfigError, DaemonConfig, Invocation,
     LogFormat, Origin, VmSpec, DEFAULT_MAX_CONNECTIONS,
 };
 
@@ -374,16 +374,7 @@ where
     };
 
     let max_connections = cli.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
-    let mut vms = Vec::with_capacity(specs.len());
-    let mut origins = Vec::with_capacity(specs.len());
-    for (spec, origin) in specs {
-        let (vm, spec_warnings) = spec.finish(max_connections);
-        warnings.extend(spec_warnings.into_iter().map(|w| format!("{origin}: {w}")));
-        vms.push(vm);
-        origins.push(origin);
-    }
-    let labelled: Vec<_> = vms.iter().zip(origins).collect();
-    check_unique(&labelled)?;
+    let vms = finish_vms(specs, max_connections, &mut warnings)?;
     Ok(Invocation::Daemon(DaemonConfig {
         vms,
         log_format: cli.log_format,
@@ -463,7 +454,7 @@ fn in_key<T>(key: &str, r: Result<T, String>) -> Result<T, String> {
 /// One `--vm` value. Like the peer: the whole value is trimmed, items are split on `,`, every
 /// item must be `key=value`, a repeated key keeps its last value, unknown keys are refused.
 /// Unlike the peer, a value may itself contain `=` (the peer silently cuts it there).
-fn parse_vm_arg(arg: &str) -> Result<VmSpec, String> {
+pub(super) fn parse_vm_arg(arg: &str) -> Result<VmSpec, String> {
     let mut spec = VmSpec::default();
     let mut forward_listen = false;
     for item in arg.trim().split(',') {

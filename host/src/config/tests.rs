@@ -1186,3 +1186,26 @@ fn metrics_endpoint() {
     ])
     .is_err());
 }
+
+/// The fuzz targets' entry points (`config::fuzzing`) give what the command line gives.
+#[test]
+fn fuzzing_entry_points_match_the_command_line() {
+    let values = [
+        "guest-cid=3,socket=/s3,uds-path=/u3,groups=a+b",
+        "guest_cid=4,socket=/s4,uds_path=/u4,max-connections=7",
+    ];
+    let cli = ok(&["--vm", values[0], "--vm", values[1]]);
+    assert_eq!(fuzzing::parse_vm_args(&values).unwrap(), cli.vms);
+    let dup =
+        fuzzing::parse_vm_args(&["socket=/s,uds-path=/u", "socket=/t,uds-path=/v"]).unwrap_err();
+    assert!(dup.contains("guest CID 3"), "{dup}");
+
+    let text = "vms:\n  - guest_cid: 5\n    socket: /s5\n    uds_path: /u5\n    queue_size: 256\n";
+    let file = TempYaml::new("fuzzing", text);
+    assert_eq!(
+        fuzzing::parse_yaml(text).unwrap(),
+        ok(&["--config", file.arg()]).vms
+    );
+    let empty = fuzzing::parse_yaml("vms: []\n").unwrap_err();
+    assert!(empty.to_string().contains("empty"), "{empty}");
+}

@@ -9,6 +9,9 @@ mod host;
 mod rx;
 mod tx;
 
+/// The CONNECT line parser, public for the fuzz targets (`host/fuzz`).
+pub use host::parse_connect_line;
+
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
