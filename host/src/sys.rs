@@ -202,6 +202,14 @@ pub fn peek(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     })
 }
 
+/// Bytes waiting to be read on a stream socket (unix or TCP).
+pub fn queued_bytes(fd: RawFd) -> io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one c_int to the pointer, which points at `n`.
+    cvt(unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) })?;
+    Ok(usize::try_from(n).unwrap_or(0))
+}
+
 /// Length of the next SEQPACKET message without consuming it (0 means end of stream).
 pub fn next_msg_len(fd: RawFd) -> io::Result<usize> {
     // SAFETY: a zero-length buffer is never written; MSG_TRUNC makes the kernel report the

@@ -163,7 +163,12 @@ impl Device {
         let guest_cid = self.cfg.guest_cid;
         let buf_alloc = self.cfg.buf_alloc;
         let c = &mut self.conns[idx];
-        let cap = (c.peer_credit() as usize).min(MAX_BATCH_BYTES);
+        // No more buffers than the bytes already queued need (a small message takes one; the
+        // first buffer still sees end of stream or EAGAIN).
+        let queued = sys::queued_bytes(c.fd.as_raw_fd()).unwrap_or(MAX_BATCH_BYTES);
+        let cap = (c.peer_credit() as usize)
+            .min(MAX_BATCH_BYTES)
+            .min(queued.max(1));
         let mut bufs: Vec<(u16, ChainBuf<'m>, usize)> = Vec::with_capacity(MAX_BATCH_CHAINS);
         let iov = &mut self.iov;
         iov.clear();
