@@ -132,6 +132,13 @@ fn reference(
             return Err(ChainError::WrongDirection(i));
         }
         let take = (d.len() as usize).min(cap - len);
+        // A descriptor cut by the cap must still lie in guest memory as a whole.
+        if take < d.len() as usize && !covered(d.addr().0, d.len() as usize) {
+            return Err(ChainError::BadAddress {
+                addr: d.addr().0,
+                len: d.len(),
+            });
+        }
         if take == 0 {
             continue;
         }
@@ -156,10 +163,32 @@ fn reference(
         }
         len += take;
         if len == cap {
-            break;
+            return Ok((len, segs));
         }
     }
-    Ok((len, segs))
+    // virtio-queue ends a looping or out-of-range chain silently: the last descriptor it
+    // yields still has NEXT set.
+    match descs.last() {
+        None => Err(ChainError::NoDescriptor),
+        Some(d) if d.has_next() => Err(ChainError::CutShort(descs.len())),
+        Some(_) => Ok((len, segs)),
+    }
+}
+
+/// Whether `[addr, addr + len)` lies inside guest memory (regions may touch).
+fn covered(mut addr: u64, mut len: usize) -> bool {
+    while len > 0 {
+        let Some(&(start, size)) = REGIONS
+            .iter()
+            .find(|&&(s, n)| addr >= s && addr - s < n as u64)
+        else {
+            return false;
+        };
+        let n = len.min((start + size as u64 - addr) as usize);
+        addr += n as u64;
+        len -= n;
+    }
+    true
 }
 
 /// Guest bytes of `segs`, concatenated.

@@ -21,6 +21,8 @@ use vhost_plug::plugin::{
 };
 
 const GUEST_CID: u64 = 3;
+/// A small connection limit, so the fuzzer reaches the host's table-size check.
+const MAX_CONNECTIONS: usize = 8;
 /// What the backend offers (backend.rs `features()`): VERSION_1 (32), NOTIFY_ON_EMPTY (24),
 /// RING_EVENT_IDX (29), VHOST_USER_F_PROTOCOL_FEATURES (30) and vsock's SEQPACKET (0).
 const OFFERED: u64 = 1 << 32 | 1 << 24 | 1 << 29 | 1 << 30 | 1;
@@ -61,11 +63,13 @@ fuzz_target!(|data: &[u8]| {
     let facts = DeviceFacts {
         guest_cid: GUEST_CID,
         offered_features: OFFERED,
+        max_connections: MAX_CONNECTIONS,
     };
     match decode_checked(input, &mut ser, &facts) {
         Ok(state) => {
             assert_eq!(state.guest_cid, GUEST_CID);
             assert_eq!(state.acked_features & !OFFERED, 0);
+            assert!(state.connections.len() <= MAX_CONNECTIONS);
             let again = ser.encode(&state).expect("encode an accepted record");
             let back = ser.decode(&again).expect("decode what was just encoded");
             assert_eq!(back, state, "round trip");
