@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
 use std::time::Instant;
 
-use crate::vsock::header::SockType;
+use crate::vsock::header::{Header, SockType};
 
 /// Identifies a connection inside one VM: the non-guest end and the guest's port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -271,6 +271,22 @@ impl Conn {
     pub fn update_peer_credit(&mut self, buf_alloc: u32, fwd_cnt: u32) {
         self.peer_buf_alloc = buf_alloc;
         self.peer_fwd_cnt = fwd_cnt;
+    }
+
+    /// A header for a packet from our end to the guest, carrying our credit.
+    pub fn header_to_guest(&self, guest_cid: u64, buf_alloc: u32, op: u16) -> Header {
+        Header {
+            src_cid: self.key.local_cid,
+            dst_cid: guest_cid,
+            src_port: self.key.local_port,
+            dst_port: self.key.peer_port,
+            len: 0,
+            type_: self.kind.wire(),
+            op,
+            flags: 0,
+            buf_alloc,
+            fwd_cnt: self.fwd_cnt,
+        }
     }
 
     /// Bytes the guest can take now: `peer_buf_alloc - (tx_cnt - peer_fwd_cnt)`, and zero

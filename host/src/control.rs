@@ -375,25 +375,8 @@ fn save_file(v: &VmHandle, file: &Path) -> Result<usize, String> {
         connections: Vec::new(),
     };
     let blob = migration::encode(&v.serializer, &state).map_err(|e| e.to_string())?;
-    let mut tmp = file.as_os_str().to_owned();
-    tmp.push(format!(".tmp{}", std::process::id()));
-    let tmp = PathBuf::from(tmp);
-    let write = || -> std::io::Result<()> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(&blob)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, file)
-    };
-    write().map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        format!("writing {}: {e}", file.display())
-    })?;
+    crate::sys::write_private_file(file, &blob)
+        .map_err(|e| format!("writing {}: {e}", file.display()))?;
     info!(vm = v.cid, file = ?file, bytes = blob.len(), "state saved to file");
     Ok(blob.len())
 }

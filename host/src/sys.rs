@@ -1,6 +1,7 @@
 //! Thin wrappers over the socket syscalls the data path needs and std does not offer:
 //! scatter/gather I/O on raw iovecs pointing into guest memory, SOCK_SEQPACKET sockets and
-//! peeking. Every call is non-blocking.
+//! peeking. Every socket call is non-blocking. Also the one file write the daemon does
+//! (state files, the precompiled plugin cache): private and atomic.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -322,4 +323,30 @@ pub fn take_error(fd: RawFd) -> io::Result<Option<io::Error>> {
         )
     })?;
     Ok((err != 0).then(|| io::Error::from_raw_os_error(err)))
+}
+
+/// Writes `bytes` to `path` as a new 0600 file: into a temporary file beside it, synced, then
+/// renamed over `path`, so readers never see a partial file. The temporary file is removed
+/// when any step fails.
+pub fn write_private_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut name = std::ffi::OsString::from(".");
+    name.push(path.file_name().unwrap_or_default());
+    name.push(format!(".{}.tmp", std::process::id()));
+    let tmp = path.with_file_name(name);
+    let write = || -> io::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    };
+    write().inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
 }

@@ -198,18 +198,7 @@ impl Device {
                 _ => vr.get_queue_mut().go_to_previous_position(),
             }
         }
-        let mut h = Header {
-            src_cid: c.key.local_cid,
-            dst_cid: guest_cid,
-            src_port: c.key.local_port,
-            dst_port: c.key.peer_port,
-            len: 0,
-            type_: c.kind.wire(),
-            op: OP_RW,
-            flags: 0,
-            buf_alloc,
-            fwd_cnt: c.fwd_cnt,
-        };
+        let mut h = c.header_to_guest(guest_cid, buf_alloc, OP_RW);
         let mut remove = false;
         // Packets written, from the front of `bufs`: (head, bytes incl. header).
         let mut done: Vec<(u16, u32)> = Vec::with_capacity(bufs.len());
@@ -280,18 +269,7 @@ impl Device {
         let guest_cid = self.cfg.guest_cid;
         let buf_alloc = self.cfg.buf_alloc;
         let c = &mut self.conns[idx];
-        let mut h = Header {
-            src_cid: c.key.local_cid,
-            dst_cid: guest_cid,
-            src_port: c.key.local_port,
-            dst_port: c.key.peer_port,
-            len: 0,
-            type_: c.kind.wire(),
-            op: 0,
-            flags: 0,
-            buf_alloc,
-            fwd_cnt: c.fwd_cnt,
-        };
+        let mut h = c.header_to_guest(guest_cid, buf_alloc, 0);
         let mut remove = false;
         if c.pending & pending::RST != 0 {
             h.op = OP_RST;

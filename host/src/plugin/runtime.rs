@@ -724,26 +724,12 @@ fn trusted_artifact(path: &Path) -> Result<bool, String> {
 }
 
 fn write_artifact(dir: &Path, path: &Path, art: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)?;
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp",
-        std::process::id(),
-        path.file_name().unwrap_or_default().to_string_lossy()
-    ));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(art)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
+    crate::sys::write_private_file(path, art)
 }
 
 pub(crate) enum KindPre {
