@@ -121,6 +121,10 @@ pub struct DaemonConfig {
     pub plugin_cache: Option<PathBuf>,
     /// Prometheus endpoint (`--metrics`).
     pub metrics: Option<crate::metrics::MetricsAddr>,
+    /// Sandbox the daemon with Landlock (`--landlock`, see `sandbox`).
+    pub landlock: bool,
+    /// Directories the sandboxed daemon may still write files in (`--landlock-rw`).
+    pub landlock_rw: Vec<PathBuf>,
     /// Things accepted for compatibility that the operator should know about (ignored YAML
     /// fields, ignored `forward-listen`, ...). Parsing happens before logging is set up, so
     /// the caller logs these once it is.
@@ -139,6 +143,8 @@ impl DaemonConfig {
             control_socket: None,
             plugin_cache: None,
             metrics: None,
+            landlock: false,
+            landlock_rw: Vec::new(),
             warnings: Vec::new(),
         }
     }

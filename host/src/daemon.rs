@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::config::DaemonConfig;
 use crate::control::ControlServer;
@@ -17,6 +17,9 @@ use crate::vm::Vm;
 
 /// Runs until SIGINT or SIGTERM; then removes the sockets it created and returns.
 pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
+    if cfg.landlock {
+        sandbox(&cfg)?;
+    }
     let mut signals = Signals::new([SIGINT, SIGTERM]).context("installing signal handlers")?;
     let registry = Arc::new(Registry::default());
     let plugins = Arc::new(
@@ -105,6 +108,28 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         info!(signal = sig, "exiting");
     }
     remove_all(&paths);
+    Ok(())
+}
+
+/// Enters the Landlock sandbox. Called before any thread exists, so all of them inherit it.
+fn sandbox(cfg: &DaemonConfig) -> anyhow::Result<()> {
+    if let Some(dir) = &cfg.plugin_cache {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("--plugin-cache {}", dir.display()))?;
+    }
+    let plan = crate::sandbox::Plan::new(cfg);
+    let enforced = crate::sandbox::apply(&plan)?;
+    match enforced {
+        crate::sandbox::Enforcement::Full => info!(?plan, "landlock sandbox fully enforced"),
+        crate::sandbox::Enforcement::Partial => warn!(
+            ?plan,
+            "landlock sandbox partially enforced: this kernel's Landlock is older than ABI 7"
+        ),
+    }
     Ok(())
 }
 

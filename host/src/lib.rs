@@ -13,6 +13,7 @@ pub mod mem;
 pub mod metrics;
 pub mod migration;
 pub mod plugin;
+pub mod sandbox;
 pub mod scaffold;
 pub mod siblings;
 pub mod sys;

@@ -208,6 +208,22 @@ struct Cli {
     #[arg(long, value_name = "ADDR", value_parser = metrics_value)]
     metrics: Option<crate::metrics::MetricsAddr>,
 
+    /// Sandbox the daemon with Landlock as it starts: read-only filesystem except its own
+    /// socket directories, the plugin cache and --landlock-rw directories; TCP connects only
+    /// to --allow-route ports; no exec. Fails to start if the kernel has no Landlock.
+    #[arg(long, verbatim_doc_comment)]
+    landlock: bool,
+
+    /// With --landlock: a directory the daemon may still write files in (`ctl save`
+    /// targets). Repeatable.
+    #[arg(
+        long = "landlock-rw",
+        value_name = "DIR",
+        requires = "landlock",
+        verbatim_doc_comment
+    )]
+    landlock_rw: Vec<PathBuf>,
+
     /// Log line format (on stderr).
     #[arg(long, value_enum, value_name = "FORMAT", default_value_t = LogFormat::Text, global = true)]
     log_format: LogFormat,
@@ -384,6 +400,8 @@ where
         control_socket: cli.control_socket,
         plugin_cache: cli.plugin_cache,
         metrics: cli.metrics,
+        landlock: cli.landlock,
+        landlock_rw: cli.landlock_rw,
         warnings,
     }))
 }

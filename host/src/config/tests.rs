@@ -1209,3 +1209,29 @@ fn fuzzing_entry_points_match_the_command_line() {
     let empty = fuzzing::parse_yaml("vms: []\n").unwrap_err();
     assert!(empty.to_string().contains("empty"), "{empty}");
 }
+
+#[test]
+fn landlock_flags() {
+    let base = ["--socket", "/tmp/v.sock", "--uds-path", "/tmp/v.vsock"];
+    let cfg = ok(&base);
+    assert!(!cfg.landlock && cfg.landlock_rw.is_empty());
+    let mut args = base.to_vec();
+    args.extend([
+        "--landlock",
+        "--landlock-rw",
+        "/var/lib/a",
+        "--landlock-rw",
+        "/b",
+    ]);
+    let cfg = ok(&args);
+    assert!(cfg.landlock);
+    assert_eq!(
+        cfg.landlock_rw,
+        [PathBuf::from("/var/lib/a"), PathBuf::from("/b")]
+    );
+    let mut args = base.to_vec();
+    args.extend(["--landlock-rw", "/b"]);
+    let (kind, text) = cli_err(&args);
+    assert_eq!(kind, ErrorKind::MissingRequiredArgument, "{text}");
+    assert!(text.contains("--landlock"), "{text}");
+}
