@@ -71,6 +71,7 @@ const EXPECTED: &[&str] = &[
     "hostile_wrong_world",
     "hostile_no_stateful",
     "hostile_escape",
+    "hostile_sleep",
     "deny_ports",
 ];
 

@@ -318,6 +318,13 @@ fn hostile_endless_loop_fails_closed() -> Result<()> {
     hostile("hostile_loop")
 }
 
+/// A plugin that sleeps 30 s in WASI (`poll` on a clock) is refused while the guest still
+/// waits for its answer, not after the sleep.
+#[test]
+fn hostile_sleep_fails_closed() -> Result<()> {
+    hostile("hostile_sleep")
+}
+
 #[test]
 fn hostile_trap_fails_closed() -> Result<()> {
     hostile("hostile_trap")

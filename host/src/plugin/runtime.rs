@@ -371,6 +371,27 @@ impl std::fmt::Debug for PluginRuntime {
     }
 }
 
+/// The WASI `wasi:io/poll` interface the runtime links (wasmtime-wasi 48).
+const WASI_POLL: &str = "wasi:io/poll@0.2.12";
+
+/// WASI lets a component wait: `poll` and `pollable.block` (a sleep, a read from an empty
+/// stream). The epoch deadline cannot interrupt host code, so a plugin waiting there would
+/// hold its VM's connection dispatch for as long as it likes. Plugins answer at once; both
+/// functions trap instead, and the call fails closed like any other trap.
+fn deny_waiting(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    linker.allow_shadowing(true);
+    let mut poll = linker.instance(WASI_POLL)?;
+    for name in ["poll", "[method]pollable.block"] {
+        poll.func_new(name, move |_, _, _, _| {
+            Err(wasmtime::Error::msg(format!(
+                "plugins may not wait: {WASI_POLL}#{name} refused"
+            )))
+        })?;
+    }
+    linker.allow_shadowing(false);
+    Ok(())
+}
+
 fn engine_config(cfg: &RuntimeConfig, pooling: Option<&PoolingLimits>) -> Config {
     let mut c = Config::new();
     c.wasm_component_model(true);
@@ -414,6 +435,7 @@ impl PluginRuntime {
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
             .map_err(|e| PluginError::Engine(format!("wasi: {e}")))?;
+        deny_waiting(&mut linker).map_err(|e| PluginError::Engine(format!("wasi poll: {e}")))?;
         policy_world::PolicyPlugin::add_to_linker::<HostState, HasSelf<HostState>>(
             &mut linker,
             |s| s,

@@ -423,6 +423,14 @@ fn hostile_loop_hits_deadline() {
 }
 
 #[test]
+fn hostile_sleep_is_cut_off() {
+    fails_closed("hostile_sleep", FailureKind::Trap);
+    let mut c = chain(&[("hostile_sleep", "")]);
+    let (reason, _) = denied(&c.decide(&req(1, 2, 666)));
+    assert!(reason.contains("plugins may not wait"), "{reason}");
+}
+
+#[test]
 fn hostile_trap_fails_closed() {
     fails_closed("hostile_trap", FailureKind::Trap);
 }
