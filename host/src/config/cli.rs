@@ -216,12 +216,7 @@ struct Cli {
 
     /// With --landlock: a directory the daemon may still write files in (`ctl save`
     /// targets). Repeatable.
-    #[arg(
-        long = "landlock-rw",
-        value_name = "DIR",
-        requires = "landlock",
-        verbatim_doc_comment
-    )]
+    #[arg(long = "landlock-rw", value_name = "DIR", verbatim_doc_comment)]
     landlock_rw: Vec<PathBuf>,
 
     /// Log line format (on stderr).
@@ -389,6 +384,15 @@ where
             .into());
     };
 
+    // Checked after the TOML file's `[sandbox]` is merged in, which may set `landlock`.
+    if !cli.landlock && !cli.landlock_rw.is_empty() {
+        return Err(Cli::command()
+            .error(
+                ErrorKind::MissingRequiredArgument,
+                "--landlock-rw needs --landlock (or `[sandbox] landlock = true` in the TOML file)",
+            )
+            .into());
+    }
     let max_connections = cli.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
     let vms = finish_vms(specs, max_connections, &mut warnings)?;
     Ok(Invocation::Daemon(DaemonConfig {
@@ -417,6 +421,9 @@ fn merge_toml_settings(cli: &mut Cli, file: &toml::Loaded) {
     cli.control_socket = cli.control_socket.take().or(file.control_socket.clone());
     cli.plugin_cache = cli.plugin_cache.take().or(file.plugin_cache.clone());
     cli.max_connections = cli.max_connections.or(file.max_connections);
+    cli.landlock |= file.landlock;
+    cli.landlock_rw
+        .splice(0..0, file.landlock_rw.iter().cloned());
 }
 
 fn plugin_value(value: &str) -> Result<crate::plugin::PluginSpec, String> {

@@ -77,6 +77,10 @@ pub(super) struct Loaded {
     pub plugin_cache: Option<PathBuf>,
     /// `[limits] max-connections`.
     pub max_connections: Option<usize>,
+    /// `[sandbox] landlock`.
+    pub landlock: bool,
+    /// `[sandbox] writable`.
+    pub landlock_rw: Vec<PathBuf>,
 }
 
 /// Largest config file read (a config file this big is a mistake, not a config).
@@ -129,11 +133,23 @@ struct Doc {
     #[serde(default)]
     limits: Limits,
     #[serde(default)]
+    sandbox: Sandbox,
+    #[serde(default)]
     routes: Routes,
     plugins: Option<Spanned<Plugins>>,
     // Not `Spanned`: serde_path_to_error loses the list index inside one.
     #[serde(default)]
     vm: Vec<Vm>,
+}
+
+/// `[sandbox]`: the daemon's Landlock self-sandbox (`--landlock`, `--landlock-rw`).
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct Sandbox {
+    #[serde(default)]
+    landlock: Option<Spanned<bool>>,
+    #[serde(default)]
+    writable: Vec<Spanned<String>>,
 }
 
 #[derive(Default, Deserialize)]
@@ -422,6 +438,21 @@ impl File<'_> {
             "limits.max-connections",
             check_max_connections,
         )?;
+        let landlock = doc.sandbox.landlock.as_ref().is_some_and(|v| *v.get_ref());
+        let landlock_rw = doc
+            .sandbox
+            .writable
+            .iter()
+            .enumerate()
+            .map(|(i, v)| self.path_field(v, &format!("sandbox.writable[{i}]")))
+            .collect::<Result<Vec<_>, _>>()?;
+        if let (false, Some(first)) = (landlock, doc.sandbox.writable.first()) {
+            return Err(self.error(
+                first.span(),
+                "sandbox.writable",
+                "writable directories need `landlock = true`".into(),
+            ));
+        }
         let allow_routes = self.routes(&doc.routes, "routes.")?;
         let plugins = match &doc.plugins {
             Some(p) => self.plugins(p, "plugins")?,
@@ -517,6 +548,8 @@ impl File<'_> {
             control_socket,
             plugin_cache,
             max_connections,
+            landlock,
+            landlock_rw,
         })
     }
 }

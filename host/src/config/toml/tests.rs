@@ -532,3 +532,37 @@ fn only_the_toml_extension_selects_toml() {
     assert_eq!(cfg.vms.len(), 1);
     assert_eq!(cfg.warnings.len(), 1, "{:?}", cfg.warnings);
 }
+
+#[test]
+fn sandbox_table() {
+    let l = parse(ONE_VM).expect("one VM");
+    assert!(!l.landlock && l.landlock_rw.is_empty());
+    let text = format!("[sandbox]\nlandlock = true\nwritable = ['state', '/srv/x']\n{ONE_VM}");
+    let l = parse(&text).expect("sandbox");
+    assert!(l.landlock);
+    assert_eq!(
+        l.landlock_rw,
+        [PathBuf::from("/etc/vp/state"), PathBuf::from("/srv/x")]
+    );
+    assert_err(
+        &format!("[sandbox]\nwritable = ['/srv/x']\n{ONE_VM}"),
+        "sandbox.writable",
+        2,
+        "landlock = true",
+    );
+    assert_err(
+        &format!("[sandbox]\nlandlock = 'yes'\n{ONE_VM}"),
+        "sandbox.landlock",
+        2,
+        "",
+    );
+    // The file's sandbox reaches the daemon config; the command line adds directories.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vp.toml");
+    std::fs::write(&path, format!("[sandbox]\nlandlock = true\n{ONE_VM}")).unwrap();
+    let p = path.display().to_string();
+    let args = ["vhost-plug", "--config", &p, "--landlock-rw", "/b"];
+    let cfg = parse_from(args).expect("config with a sandbox table");
+    assert!(cfg.landlock);
+    assert_eq!(cfg.landlock_rw, [PathBuf::from("/b")]);
+}
