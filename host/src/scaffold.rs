@@ -254,8 +254,9 @@ file (`vhost-plug --config FILE.toml`), in `[plugins]` or a VM's `[vm.plugins]`:
 
 - `src/lib.rs` is the plugin; `vendor/sdk/{kind}` the SDK (trait, `export_*!` macro, host
   functions `log`, `now_ns`, `config`); `wit/` the interface it implements.
-- The plugin runs sandboxed: no files, network or environment; 64 MiB of memory and 10 ms per
-  call. A trap, timeout or invalid answer fails closed (that connection is refused).
+- The plugin runs sandboxed: no files, network or environment, no waiting (sleep traps);
+  64 MiB of memory and a CPU budget of 100 million wasm instructions per call. A trap, an
+  exhausted budget or an invalid answer fails closed (that connection is refused).
 - The plugin author guide is docs/plugins.md in the vhost-plug repository.
 "#
     )

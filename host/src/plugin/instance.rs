@@ -11,7 +11,7 @@ use super::runtime::{HostState, KindPre, RuntimeShared};
 use super::{FailureKind, Plugin, PluginError, PluginRuntime};
 
 /// Upper bounds (ns) of the call-latency histogram buckets; a last bucket takes the rest.
-/// From 1 us (a warm policy call) to the 10 ms default deadline.
+/// From 1 us (a warm policy call) to 10 ms (about the default CPU budget of a call).
 pub const LATENCY_BUCKETS_NS: [u64; 13] = [
     1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000,
     5_000_000, 10_000_000,
@@ -64,6 +64,8 @@ impl PluginCounters {
 }
 
 pub(crate) trait World: Sized + Send {
+    /// Call budgets (fuel and wall clock) one call of this world gets.
+    const CALL_BUDGETS: u64 = 1;
     fn instantiate(pre: &KindPre, store: &mut Store<HostState>) -> wasmtime::Result<Self>;
 }
 
@@ -86,6 +88,9 @@ impl World for bridge_world::BridgePlugin {
 }
 
 impl World for serializer_world::SerializerPlugin {
+    /// A serializer walks the whole connection table (16,384 connections by default: about
+    /// 50 million fuel to decode with serializer-postcard), on the save/load thread.
+    const CALL_BUDGETS: u64 = 20;
     fn instantiate(pre: &KindPre, store: &mut Store<HostState>) -> wasmtime::Result<Self> {
         match pre {
             KindPre::Serializer(p) => p.instantiate(store),
@@ -139,6 +144,7 @@ impl<W: World> Slot<W> {
                 .new_store(inner.name.clone(), self.vm.clone(), inner.config.clone());
         store.data_mut().begin_call();
         store.set_epoch_deadline(self.rt.deadline_ticks.saturating_mul(INSTANTIATE_DEADLINES));
+        self.rt.refuel(&mut store, INSTANTIATE_DEADLINES);
         self.counters.instantiations.fetch_add(1, Ordering::Relaxed);
         // Instantiation runs the component's start code: under a (longer) deadline too.
         self.rt.call_started();
@@ -210,7 +216,8 @@ impl<W: World> Slot<W> {
         let (store, w) = self.live.as_mut().expect("instance present");
         store.data_mut().begin_call();
         self.rt.call_started();
-        store.set_epoch_deadline(self.rt.deadline_ticks);
+        store.set_epoch_deadline(self.rt.deadline_ticks.saturating_mul(W::CALL_BUDGETS));
+        self.rt.refuel(store, W::CALL_BUDGETS);
         let t0 = Instant::now();
         let r = f(store, w);
         let ns = t0.elapsed().as_nanos() as u64;
@@ -268,7 +275,14 @@ fn describe(store: &Store<HostState>, e: &wasmtime::Error) -> (FailureKind, Stri
         return (FailureKind::MemoryLimit, hit.clone());
     }
     match e.downcast_ref::<wasmtime::Trap>() {
-        Some(wasmtime::Trap::Interrupt) => (FailureKind::Deadline, "deadline expired".into()),
+        Some(wasmtime::Trap::Interrupt) => (
+            FailureKind::Deadline,
+            "deadline expired (wall-clock backstop)".into(),
+        ),
+        Some(wasmtime::Trap::OutOfFuel) => (
+            FailureKind::Deadline,
+            "deadline expired (CPU budget used up)".into(),
+        ),
         Some(t) => (FailureKind::Trap, t.to_string()),
         None => (FailureKind::Trap, format!("{e:#}")),
     }

@@ -12,7 +12,8 @@
 //! ```
 //!
 //! Sandbox: each instance has its own store with a memory cap (64 MiB), table/instance limits
-//! and a per-call deadline (10 ms, epoch interruption driven by a ticker thread). Plugins get
+//! and a per-call CPU budget (100 million fuel), with a wall-clock backstop (1 s, epoch
+//! interruption driven by a ticker thread) for a host starved of CPU. Plugins get
 //! the host functions of `wit/types.wit` (`host` interface) and, because Rust's `std` on
 //! `wasm32-wasip2` imports WASI, a WASI p2 context with nothing granted: no preopened
 //! directories, no environment or arguments, stdin empty, stdout/stderr discarded, TCP/UDP/name
@@ -40,7 +41,10 @@ mod tests;
 pub use error::{FailureKind, PluginError};
 pub use instance::{PluginCounters, PluginStats, LATENCY_BUCKETS_NS};
 pub use route::{NoSiblings, RouteAllowlist, RouteError, SiblingCheck};
-pub use runtime::{Plugin, PluginInfo, PluginRuntime, PoolingLimits, ReturnLimits, RuntimeConfig};
+pub use runtime::{
+    Plugin, PluginInfo, PluginRuntime, PoolingLimits, ReturnLimits, RuntimeConfig,
+    DEFAULT_CALL_FUEL,
+};
 pub use spec::{PluginKind, PluginSource, PluginSpec};
 pub use worlds::{Bridge, Decision, PolicyChain, RoutePolicy, Serializer};
 

@@ -54,10 +54,20 @@ pub struct PoolingLimits {
     pub component_instances: u32,
 }
 
+/// Default CPU budget of a call: 100 million fuel, about 7 ms of a tight wasm loop on the
+/// development machine (`plugin::tests::fuel_budget_stops_a_loop` prints it); policy
+/// decisions use 300 to 11,000.
+pub const DEFAULT_CALL_FUEL: u64 = 100_000_000;
+
 /// Runtime settings. `Default` gives the documented defaults.
 #[derive(Debug, Clone)]
 pub struct RuntimeConfig {
-    /// Wall-clock budget of one plugin call (default 10 ms).
+    /// CPU budget of one plugin call in wasmtime fuel (about one unit per wasm instruction).
+    /// Counting instructions instead of time keeps a busy host from failing plugins that
+    /// did nothing wrong.
+    pub call_fuel: u64,
+    /// Wall-clock backstop of one plugin call (default 1 s), for a host so starved of CPU
+    /// that even a well-behaved call cannot finish.
     pub call_deadline: Duration,
     /// Epoch ticker period (default 1 ms); deadlines are enforced to this granularity.
     pub epoch_tick: Duration,
@@ -81,7 +91,8 @@ pub struct RuntimeConfig {
 impl Default for RuntimeConfig {
     fn default() -> Self {
         Self {
-            call_deadline: Duration::from_millis(10),
+            call_fuel: DEFAULT_CALL_FUEL,
+            call_deadline: Duration::from_secs(1),
             epoch_tick: Duration::from_millis(1),
             memory_limit: 64 << 20,
             table_elements: 20_000,
@@ -352,7 +363,14 @@ impl RuntimeShared {
         store.limiter(|s| &mut s.limiter);
         store.epoch_deadline_trap();
         store.set_epoch_deadline(self.deadline_ticks);
+        self.refuel(&mut store, 1);
         store
+    }
+
+    /// Gives `store` `calls` call budgets of fuel (instantiation gets several).
+    pub(crate) fn refuel(&self, store: &mut Store<HostState>, calls: u64) {
+        // Cannot fail: fuel consumption is enabled on every engine this runtime builds.
+        let _ = store.set_fuel(self.cfg.call_fuel.saturating_mul(calls));
     }
 }
 
@@ -398,6 +416,7 @@ fn engine_config(cfg: &RuntimeConfig, pooling: Option<&PoolingLimits>) -> Config
     // The async component-model machinery costs ~3x per call; plugins are synchronous.
     c.concurrency_support(false);
     c.epoch_interruption(true);
+    c.consume_fuel(true);
     if let Some(p) = pooling {
         let n = p.component_instances.max(1);
         let mut pool = PoolingAllocationConfig::default();

@@ -470,6 +470,8 @@ fn hostile_redirects_outside_allowlist() {
 fn deadline_is_near_configured() {
     let rt = PluginRuntime::new(RuntimeConfig {
         call_deadline: Duration::from_millis(20),
+        // The wall-clock backstop alone: no CPU budget.
+        call_fuel: u64::MAX,
         ..Default::default()
     })
     .unwrap();
@@ -482,6 +484,28 @@ fn deadline_is_near_configured() {
         t >= Duration::from_millis(19) && t < Duration::from_millis(500),
         "{t:?}"
     );
+}
+
+/// The CPU budget stops an endless loop however long the wall clock allows; the time it
+/// takes is printed (it calibrates `DEFAULT_CALL_FUEL`).
+#[test]
+fn fuel_budget_stops_a_loop() {
+    let rt = PluginRuntime::new(RuntimeConfig {
+        call_deadline: Duration::from_secs(60),
+        ..Default::default()
+    })
+    .unwrap();
+    let p = rt.load_bytes("loop", &wasm("hostile_loop"), "").unwrap();
+    let mut c = PolicyChain::new(&rt, "vm3", &[p]).unwrap();
+    let t0 = Instant::now();
+    let (reason, failure) = denied(&c.decide(&req(1, 2, 666)));
+    let t = t0.elapsed();
+    assert!(failure && reason.contains("CPU budget used up"), "{reason}");
+    eprintln!(
+        "[fuel] {} fuel of an endless loop took {t:?}",
+        crate::plugin::DEFAULT_CALL_FUEL
+    );
+    assert_eq!(c.decide(&req(2, 2, 80)), Decision::Allow);
 }
 
 #[test]
@@ -837,6 +861,7 @@ fn serializer_output_framed_for_transfer() {
 fn idle_ticker_parks_and_wakes_for_the_next_call() {
     let rt = PluginRuntime::new(RuntimeConfig {
         call_deadline: Duration::from_millis(50),
+        call_fuel: u64::MAX,
         pooling: None,
         ..RuntimeConfig::default()
     })
