@@ -6,6 +6,7 @@
 
 mod handover;
 mod host;
+mod loglimit;
 mod rx;
 mod tx;
 
@@ -112,6 +113,8 @@ pub struct Device {
     iov: Vec<libc::iovec>,
     /// Connections handed over to another daemon (see [`Device::detach_for_handover`]).
     detached: Vec<Conn>,
+    /// Rate limit of the log lines this guest's bad packets and buffers cause.
+    guest_log: loglimit::LogLimit,
 }
 
 // SAFETY: the raw iovec pointers in the scratch vector are only used while a syscall runs and
@@ -179,6 +182,7 @@ impl Device {
             conns_wake,
             iov: Vec::with_capacity(64),
             detached: Vec::new(),
+            guest_log: loglimit::LogLimit::default(),
         })
     }
 
@@ -449,7 +453,9 @@ impl Device {
                 4
             }
             _ => {
-                warn!(cid = self.cfg.guest_cid, "unusable event queue buffer");
+                if self.guest_log() {
+                    warn!(cid = self.cfg.guest_cid, "unusable event queue buffer");
+                }
                 0
             }
         };
@@ -588,18 +594,36 @@ impl Device {
         }
     }
 
+    /// Whether a line about the guest's misbehaviour may be logged now ([`loglimit`]). Before
+    /// the first line after a pause it logs how many were left out.
+    fn guest_log(&mut self) -> bool {
+        match self.guest_log.check(std::time::Instant::now()) {
+            loglimit::Verdict::Drop => false,
+            loglimit::Verdict::Log { suppressed: 0 } => true,
+            loglimit::Verdict::Log { suppressed } => {
+                warn!(
+                    cid = self.cfg.guest_cid,
+                    suppressed, "left out log lines about this guest's bad packets (rate limit)"
+                );
+                true
+            }
+        }
+    }
+
     /// Answers a guest packet that has no connection with RST.
     fn reply_rst(&mut self, h: &Header, why: &str) {
-        warn!(
-            cid = self.cfg.guest_cid,
-            src_cid = h.src_cid,
-            src_port = h.src_port,
-            dst_cid = h.dst_cid,
-            dst_port = h.dst_port,
-            op = h.op,
-            why,
-            "rejecting guest packet"
-        );
+        if self.guest_log() {
+            warn!(
+                cid = self.cfg.guest_cid,
+                src_cid = h.src_cid,
+                src_port = h.src_port,
+                dst_cid = h.dst_cid,
+                dst_port = h.dst_port,
+                op = h.op,
+                why,
+                "rejecting guest packet"
+            );
+        }
         if h.op == OP_RST {
             return;
         }

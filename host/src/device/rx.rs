@@ -66,7 +66,9 @@ impl Device {
             let buf = match ChainBuf::new(&mem, chain, true, HDR_LEN + MAX_PKT_PAYLOAD) {
                 Ok(b) if b.len() >= HDR_LEN => b,
                 Ok(_) | Err(_) => {
-                    warn!(cid = self.cfg.guest_cid, "unusable rx descriptor chain");
+                    if self.guest_log() {
+                        warn!(cid = self.cfg.guest_cid, "unusable rx descriptor chain");
+                    }
                     let _ = vr.add_used(head, 0);
                     used = true;
                     self.unpop_work(work);

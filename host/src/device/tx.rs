@@ -42,7 +42,9 @@ impl Device {
                 match ChainBuf::new(&mem, chain, false, HDR_LEN + MAX_PKT_PAYLOAD) {
                     Ok(buf) => self.handle_packet(&buf),
                     Err(e) => {
-                        warn!(cid = self.cfg.guest_cid, error = %e, "bad tx descriptor chain")
+                        if self.guest_log() {
+                            warn!(cid = self.cfg.guest_cid, error = %e, "bad tx descriptor chain")
+                        }
                     }
                 }
                 if let Err(e) = vr.add_used(head, 0) {
@@ -73,7 +75,9 @@ impl Device {
         let h = match buf.read_header() {
             Ok(h) => h,
             Err(e) => {
-                warn!(cid = self.cfg.guest_cid, error = %e, "malformed tx packet");
+                if self.guest_log() {
+                    warn!(cid = self.cfg.guest_cid, error = %e, "malformed tx packet");
+                }
                 return;
             }
         };
@@ -96,7 +100,9 @@ impl Device {
             let why = "payload length beyond the descriptor chain";
             return match self.lookup(&h) {
                 Some(idx) => {
-                    warn!(cid = self.cfg.guest_cid, len = h.len, why);
+                    if self.guest_log() {
+                        warn!(cid = self.cfg.guest_cid, len = h.len, why);
+                    }
                     self.reset(idx, why)
                 }
                 None => self.reply_rst(&h, why),
@@ -144,19 +150,26 @@ impl Device {
 
     /// Resets a connection whose guest broke the protocol, saying so in the log.
     fn violation(&mut self, idx: usize, why: &str) {
-        if let Some(c) = self.conns.get(idx) {
-            warn!(cid = self.cfg.guest_cid, key = ?c.key, why, "guest protocol violation; resetting the connection");
+        if self.conns.contains(idx) && self.guest_log() {
+            let key = self.conns[idx].key;
+            warn!(
+                cid = self.cfg.guest_cid,
+                ?key,
+                why,
+                "guest protocol violation; resetting the connection"
+            );
         }
         self.reset(idx, why)
     }
 
     /// Logs a `fwd_cnt` that moved backwards or past the bytes sent: more bytes in flight
     /// than before. The connection simply gets no credit while the record says so.
-    fn check_credit(&self, idx: usize, h: &Header) {
+    fn check_credit(&mut self, idx: usize, h: &Header) {
         let c = &self.conns[idx];
         let before = c.tx_cnt.wrapping_sub(c.peer_fwd_cnt);
         let now = c.tx_cnt.wrapping_sub(h.fwd_cnt);
-        if now > before {
+        if now > before && self.guest_log() {
+            let c = &self.conns[idx];
             warn!(
                 cid = self.cfg.guest_cid,
                 key = ?c.key,
