@@ -217,3 +217,19 @@ pub fn recv_exact(g: &crate::GuestSocket, n: usize) -> Result<Vec<u8>> {
     }
     Ok(out)
 }
+
+/// The kernel's Landlock ABI version; 0 without Landlock (the daemon's `--landlock` then
+/// refuses to start).
+pub fn landlock_abi() -> i64 {
+    // SAFETY: landlock_create_ruleset(NULL, 0, LANDLOCK_CREATE_RULESET_VERSION) only returns
+    // the ABI version (or an error); it reads and writes no memory.
+    let v = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<u8>(),
+            0usize,
+            1u32,
+        )
+    };
+    v.max(0)
+}

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use vhost_plug_tests::data::{send_pattern, Digester};
-use vhost_plug_tests::harness::{ctl, Setup, TestVm};
+use vhost_plug_tests::harness::{ctl, landlock_abi, Setup, TestVm};
 use vhost_plug_tests::host::{accept_timeout, host_connect, host_listen, HOST_TIMEOUT};
 use vhost_plug_tests::packet::HOST_CID;
 use vhost_plug_tests::sim::{read_cid, LoadReport};
@@ -95,11 +95,23 @@ fn hand_over(
     Ok((target, blob))
 }
 
+/// Both daemons run in their Landlock sandbox where the kernel has one: a handover needs no
+/// more than the sandbox allows (sockets over the control socket, the hybrid path taken
+/// over in the same directory).
 #[test]
 fn streams_of_100_mb_survive_a_handover() -> Result<()> {
     let total: u64 = 100 << 20;
     let ctl_dir = tempfile::tempdir()?;
-    let old = daemon(ctl_dir.path(), "old", None, &[])?;
+    let sandbox: &[&str] = if landlock_abi() > 0 {
+        &["--landlock"]
+    } else {
+        &[]
+    };
+    let old = daemon(ctl_dir.path(), "old", None, sandbox)?;
+    ensure!(
+        sandbox.is_empty() || old.daemon.stderr().contains("landlock sandbox"),
+        "the old daemon did not enter its sandbox"
+    );
     let uds = old.vms[0].uds_path.clone();
     let mut vm = old.boot_with(0, state_cfg(QueueSet::All), DriverConfig::default())?;
 
@@ -135,7 +147,7 @@ fn streams_of_100_mb_survive_a_handover() -> Result<()> {
             thread::sleep(Duration::from_millis(10));
         }
         thread::sleep(Duration::from_millis(200));
-        let new = daemon(ctl_dir.path(), "new", Some(&uds), &[])?;
+        let new = daemon(ctl_dir.path(), "new", Some(&uds), sandbox)?;
         let late = sc.spawn(|| host_connect(&uds, 6002));
         let (target, _) = hand_over(
             &mut vm,

@@ -15,27 +15,12 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use vhost_plug_tests::checks::serves;
 use vhost_plug_tests::data::Pattern;
-use vhost_plug_tests::harness::{ctl, exchange, Setup};
+use vhost_plug_tests::harness::{ctl, exchange, landlock_abi, Setup};
 use vhost_plug_tests::host::HOST_TIMEOUT;
 use vhost_plug_tests::packet::HOST_CID;
 use vhost_plug_tests::{DaemonKind, SockType, VmSpec};
 
 const PROMPT: Duration = Duration::from_secs(10);
-
-/// The kernel's Landlock ABI version; 0 without Landlock.
-fn landlock_abi() -> i64 {
-    // SAFETY: landlock_create_ruleset(NULL, 0, LANDLOCK_CREATE_RULESET_VERSION) only returns
-    // the ABI version (or an error); it reads and writes no memory.
-    let v = unsafe {
-        libc::syscall(
-            libc::SYS_landlock_create_ruleset,
-            std::ptr::null::<u8>(),
-            0usize,
-            1u32,
-        )
-    };
-    v.max(0)
-}
 
 /// A sandboxed daemon and the directory of the paths its arguments name (dropped after it).
 struct Sandboxed {
