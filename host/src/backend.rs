@@ -253,6 +253,16 @@ impl VhostUserBackend for VsockBackend {
 
     fn update_memory(&self, mem: GuestMemAtomic) -> io::Result<()> {
         check_regions(&mem.memory())?;
+        let unsealed = shrinkable_regions(&mem.memory());
+        if unsealed > 0 {
+            info!(
+                cid = self.guest_cid,
+                regions = unsealed,
+                "guest memory is not sealed against shrinking: if the VMM truncates it, the \
+                 daemon dies of SIGBUS (a sealed memfd prevents that, e.g. QEMU's \
+                 memory-backend-memfd with its default seal=on)"
+            );
+        }
         self.device().set_memory(mem);
         Ok(())
     }
@@ -344,6 +354,21 @@ fn check_regions(mem: &GuestMem) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// How many regions are backed by a file that its owner may still shrink: a regular file, or
+/// a memfd without `F_SEAL_SHRINK`.
+fn shrinkable_regions(mem: &GuestMem) -> usize {
+    use std::os::fd::AsRawFd;
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    mem.iter()
+        .filter_map(|r| r.file_offset())
+        .filter(|fo| {
+            // SAFETY: F_GET_SEALS on a file descriptor we hold; no memory is passed.
+            let seals = unsafe { libc::fcntl(fo.file().as_raw_fd(), libc::F_GET_SEALS) };
+            seals < 0 || seals & libc::F_SEAL_SHRINK == 0
+        })
+        .count()
 }
 
 /// A backend shared with vhost-user-backend's threads.

@@ -4,7 +4,7 @@
 
 use std::ffi::CString;
 use std::fs::File;
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 
 use anyhow::{bail, Context, Result};
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
@@ -21,15 +21,28 @@ pub struct GuestMem {
 }
 
 impl GuestMem {
-    /// Creates `size` bytes of zeroed guest memory at guest physical address 0, backed by a memfd.
+    /// Creates `size` bytes of zeroed guest memory at guest physical address 0, backed by a
+    /// memfd sealed against shrinking and growing, as QEMU's memory-backend-memfd does by
+    /// default (`seal=on`).
     pub fn new(size: usize) -> Result<Self> {
+        Self::create(size, true)
+    }
+
+    /// Like [`GuestMem::new`], with a memfd its owner may still resize.
+    pub fn new_unsealed(size: usize) -> Result<Self> {
+        Self::create(size, false)
+    }
+
+    fn create(size: usize, seal: bool) -> Result<Self> {
         if size < 1 << 20 {
             bail!("guest memory of {size} bytes is too small (minimum 1 MiB)");
         }
         let name = CString::new("vhost-plug-guest").context("memfd name")?;
         // SAFETY: `name` is a valid NUL-terminated string that outlives the call; the flags are
         // valid memfd_create flags. The return value is checked before use.
-        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+        let fd = unsafe {
+            libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+        };
         if fd < 0 {
             return Err(std::io::Error::last_os_error()).context("memfd_create");
         }
@@ -37,6 +50,19 @@ impl GuestMem {
         let file = unsafe { File::from_raw_fd(fd) };
         file.set_len(size as u64)
             .context("sizing guest memory memfd")?;
+        if seal {
+            // SAFETY: F_ADD_SEALS on a memfd we own; no memory is passed.
+            let r = unsafe {
+                libc::fcntl(
+                    file.as_raw_fd(),
+                    libc::F_ADD_SEALS,
+                    libc::F_SEAL_SHRINK | libc::F_SEAL_GROW,
+                )
+            };
+            if r < 0 {
+                return Err(std::io::Error::last_os_error()).context("sealing guest memory");
+            }
+        }
         let region_file = file.try_clone().context("dup guest memory memfd")?;
         let mem = GuestMemoryMmap::<()>::from_ranges_with_files([(
             GuestAddress(0),

@@ -67,6 +67,9 @@ pub struct SimConfig {
     /// the state of a destination VMM before `SET_DEVICE_STATE_FD(LOAD)`; start them later
     /// with [`SimVmm::start_vrings`].
     pub start_vrings: bool,
+    /// Seal the guest memory memfd against resizing (QEMU's default); false gives the backend
+    /// memory its owner could still shrink.
+    pub seal_memory: bool,
 }
 
 impl Default for SimConfig {
@@ -82,6 +85,7 @@ impl Default for SimConfig {
             connect_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(10),
             start_vrings: true,
+            seal_memory: true,
         }
     }
 }
@@ -176,7 +180,11 @@ impl SimVmm {
     /// Connects, negotiates, shares memory, reads the config and sets up the vrings
     /// (unless `config.start_vrings` is false).
     pub fn connect(socket_path: &Path, config: SimConfig) -> Result<SimVmm> {
-        let mem = GuestMem::new(config.mem_size)?;
+        let mem = if config.seal_memory {
+            GuestMem::new(config.mem_size)?
+        } else {
+            GuestMem::new_unsealed(config.mem_size)?
+        };
         let mut sim = Self::negotiate(socket_path, config, mem)?;
         sim.alloc_queues()?;
         if sim.config.start_vrings {

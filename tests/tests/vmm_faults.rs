@@ -334,3 +334,37 @@ fn frontend_sessions_leave_no_fds_behind() -> Result<()> {
     ensure!(s.daemon.is_running(), "daemon exited");
     Ok(())
 }
+
+/// A VMM could shrink guest memory under the daemon (SIGBUS); the daemon says so for memory
+/// that is not sealed against it, and not for sealed memory (QEMU's memfd default).
+#[test]
+fn unsealed_guest_memory_is_reported() -> Result<()> {
+    const LINE: &str = "guest memory is not sealed against shrinking";
+    let s = setup()?;
+    let sealed = s.boot(0)?;
+    serves(&sealed, 3500, "sealed guest memory")?;
+    ensure!(
+        !s.daemon.stderr().contains(LINE),
+        "sealed memory reported as shrinkable:\n{}",
+        s.daemon.stderr()
+    );
+    let unsealed = s.boot_with(
+        1,
+        SimConfig {
+            seal_memory: false,
+            ..SimConfig::default()
+        },
+        DriverConfig::default(),
+    )?;
+    let line = s
+        .daemon
+        .stderr()
+        .lines()
+        .find(|l| l.contains(LINE))
+        .map(str::to_string)
+        .context("no report of unsealed guest memory")?;
+    ensure!(line.contains("cid=4"), "reported for the wrong VM: {line}");
+    eprintln!("[memory] {}", line.trim());
+    serves(&unsealed, 3600, "unsealed guest memory")?;
+    Ok(())
+}
