@@ -94,6 +94,7 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
             .spawn(move || server.run())
             .context("spawning metrics thread")?;
     }
+    let count = vms.len();
     for vm in vms {
         std::thread::Builder::new()
             .name("vm".into())
@@ -104,11 +105,24 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
             })
             .context("spawning VM thread")?;
     }
+    // Every socket exists now: a VMM started after this finds them.
+    notify_systemd(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&format!("serving {count} VM(s)")),
+    ]);
     if let Some(sig) = signals.forever().next() {
         info!(signal = sig, "exiting");
     }
+    notify_systemd(&[sd_notify::NotifyState::Stopping]);
     remove_all(&paths);
     Ok(())
+}
+
+/// Tells systemd (`Type=notify`, `NOTIFY_SOCKET`) how the daemon is doing; nothing without it.
+fn notify_systemd(states: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(false, states) {
+        warn!(error = %e, "cannot notify systemd");
+    }
 }
 
 /// Enters the Landlock sandbox. Called before any thread exists, so all of them inherit it.
