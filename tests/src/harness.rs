@@ -128,22 +128,26 @@ pub fn ensure(cond: bool, code: &'static str, detail: impl FnOnce() -> String) -
     }
 }
 
-/// Echoes a host stream until end of stream, then half-closes; returns bytes echoed.
-pub fn echo_stream(mut s: std::os::unix::net::UnixStream) -> std::io::Result<u64> {
-    use std::io::{Read, Write};
+/// Echoes `s` until end of stream (a reset counts as one); returns bytes echoed.
+pub fn echo<S: std::io::Read + std::io::Write>(s: &mut S) -> std::io::Result<u64> {
     let mut buf = vec![0u8; 64 * 1024];
     let mut total = 0u64;
     loop {
         let n = match s.read(&mut buf) {
-            Ok(0) => break,
+            Ok(0) => return Ok(total),
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Ok(total),
             Err(e) => return Err(e),
         };
         s.write_all(&buf[..n])?;
         total += n as u64;
     }
+}
+
+/// Echoes a host stream until end of stream, then half-closes; returns bytes echoed.
+pub fn echo_stream(mut s: std::os::unix::net::UnixStream) -> std::io::Result<u64> {
+    let total = echo(&mut s)?;
     // The peer may already be gone; the byte count is what matters.
     let _ = s.shutdown(std::net::Shutdown::Write);
     Ok(total)

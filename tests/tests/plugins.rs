@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use vhost_plug_tests::data::Pattern;
-use vhost_plug_tests::harness::{exchange, Setup, TestVm};
+use vhost_plug_tests::harness::{echo, exchange, Setup, TestVm};
 use vhost_plug_tests::host::{accept_timeout, host_connect, host_listen, port_path, HOST_TIMEOUT};
 use vhost_plug_tests::packet::HOST_CID;
 use vhost_plug_tests::state::{json_plugin_states, snapshot, state_cfg, StateReader};
@@ -249,16 +249,7 @@ fn tcp_bridge_routes_guest_ports_to_tcp() -> Result<()> {
     let server = thread::spawn(move || -> Result<u64> {
         let (mut s, _) = listener.accept()?;
         s.set_read_timeout(Some(HOST_TIMEOUT))?;
-        let mut buf = vec![0u8; 65536];
-        let mut total = 0u64;
-        loop {
-            let n = s.read(&mut buf)?;
-            if n == 0 {
-                return Ok(total);
-            }
-            s.write_all(&buf[..n])?;
-            total += n as u64;
-        }
+        Ok(echo(&mut s)?)
     });
     let map = format!("bridge=builtin:tcp-bridge,config=map=7000=127.0.0.1:{tport}");
     let allow = format!("tcp:127.0.0.1:{tport}");

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use vhost_plug_tests::checks::serves;
 use vhost_plug_tests::data::Pattern;
-use vhost_plug_tests::harness::{ctl, exchange, landlock_abi, Setup};
+use vhost_plug_tests::harness::{ctl, echo, exchange, landlock_abi, Setup};
 use vhost_plug_tests::host::HOST_TIMEOUT;
 use vhost_plug_tests::packet::HOST_CID;
 use vhost_plug_tests::{DaemonKind, SockType, VmSpec};
@@ -185,16 +185,7 @@ fn sandboxed_daemon_bridges_to_an_allowed_tcp_route() -> Result<()> {
     let server = std::thread::spawn(move || -> Result<u64> {
         let (mut c, _) = listener.accept()?;
         c.set_read_timeout(Some(HOST_TIMEOUT))?;
-        let mut buf = vec![0u8; 65536];
-        let mut total = 0u64;
-        loop {
-            let n = c.read(&mut buf)?;
-            if n == 0 {
-                return Ok(total);
-            }
-            c.write_all(&buf[..n])?;
-            total += n as u64;
-        }
+        Ok(echo(&mut c)?)
     });
     let Some(sb) = sandboxed(|_| {
         vec![
