@@ -16,7 +16,6 @@
 //!   of them allows any port), binding only the `--metrics` port;
 //! - no signals to processes outside the sandbox, no abstract unix sockets outside it.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use landlock::{
@@ -26,6 +25,7 @@ use landlock::{
 
 use crate::config::{DaemonConfig, RouteSpec};
 use crate::metrics::MetricsAddr;
+use crate::plugin::tcp_route_port;
 
 /// The Landlock ABI the rules are written and tested for.
 const TARGET_ABI: ABI = ABI::V7;
@@ -87,21 +87,18 @@ impl Plan {
             .allow_routes
             .iter()
             .chain(cfg.vms.iter().flat_map(|v| &v.allow_routes));
-        let mut ports = Some(Vec::new());
-        for r in routes {
-            if let RouteSpec::Tcp(hp) = r {
-                match (route_port(hp), ports.as_mut()) {
-                    (Some(port), Some(list)) => {
-                        if !list.contains(&port) {
-                            list.push(port);
-                        }
-                    }
-                    (None, _) => ports = None,
-                    (Some(_), None) => {}
-                }
-            }
-        }
-        plan.connect_ports = ports;
+        // A malformed route stops the daemon when its plugins load; it needs no rule here.
+        let ports: Option<Vec<u16>> = routes
+            .filter_map(|r| match r {
+                RouteSpec::Tcp(t) => tcp_route_port(t).ok(),
+                RouteSpec::UnixDir(_) => None,
+            })
+            .collect();
+        plan.connect_ports = ports.map(|mut p| {
+            p.sort_unstable();
+            p.dedup();
+            p
+        });
         plan
     }
 }
@@ -162,14 +159,6 @@ fn push_unique(v: &mut Vec<PathBuf>, p: PathBuf) {
     if !v.contains(&p) {
         v.push(p);
     }
-}
-
-/// The port of a `tcp:HOST:PORT` route; `None` for `*`.
-fn route_port(host_port: &str) -> Option<u16> {
-    if let Ok(a) = host_port.parse::<SocketAddr>() {
-        return Some(a.port());
-    }
-    host_port.rsplit_once(':')?.1.parse().ok()
 }
 
 #[cfg(test)]

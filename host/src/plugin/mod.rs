@@ -40,7 +40,7 @@ mod tests;
 
 pub use error::{FailureKind, PluginError};
 pub use instance::{PluginCounters, PluginStats, LATENCY_BUCKETS_NS};
-pub use route::{NoSiblings, RouteAllowlist, RouteError, SiblingCheck};
+pub use route::{tcp_route_port, NoSiblings, RouteAllowlist, RouteError, SiblingCheck};
 pub use runtime::{
     Plugin, PluginInfo, PluginRuntime, PoolingLimits, ReturnLimits, RuntimeConfig,
     DEFAULT_CALL_FUEL,

@@ -110,6 +110,12 @@ fn parse_tcp(s: &str) -> Result<(String, Option<u16>), RouteError> {
     Ok((host.to_ascii_lowercase(), port))
 }
 
+/// The port of a `host:port` / `host:*` TCP route (`None`: any port), checked as
+/// [`RouteAllowlist::allow_tcp`] checks it.
+pub fn tcp_route_port(target: &str) -> Result<Option<u16>, RouteError> {
+    parse_tcp(target).map(|(_, port)| port)
+}
+
 impl RouteAllowlist {
     pub fn new() -> Self {
         Self::default()
