@@ -127,12 +127,9 @@ fn notify_systemd(states: &[sd_notify::NotifyState<'_>]) {
 
 /// Enters the Landlock sandbox. Called before any thread exists, so all of them inherit it.
 fn sandbox(cfg: &DaemonConfig) -> anyhow::Result<()> {
+    // Landlock rules name existing directories.
     if let Some(dir) = &cfg.plugin_cache {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
+        crate::sys::create_private_dir(dir)
             .with_context(|| format!("--plugin-cache {}", dir.display()))?;
     }
     let plan = crate::sandbox::Plan::new(cfg);

@@ -1,7 +1,7 @@
 //! Thin wrappers over the socket syscalls the data path needs and std does not offer:
 //! scatter/gather I/O on raw iovecs pointing into guest memory, SOCK_SEQPACKET sockets and
-//! peeking. Every socket call is non-blocking. Also the one file write the daemon does
-//! (state files, the precompiled plugin cache): private and atomic.
+//! peeking. Every socket call is non-blocking. Also the files the daemon writes (state files,
+//! the precompiled plugin cache): private and atomic.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -323,6 +323,15 @@ pub fn take_error(fd: RawFd) -> io::Result<Option<io::Error>> {
         )
     })?;
     Ok((err != 0).then(|| io::Error::from_raw_os_error(err)))
+}
+
+/// Creates `dir` and its missing parents, each new one 0700.
+pub fn create_private_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
 }
 
 /// Writes `bytes` to `path` as a new 0600 file: into a temporary file beside it, synced, then

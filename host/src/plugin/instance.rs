@@ -143,8 +143,7 @@ impl<W: World> Slot<W> {
             self.rt
                 .new_store(inner.name.clone(), self.vm.clone(), inner.config.clone());
         store.data_mut().begin_call();
-        store.set_epoch_deadline(self.rt.deadline_ticks.saturating_mul(INSTANTIATE_DEADLINES));
-        self.rt.refuel(&mut store, INSTANTIATE_DEADLINES);
+        self.rt.set_budgets(&mut store, INSTANTIATE_DEADLINES);
         self.counters.instantiations.fetch_add(1, Ordering::Relaxed);
         // Instantiation runs the component's start code: under a (longer) deadline too.
         self.rt.call_started();
@@ -216,8 +215,7 @@ impl<W: World> Slot<W> {
         let (store, w) = self.live.as_mut().expect("instance present");
         store.data_mut().begin_call();
         self.rt.call_started();
-        store.set_epoch_deadline(self.rt.deadline_ticks.saturating_mul(W::CALL_BUDGETS));
-        self.rt.refuel(store, W::CALL_BUDGETS);
+        self.rt.set_budgets(store, W::CALL_BUDGETS);
         let t0 = Instant::now();
         let r = f(store, w);
         let ns = t0.elapsed().as_nanos() as u64;

@@ -329,7 +329,7 @@ pub(crate) struct RuntimeShared {
     pub(crate) engine: Engine,
     pub(crate) linker: Linker<HostState>,
     pub(crate) cfg: RuntimeConfig,
-    pub(crate) deadline_ticks: u64,
+    deadline_ticks: u64,
     clock: Instant,
     pooling: bool,
     /// Serializes cache writes of the same artifact within this process.
@@ -362,13 +362,13 @@ impl RuntimeShared {
         let mut store = Store::new(&self.engine, HostState::new(self, plugin, vm, config));
         store.limiter(|s| &mut s.limiter);
         store.epoch_deadline_trap();
-        store.set_epoch_deadline(self.deadline_ticks);
-        self.refuel(&mut store, 1);
         store
     }
 
-    /// Gives `store` `calls` call budgets of fuel (instantiation gets several).
-    pub(crate) fn refuel(&self, store: &mut Store<HostState>, calls: u64) {
+    /// Gives `store` `calls` call budgets: fuel and the wall-clock backstop (instantiation
+    /// and serializer calls get several).
+    pub(crate) fn set_budgets(&self, store: &mut Store<HostState>, calls: u64) {
+        store.set_epoch_deadline(self.deadline_ticks.saturating_mul(calls));
         // Cannot fail: fuel consumption is enabled on every engine this runtime builds.
         let _ = store.set_fuel(self.cfg.call_fuel.saturating_mul(calls));
     }
@@ -765,11 +765,7 @@ fn trusted_artifact(path: &Path) -> Result<bool, String> {
 }
 
 fn write_artifact(dir: &Path, path: &Path, art: &[u8]) -> std::io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)?;
+    crate::sys::create_private_dir(dir)?;
     crate::sys::write_private_file(path, art)
 }
 
