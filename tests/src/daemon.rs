@@ -238,6 +238,49 @@ impl Daemon {
         self.child.as_ref().map(|c| c.id())
     }
 
+    /// Sends `signal` to the daemon process.
+    pub fn signal(&self, signal: libc::c_int) -> Result<()> {
+        let pid = self.pid().context("daemon already killed")? as libc::pid_t;
+        // SAFETY: sending a signal to our own child process.
+        if unsafe { libc::kill(pid, signal) } != 0 {
+            bail!("kill({pid}, {signal}): {}", std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for the process to exit (after [`Daemon::signal`]).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.exit_status()? {
+                return Ok(st);
+            }
+            if Instant::now() > deadline {
+                bail!("daemon still running {timeout:?} after the signal");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The address the daemon logged for `--metrics 127.0.0.1:0`, waiting up to `timeout`.
+    pub fn metrics_addr(&self, timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let log = self.stderr();
+            if let Some(line) = log.lines().find(|l| l.contains("metrics endpoint ready")) {
+                let addr = line
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix("addr="))
+                    .context("no addr= in the ready line")?;
+                return Ok(addr.to_string());
+            }
+            if Instant::now() >= deadline {
+                bail!("no 'metrics endpoint ready' line; stderr:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Number of open file descriptors of the process (`/proc/<pid>/fd`).
     pub fn open_fds(&self) -> Result<usize> {
         let pid = self.pid().context("daemon already killed")?;

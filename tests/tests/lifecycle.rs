@@ -2,9 +2,9 @@
 //! cleanly and remove the sockets the daemon created.
 
 use std::io::{Read, Write};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Result};
 use vhost_plug_tests::data::Pattern;
 use vhost_plug_tests::harness::{exchange, Setup, TestVm};
 use vhost_plug_tests::host::{accept_timeout, host_listen, seqpacket_path, HOST_TIMEOUT};
@@ -87,19 +87,8 @@ fn exits_cleanly_on(signal: libc::c_int) -> Result<()> {
     for p in &created {
         ensure!(p.exists(), "{} missing while running", p.display());
     }
-    let pid = s.daemon.pid().context("daemon pid")? as libc::pid_t;
-    // SAFETY: sending a signal to our own child process.
-    ensure!(unsafe { libc::kill(pid, signal) } == 0, "kill failed");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(st) = s.daemon.exit_status()? {
-            break st;
-        }
-        if Instant::now() > deadline {
-            bail!("daemon still running 10 s after signal {signal}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    s.daemon.signal(signal)?;
+    let status = s.daemon.wait_exit(Duration::from_secs(10))?;
     ensure!(
         status.success(),
         "exit status {status} after signal {signal}"

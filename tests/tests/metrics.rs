@@ -108,25 +108,6 @@ fn expect(ep: &Endpoint, name: &str, labels: &[(&str, &str)], want: f64) -> Resu
     }
 }
 
-/// The address the daemon logged for `--metrics 127.0.0.1:0`.
-fn logged_addr(s: &Setup) -> Result<String> {
-    let deadline = Instant::now() + PROMPT;
-    loop {
-        let log = s.daemon.stderr();
-        if let Some(line) = log.lines().find(|l| l.contains("metrics endpoint ready")) {
-            let addr = line
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix("addr="))
-                .context("no addr= in the ready line")?;
-            return Ok(addr.to_string());
-        }
-        if Instant::now() >= deadline {
-            bail!("no 'metrics endpoint ready' line; stderr:\n{log}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn scenario(transport: Transport) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let metrics_arg = match transport {
@@ -145,7 +126,7 @@ fn scenario(transport: Transport) -> Result<()> {
             ensure!(mode == 0o600, "metrics socket mode {mode:o}");
             Endpoint::Unix(p)
         }
-        Transport::Tcp => Endpoint::Tcp(logged_addr(&s)?),
+        Transport::Tcp => Endpoint::Tcp(s.daemon.metrics_addr(PROMPT)?),
     };
     let r = (|| -> Result<()> {
         // Before any VMM: the families are there, at zero.

@@ -10,7 +10,7 @@
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use vhost_plug_tests::checks::serves;
@@ -49,23 +49,6 @@ fn sandboxed(dir_args: impl FnOnce(&Path) -> Vec<String>) -> Result<Option<Sandb
         return Ok(None);
     }
     Ok(Some(Sandboxed { s: r?, _paths: tmp }))
-}
-
-/// The address the daemon logged for `--metrics 127.0.0.1:0`.
-fn metrics_addr(s: &Setup) -> Result<String> {
-    let deadline = Instant::now() + PROMPT;
-    loop {
-        let log = s.daemon.stderr();
-        if let Some(a) = log
-            .lines()
-            .filter(|l| l.contains("metrics endpoint ready"))
-            .find_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("addr=")))
-        {
-            return Ok(a.to_string());
-        }
-        ensure!(Instant::now() < deadline, "no metrics ready line:\n{log}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 #[test]
@@ -114,7 +97,7 @@ fn sandboxed_daemon_serves_and_writes_only_where_allowed() -> Result<()> {
     serves(&vm, 5000, "sandboxed daemon")?;
 
     // The metrics endpoint was bound inside the sandbox (the --metrics port rule).
-    let addr = metrics_addr(s)?;
+    let addr = s.daemon.metrics_addr(PROMPT)?;
     let mut m = TcpStream::connect(&addr)?;
     m.set_read_timeout(Some(PROMPT))?;
     m.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
@@ -154,23 +137,8 @@ fn sandboxed_daemon_serves_and_writes_only_where_allowed() -> Result<()> {
 
     // SIGTERM: a clean exit that removes its sockets (socket-directory rule).
     let spec = s.vms[0].clone();
-    let pid = s.daemon.pid().context("daemon pid")? as libc::pid_t;
-    // SAFETY: sending a signal to our own child process.
-    ensure!(
-        unsafe { libc::kill(pid, libc::SIGTERM) } == 0,
-        "kill failed"
-    );
-    let deadline = Instant::now() + PROMPT;
-    let status = loop {
-        if let Some(st) = s.daemon.exit_status()? {
-            break st;
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "daemon still running after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    s.daemon.signal(libc::SIGTERM)?;
+    let status = s.daemon.wait_exit(PROMPT)?;
     ensure!(status.success(), "exit status {status}");
     for p in [&spec.socket, &spec.uds_path, &ctl_sock] {
         ensure!(!p.exists(), "{} left behind", p.display());

@@ -10,7 +10,7 @@
 //! Run: `cargo test -p vhost-plug-tests --release --test systemd -- --nocapture`.
 
 use std::os::unix::net::UnixDatagram;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use vhost_plug_tests::checks::serves;
@@ -53,25 +53,13 @@ fn notifies_systemd_when_ready_and_when_stopping() -> Result<()> {
         serves(&vm, 4000, "READY=1")?;
         drop(vm);
 
-        let pid = s.daemon.pid().context("daemon pid")? as libc::pid_t;
-        // SAFETY: sending a signal to our own child process.
-        ensure!(
-            unsafe { libc::kill(pid, libc::SIGTERM) } == 0,
-            "kill failed"
-        );
+        s.daemon.signal(libc::SIGTERM)?;
         let stopping = recv(&rx)?;
         ensure!(
             stopping.lines().any(|l| l == "STOPPING=1"),
             "after SIGTERM: {stopping:?}"
         );
-        let deadline = Instant::now() + PROMPT;
-        while s.daemon.exit_status()?.is_none() {
-            ensure!(
-                Instant::now() < deadline,
-                "daemon still running after SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        s.daemon.wait_exit(PROMPT)?;
     }
     Ok(())
 }
