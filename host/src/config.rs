@@ -11,7 +11,8 @@
 //! * `--config FILE.toml`, our own TOML file ([`toml`](self::toml) module): VMs plus plugins,
 //!   route allowlists, limits, control socket and plugin cache in one place.
 //!
-//! Ours on top: `--max-connections N` (default for every VM), the per-VM key
+//! Ours on top: `--max-buffered BYTES` (daemon-wide cap on held guest data),
+//! `--max-connections N` (default for every VM), the per-VM key
 //! `max-connections`/`max_connections`, and `--log-format text|json`.
 //!
 //! What the peer accepts but is unusable (CID below 3, a zero TX buffer, a queue size that is
@@ -37,8 +38,10 @@ pub use cli::{Command, CtlCommand, PluginCommand, StateCommand};
 
 /// Guest CID when none is given (same as the peer).
 pub const DEFAULT_GUEST_CID: u64 = 3;
-/// Per-connection buffer size when none is given (same as the peer).
-pub const DEFAULT_TX_BUFFER_SIZE: u32 = 64 * 1024;
+/// Per-connection buffer size when none is given: Linux's `VIRTIO_VSOCK_DEFAULT_BUF_SIZE`,
+/// the window Linux guests expect (the peer's default is 64 KiB; an explicit size keeps its
+/// meaning).
+pub const DEFAULT_TX_BUFFER_SIZE: u32 = 256 * 1024;
 /// Largest accepted per-connection buffer size. The peer takes any `u32`, and allocates that
 /// much per connection.
 pub const MAX_TX_BUFFER_SIZE: u32 = 64 * 1024 * 1024;
@@ -125,6 +128,8 @@ pub struct DaemonConfig {
     pub landlock: bool,
     /// Directories the sandboxed daemon may still write files in (`--landlock-rw`).
     pub landlock_rw: Vec<PathBuf>,
+    /// Cap on guest bytes held daemon-wide (`--max-buffered`, see [`crate::budget`]).
+    pub max_buffered: usize,
     /// Things accepted for compatibility that the operator should know about (ignored YAML
     /// fields, ignored `forward-listen`, ...). Parsing happens before logging is set up, so
     /// the caller logs these once it is.
@@ -145,6 +150,7 @@ impl DaemonConfig {
             metrics: None,
             landlock: false,
             landlock_rw: Vec::new(),
+            max_buffered: crate::budget::DEFAULT_MAX_BUFFERED,
             warnings: Vec::new(),
         }
     }
@@ -513,6 +519,15 @@ fn check_max_connections(n: u64) -> Result<usize, String> {
         Ok(0) => Err("max connections must be at least 1".into()),
         Ok(n) => Ok(n),
         Err(_) => Err(format!("max connections {n} is too large")),
+    }
+}
+
+fn check_max_buffered(n: u64) -> Result<usize, String> {
+    let min = u64::from(crate::budget::MIN_WINDOW);
+    match usize::try_from(n) {
+        Ok(n) if n as u64 >= min => Ok(n),
+        Ok(_) => Err(format!("max buffered must be at least {min} bytes")),
+        Err(_) => Err(format!("max buffered {n} is too large")),
     }
 }
 

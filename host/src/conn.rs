@@ -5,7 +5,8 @@ use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
 use std::time::Instant;
 
-use crate::vsock::header::{Header, SockType};
+use crate::budget::Window;
+use crate::vsock::header::{Header, SockType, SHUTDOWN_RCV, SHUTDOWN_SEND};
 
 /// Identifies a connection inside one VM: the non-guest end and the guest's port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -71,13 +72,21 @@ pub enum State {
 }
 
 /// Guest bytes waiting for the host socket: whole chunks for a stream, whole messages for
-/// SEQPACKET. Its size never exceeds the `buf_alloc` we advertised.
+/// SEQPACKET. Its payload never exceeds the window we advertised. A chunk of a framed
+/// connection starts with frame header bytes ([`crate::frame`]), which are not payload.
 #[derive(Default)]
 pub struct TxBuf {
-    chunks: VecDeque<Vec<u8>>,
+    chunks: VecDeque<Chunk>,
     /// Bytes of the front chunk already written (streams only).
     front_off: usize,
+    /// Payload bytes queued (frame headers not counted).
     bytes: usize,
+}
+
+struct Chunk {
+    data: Vec<u8>,
+    /// Leading bytes of `data` that are frame header, not guest payload.
+    framing: usize,
 }
 
 impl TxBuf {
@@ -86,26 +95,39 @@ impl TxBuf {
         self.chunks.is_empty()
     }
 
+    /// Guest payload bytes queued.
     pub fn len(&self) -> usize {
         self.bytes
     }
 
     pub fn push(&mut self, chunk: Vec<u8>) {
-        self.bytes += chunk.len();
+        self.push_framed(chunk, 0);
+    }
+
+    /// Queues `chunk` whose first `framing` bytes are frame header.
+    pub fn push_framed(&mut self, chunk: Vec<u8>, framing: usize) {
+        let framing = framing.min(chunk.len());
+        self.bytes += chunk.len() - framing;
         if !chunk.is_empty() {
-            self.chunks.push_back(chunk);
+            self.chunks.push_back(Chunk {
+                data: chunk,
+                framing,
+            });
         }
     }
 
     /// Queues one whole SEQPACKET message (which may be empty).
     pub fn push_msg(&mut self, msg: Vec<u8>) {
         self.bytes += msg.len();
-        self.chunks.push_back(msg);
+        self.chunks.push_back(Chunk {
+            data: msg,
+            framing: 0,
+        });
     }
 
     /// Drops the front message after it was sent whole; returns its length.
     pub fn pop_msg(&mut self) -> usize {
-        let n = self.chunks.pop_front().map_or(0, |m| m.len());
+        let n = self.chunks.pop_front().map_or(0, |m| m.data.len());
         self.bytes -= n;
         self.front_off = 0;
         n
@@ -113,14 +135,18 @@ impl TxBuf {
 
     /// The unwritten part of the front chunk.
     pub fn front(&self) -> Option<&[u8]> {
-        self.chunks.front().map(|c| &c[self.front_off..])
+        self.chunks.front().map(|c| &c.data[self.front_off..])
     }
 
     /// Up to `max` iovecs over the buffered bytes, in order.
     pub fn iovecs(&self, max: usize, out: &mut Vec<libc::iovec>) {
         out.clear();
         for (i, c) in self.chunks.iter().take(max).enumerate() {
-            let s = if i == 0 { &c[self.front_off..] } else { &c[..] };
+            let s = if i == 0 {
+                &c.data[self.front_off..]
+            } else {
+                &c.data[..]
+            };
             out.push(libc::iovec {
                 iov_base: s.as_ptr() as *mut libc::c_void,
                 iov_len: s.len(),
@@ -128,27 +154,33 @@ impl TxBuf {
         }
     }
 
-    /// Drops `n` written bytes from the front.
-    pub fn consume(&mut self, mut n: usize) {
-        self.bytes -= n.min(self.bytes);
+    /// Drops `n` written bytes from the front; returns how many of them were payload.
+    pub fn consume(&mut self, mut n: usize) -> usize {
+        let mut payload = 0;
         while n > 0 {
             let Some(front) = self.chunks.front() else {
                 break;
             };
-            let left = front.len() - self.front_off;
-            if n >= left {
-                n -= left;
+            let left = front.data.len() - self.front_off;
+            let k = n.min(left);
+            payload += (self.front_off + k).saturating_sub(self.front_off.max(front.framing));
+            n -= k;
+            if k == left {
                 self.chunks.pop_front();
                 self.front_off = 0;
             } else {
-                self.front_off += n;
-                n = 0;
+                self.front_off += k;
             }
         }
+        self.bytes -= payload.min(self.bytes);
+        payload
     }
 
-    pub fn clear(&mut self) {
+    /// Drops everything; returns the payload bytes dropped.
+    pub fn clear(&mut self) -> usize {
+        let n = self.bytes;
         *self = TxBuf::default();
+        n
     }
 
     /// Queued messages (SEQPACKET) or chunks (stream).
@@ -160,7 +192,11 @@ impl TxBuf {
     pub fn to_vec(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.bytes);
         for (i, c) in self.chunks.iter().enumerate() {
-            out.extend_from_slice(if i == 0 { &c[self.front_off..] } else { c });
+            out.extend_from_slice(if i == 0 {
+                &c.data[self.front_off..]
+            } else {
+                &c.data
+            });
         }
         out
     }
@@ -202,6 +238,9 @@ pub struct Conn {
     pub buf: TxBuf,
     /// A SEQPACKET message from the guest still missing its EOM packet.
     pub partial_msg: Vec<u8>,
+    /// The `buf_alloc` we advertise: our receive window, reserved from the daemon-wide
+    /// [`crate::budget::Budget`] and given back when the connection is dropped.
+    pub window: Window,
 
     // Host -> guest direction: we are the sender.
     pub tx_cnt: u32,
@@ -216,6 +255,21 @@ pub struct Conn {
     pub readable: bool,
     /// The host end hung up completely.
     pub host_hup: bool,
+    /// The host end takes no more bytes (its SHUT_RD or close, or a write failed with
+    /// EPIPE): the guest was or will be told SHUTDOWN(RCV); its bytes are dropped.
+    pub host_shut_rcv: bool,
+    /// We shut the host socket's write side (so its SEND_SHUTDOWN is ours, not the peer's).
+    pub shut_wr_done: bool,
+    /// The host socket carries frames ([`crate::frame`]): SEQPACKET between sibling VMs.
+    pub framed: bool,
+    /// The host socket is TCP (a bridge route): no probing for the peer's SHUT_RD.
+    pub tcp: bool,
+    /// Receiving a frame: payload bytes of it still in the socket.
+    pub frame_left: u32,
+    /// Receiving a frame: its EOM/EOR flags, sent with its last byte.
+    pub frame_flags: u32,
+    /// A frame header was read and its payload is not all delivered yet.
+    pub in_frame: bool,
     /// Read returned end of stream; SHUTDOWN(SEND) is or was queued.
     pub host_eof: bool,
     /// The guest will send no more: shut the socket's write side once `buf` drains.
@@ -250,6 +304,7 @@ impl Conn {
             last_fwd_sent: 0,
             buf: TxBuf::default(),
             partial_msg: Vec::new(),
+            window: Window::default(),
             tx_cnt: 0,
             peer_buf_alloc: 0,
             peer_fwd_cnt: 0,
@@ -258,6 +313,13 @@ impl Conn {
             out_off: 0,
             readable: false,
             host_hup: false,
+            host_shut_rcv: false,
+            shut_wr_done: false,
+            framed: false,
+            tcp: false,
+            frame_left: 0,
+            frame_flags: 0,
+            in_frame: false,
             host_eof: false,
             guest_shut_send: false,
             guest_shut_rcv: false,
@@ -274,7 +336,7 @@ impl Conn {
     }
 
     /// A header for a packet from our end to the guest, carrying our credit.
-    pub fn header_to_guest(&self, guest_cid: u64, buf_alloc: u32, op: u16) -> Header {
+    pub fn header_to_guest(&self, guest_cid: u64, op: u16) -> Header {
         Header {
             src_cid: self.key.local_cid,
             dst_cid: guest_cid,
@@ -284,7 +346,7 @@ impl Conn {
             type_: self.kind.wire(),
             op,
             flags: 0,
-            buf_alloc,
+            buf_alloc: self.window.size(),
             fwd_cnt: self.fwd_cnt,
         }
     }
@@ -297,10 +359,33 @@ impl Conn {
     }
 
     /// Whether the guest, judging by the last `fwd_cnt` we told it, may be about to stall:
-    /// more than half of `buf_alloc` looks used although we have forwarded more since.
-    pub fn needs_credit_update(&self, buf_alloc: u32) -> bool {
+    /// more than half of our window looks used although we have forwarded more since.
+    pub fn needs_credit_update(&self) -> bool {
         self.fwd_cnt != self.last_fwd_sent
-            && self.rx_cnt.wrapping_sub(self.last_fwd_sent) >= buf_alloc / 2
+            && self.rx_cnt.wrapping_sub(self.last_fwd_sent) >= self.window.size() / 2
+    }
+
+    /// Queues a SHUTDOWN to the guest carrying `flags` and every bit told before (Linux
+    /// accumulates them too), so a close is never seen as a half-close.
+    pub fn queue_shutdown(&mut self, flags: u32) {
+        if self.shutdown_flags | flags != self.shutdown_flags {
+            self.shutdown_flags |= flags;
+            self.pending |= pending::SHUTDOWN;
+        }
+    }
+
+    /// Marks the host end as taking no more bytes: the guest's queued bytes are dropped
+    /// (counted as forwarded, so its credit stays consistent) and SHUTDOWN(RCV) is queued.
+    pub fn host_stopped_receiving(&mut self) {
+        if self.host_shut_rcv {
+            return;
+        }
+        self.host_shut_rcv = true;
+        let dropped = self.buf.clear() + self.partial_msg.len();
+        self.partial_msg = Vec::new();
+        self.fwd_cnt = self.fwd_cnt.wrapping_add(dropped as u32);
+        let send = if self.host_eof { SHUTDOWN_SEND } else { 0 };
+        self.queue_shutdown(SHUTDOWN_RCV | send);
     }
 
     /// Moves to `state` and restarts its clock.
@@ -321,6 +406,18 @@ impl Conn {
     /// True when the host side may still deliver data to the guest.
     pub fn may_read_host(&self) -> bool {
         self.state == State::Established && !self.host_eof && !self.guest_shut_rcv
+    }
+
+    /// Whether a zero-length send can tell us the host end stopped receiving: only a unix
+    /// stream socket answers it without side effects (EPIPE once the peer shut its read
+    /// side); a SEQPACKET one would deliver an empty message, TCP never learns of SHUT_RD.
+    pub fn probes_peer_shutdown(&self) -> bool {
+        self.state == State::Established
+            && !self.tcp
+            && (self.framed || !self.is_seqpacket())
+            && !self.host_shut_rcv
+            && !self.shut_wr_done
+            && !self.guest_shut_send
     }
 
     /// Whether this connection has anything for the rx queue right now.
@@ -375,13 +472,15 @@ mod tests {
     #[test]
     fn credit_update_when_half_the_buffer_looks_used() {
         let mut c = conn();
+        let budget = std::sync::Arc::new(crate::budget::Budget::new(1 << 20));
+        c.window = Window::reserve(&budget, 65536);
         c.rx_cnt = 40_000;
         c.fwd_cnt = 40_000;
-        assert!(c.needs_credit_update(65536));
+        assert!(c.needs_credit_update());
         c.last_fwd_sent = 40_000;
-        assert!(!c.needs_credit_update(65536));
+        assert!(!c.needs_credit_update());
         c.rx_cnt = 50_000;
-        assert!(!c.needs_credit_update(65536), "nothing new was forwarded");
+        assert!(!c.needs_credit_update(), "nothing new was forwarded");
     }
 
     #[test]
@@ -390,7 +489,7 @@ mod tests {
         b.push(vec![1, 2, 3]);
         b.push(vec![4, 5]);
         assert_eq!(b.len(), 5);
-        b.consume(2);
+        assert_eq!(b.consume(2), 2);
         assert_eq!(b.front(), Some(&[3u8][..]));
         let mut iov = Vec::new();
         b.iovecs(8, &mut iov);
@@ -399,5 +498,46 @@ mod tests {
         b.consume(3);
         assert!(b.is_empty());
         assert_eq!(b.front(), None);
+    }
+
+    #[test]
+    fn txbuf_counts_frame_headers_apart_from_payload() {
+        let mut b = TxBuf::default();
+        // Two frame header bytes, then three payload bytes; then a plain chunk.
+        b.push_framed(vec![0xf0, 0xf1, 1, 2, 3], 2);
+        b.push(vec![4, 5]);
+        assert_eq!(b.len(), 5);
+        assert_eq!(b.consume(1), 0, "a header byte is no payload");
+        assert_eq!(b.consume(2), 1);
+        assert_eq!(b.len(), 4);
+        assert_eq!(b.consume(3), 3, "across the chunk boundary");
+        assert_eq!(b.to_vec(), vec![5]);
+        assert_eq!(b.clear(), 1);
+        assert!(b.is_empty());
+    }
+
+    #[test]
+    fn shutdown_bits_accumulate() {
+        let mut c = conn();
+        c.queue_shutdown(SHUTDOWN_RCV);
+        assert_eq!((c.pending, c.shutdown_flags), (pending::SHUTDOWN, SHUTDOWN_RCV));
+        c.pending = 0;
+        c.queue_shutdown(SHUTDOWN_RCV);
+        assert_eq!(c.pending, 0, "nothing new to tell");
+        c.queue_shutdown(SHUTDOWN_SEND);
+        assert_eq!(c.shutdown_flags, SHUTDOWN_RCV | SHUTDOWN_SEND);
+        assert_eq!(c.pending, pending::SHUTDOWN);
+    }
+
+    #[test]
+    fn host_that_stops_receiving_drops_queued_bytes_as_forwarded() {
+        let mut c = conn();
+        c.buf.push(vec![0; 10]);
+        c.rx_cnt = 10;
+        c.host_stopped_receiving();
+        assert!(c.buf.is_empty());
+        assert_eq!(c.fwd_cnt, 10);
+        assert_eq!(c.shutdown_flags, SHUTDOWN_RCV);
+        assert!(!c.probes_peer_shutdown());
     }
 }

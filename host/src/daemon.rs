@@ -22,6 +22,7 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     }
     let mut signals = Signals::new([SIGINT, SIGTERM]).context("installing signal handlers")?;
     let registry = Arc::new(Registry::default());
+    let budget = Arc::new(crate::budget::Budget::new(cfg.max_buffered));
     let plugins = Arc::new(
         PluginSet::load(
             &cfg.plugins,
@@ -58,7 +59,12 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
                 }
             }
         };
-        let vm = Vm::new(vm_cfg, registry.clone(), own.as_ref().unwrap_or(&plugins));
+        let vm = Vm::new(
+            vm_cfg,
+            registry.clone(),
+            budget.clone(),
+            own.as_ref().unwrap_or(&plugins),
+        );
         let vm = match vm {
             Ok(vm) => vm,
             Err(e) => {

@@ -1,11 +1,13 @@
 //! vhost-plug: a vhost-user virtio-vsock backend.
 pub mod backend;
+pub mod budget;
 pub mod config;
 pub mod conn;
 pub mod connlist;
 pub mod control;
 pub mod daemon;
 pub mod device;
+pub mod frame;
 pub mod gate;
 pub mod handover;
 pub mod inspect;

@@ -225,6 +225,42 @@ pub fn next_msg_len(fd: RawFd) -> io::Result<usize> {
     })
 }
 
+/// Sends nothing: on a unix stream socket this fails with EPIPE once the peer shut its read
+/// side (or closed), and has no other effect. Never raises SIGPIPE.
+pub fn probe_send(fd: RawFd) -> io::Result<()> {
+    send_iov(fd, &[]).map(|_| ())
+}
+
+/// The socket's readiness right now (`poll` with a zero timeout): `POLLIN`, `POLLOUT`,
+/// `POLLRDHUP` (the peer shut its write side) and `POLLHUP` (both directions are shut).
+pub fn poll_now(fd: RawFd) -> io::Result<libc::c_short> {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN | libc::POLLOUT | libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: `p` is one valid pollfd; a zero timeout never blocks.
+    cvt(unsafe { libc::poll(&mut p, 1, 0) })?;
+    Ok(p.revents)
+}
+
+/// The socket type (`SOCK_STREAM`, `SOCK_SEQPACKET`, ...) of `fd`.
+pub fn socket_type(fd: RawFd) -> io::Result<libc::c_int> {
+    let mut ty: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `ty` and `len` are valid for getsockopt to write.
+    cvt(unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_TYPE,
+            (&mut ty as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    })?;
+    Ok(ty)
+}
+
 /// Shuts down one or both directions of a socket.
 pub fn shutdown(fd: RawFd, how: std::net::Shutdown) -> io::Result<()> {
     let how = match how {
@@ -234,6 +270,11 @@ pub fn shutdown(fd: RawFd, how: std::net::Shutdown) -> io::Result<()> {
     };
     // SAFETY: plain syscall on a descriptor the caller owns.
     cvt(unsafe { libc::shutdown(fd, how) }).map(|_| ())
+}
+
+/// True for EPIPE: the peer takes no more bytes.
+pub fn is_epipe(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::EPIPE)
 }
 
 /// True for errors that only mean "try again later".

@@ -63,6 +63,7 @@ impl Drop for StopWorkers {
 pub struct Vm {
     cfg: VmConfig,
     registry: Arc<Registry>,
+    budget: Arc<crate::budget::Budget>,
     stream: OwnedFd,
     seqpacket: OwnedFd,
     listener: Listener,
@@ -79,6 +80,7 @@ impl Vm {
     pub fn new(
         cfg: VmConfig,
         registry: Arc<Registry>,
+        budget: Arc<crate::budget::Budget>,
         plugins: &PluginSet,
     ) -> Result<Self, VmError> {
         let name = format!("cid-{}", cfg.guest_cid);
@@ -105,6 +107,7 @@ impl Vm {
         Ok(Vm {
             cfg,
             registry,
+            budget,
             stream,
             seqpacket,
             listener,
@@ -152,6 +155,7 @@ impl Vm {
                 uds_path: self.cfg.uds_path.clone(),
                 buf_alloc: self.cfg.tx_buffer_size,
                 max_connections: self.cfg.max_connections,
+                budget: self.budget.clone(),
             },
             self.registry.clone(),
         )?;

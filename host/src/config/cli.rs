@@ -7,7 +7,7 @@ use clap::error::ErrorKind;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use super::{
-    check_guest_cid, check_max_connections, check_path, check_queue_size, check_tx_buffer_size,
+    check_guest_cid, check_max_buffered, check_max_connections, check_path, check_queue_size, check_tx_buffer_size,
     finish_vms, parse_number, split_groups, toml, yaml, ConfigError, DaemonConfig, Invocation,
     LogFormat, Origin, VmSpec, DEFAULT_MAX_CONNECTIONS,
 };
@@ -182,6 +182,12 @@ struct Cli {
     /// max-connections [default: 16384]
     #[arg(long, value_name = "N", value_parser = max_connections_value)]
     max_connections: Option<usize>,
+
+    /// Bytes of guest data the daemon may hold for host ends that do not read, over all
+    /// VMs and connections (suffix K, M or G for KiB, MiB, GiB). Each connection's window
+    /// is reserved from it; past it new connections get smaller windows [default: 256M]
+    #[arg(long, value_name = "BYTES", value_parser = max_buffered_value)]
+    max_buffered: Option<usize>,
 
     /// Load a plugin for every VM: KIND=PATH|builtin:NAME[,name=NAME][,config=STRING]
     /// with KIND one of policy, bridge, serializer. Policy plugins form a chain in the
@@ -394,6 +400,9 @@ where
             .into());
     }
     let max_connections = cli.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
+    let max_buffered = cli
+        .max_buffered
+        .unwrap_or(crate::budget::DEFAULT_MAX_BUFFERED);
     let vms = finish_vms(specs, max_connections, &mut warnings)?;
     Ok(Invocation::Daemon(DaemonConfig {
         vms,
@@ -406,6 +415,7 @@ where
         metrics: cli.metrics,
         landlock: cli.landlock,
         landlock_rw: cli.landlock_rw,
+        max_buffered,
         warnings,
     }))
 }
@@ -421,6 +431,7 @@ fn merge_toml_settings(cli: &mut Cli, file: &toml::Loaded) {
     cli.control_socket = cli.control_socket.take().or(file.control_socket.clone());
     cli.plugin_cache = cli.plugin_cache.take().or(file.plugin_cache.clone());
     cli.max_connections = cli.max_connections.or(file.max_connections);
+    cli.max_buffered = cli.max_buffered.or(file.max_buffered);
     cli.landlock |= file.landlock;
     cli.landlock_rw
         .splice(0..0, file.landlock_rw.iter().cloned());
@@ -464,6 +475,20 @@ fn queue_size_value(value: &str) -> Result<u16, String> {
 
 fn max_connections_value(value: &str) -> Result<usize, String> {
     number_value(value, check_max_connections)
+}
+
+/// A byte count with an optional binary suffix: `1048576`, `1024K`, `1M`, `1G`.
+fn max_buffered_value(value: &str) -> Result<usize, String> {
+    let (digits, unit) = match value.char_indices().last() {
+        Some((i, c)) if c.eq_ignore_ascii_case(&'k') => (&value[..i], 1u64 << 10),
+        Some((i, c)) if c.eq_ignore_ascii_case(&'m') => (&value[..i], 1 << 20),
+        Some((i, c)) if c.eq_ignore_ascii_case(&'g') => (&value[..i], 1 << 30),
+        _ => (value, 1),
+    };
+    let n = parse_number(digits)?
+        .checked_mul(unit)
+        .ok_or_else(|| format!("`{value}` is too large"))?;
+    check_max_buffered(n)
 }
 
 fn path_value(value: &str) -> Result<PathBuf, String> {

@@ -99,7 +99,7 @@ fn finish(specs: Vec<VmSpec>) -> Vec<VmConfig> {
 fn flags_minimal_use_peer_defaults() {
     let cfg = ok(&["--socket", "/tmp/v.sock", "--uds-path", "/tmp/vm.vsock"]);
     assert_eq!(cfg.vms, vec![vm(3, "/tmp/v.sock", "/tmp/vm.vsock")]);
-    assert_eq!(cfg.vms[0].tx_buffer_size, 65536);
+    assert_eq!(cfg.vms[0].tx_buffer_size, 262144);
     assert_eq!(cfg.vms[0].queue_size, 1024);
     assert_eq!(cfg.vms[0].groups, vec!["default"]);
     assert_eq!(cfg.vms[0].max_connections, 16384);

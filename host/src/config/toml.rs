@@ -9,6 +9,8 @@
 //!
 //! [limits]
 //! max-connections = 16384          # optional: default for every VM, --max-connections
+//! max-buffered = 268435456         # optional: bytes of guest data held daemon-wide,
+//!                                  # --max-buffered
 //!
 //! [routes]                         # optional: where plugins may route (--allow-route)
 //! unix = ["/run/vsock-services"]   # sockets inside these directories
@@ -54,7 +56,7 @@ use ::toml::Spanned;
 use serde::Deserialize;
 
 use super::{
-    check_guest_cid, check_max_connections, check_queue_size, check_tx_buffer_size, ConfigError,
+    check_guest_cid, check_max_buffered, check_max_connections, check_queue_size, check_tx_buffer_size, ConfigError,
     RouteSpec, VmSpec,
 };
 use crate::plugin::{builtin, PluginKind, PluginSource, PluginSpec, RouteAllowlist};
@@ -77,6 +79,8 @@ pub(super) struct Loaded {
     pub plugin_cache: Option<PathBuf>,
     /// `[limits] max-connections`.
     pub max_connections: Option<usize>,
+    /// `[limits] max-buffered`.
+    pub max_buffered: Option<usize>,
     /// `[sandbox] landlock`.
     pub landlock: bool,
     /// `[sandbox] writable`.
@@ -156,6 +160,7 @@ struct Sandbox {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct Limits {
     max_connections: Option<Spanned<u64>>,
+    max_buffered: Option<Spanned<u64>>,
 }
 
 #[derive(Default, Deserialize)]
@@ -438,6 +443,11 @@ impl File<'_> {
             "limits.max-connections",
             check_max_connections,
         )?;
+        let max_buffered = self.number(
+            &doc.limits.max_buffered,
+            "limits.max-buffered",
+            check_max_buffered,
+        )?;
         let landlock = doc.sandbox.landlock.as_ref().is_some_and(|v| *v.get_ref());
         let landlock_rw = doc
             .sandbox
@@ -548,6 +558,7 @@ impl File<'_> {
             control_socket,
             plugin_cache,
             max_connections,
+            max_buffered,
             landlock,
             landlock_rw,
         })

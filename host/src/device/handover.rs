@@ -14,6 +14,9 @@ use tracing::{info, warn};
 use vmm_sys_util::epoll::{ControlOperation, EpollEvent};
 
 use super::Device;
+use std::os::fd::AsRawFd;
+
+use crate::budget::Window;
 use crate::conn::{pending, AcceptReply, Conn, ConnKey, State};
 use crate::gate::Gate;
 use crate::plugin::types::{ConnState, Connection, Credit, OwedOps, ShutdownFlags, SocketType};
@@ -44,7 +47,12 @@ fn shut_flags(rcv: bool, send: bool) -> ShutdownFlags {
 
 /// The record of `c`; `None` as fd index means the connection cannot move (it is `closing`).
 fn record(c: &Conn, fd_index: Option<u32>) -> Connection {
-    let seq_movable = !c.is_seqpacket() || (c.buf.chunk_count() <= 1 && c.partial_msg.is_empty());
+    let seq_movable = if c.framed {
+        // Frame state is not recorded: only a connection between frames moves.
+        c.buf.is_empty() && !c.in_frame
+    } else {
+        !c.is_seqpacket() || (c.buf.chunk_count() <= 1 && c.partial_msg.is_empty())
+    };
     let state = match c.state {
         _ if c.pending & pending::RST != 0 || !seq_movable || fd_index.is_none() => {
             ConnState::Closing
@@ -82,7 +90,10 @@ fn record(c: &Conn, fd_index: Option<u32>) -> Connection {
             peer_fwd_cnt: c.peer_fwd_cnt,
         },
         peer_shutdown: shut_flags(c.guest_shut_rcv, c.guest_shut_send),
-        local_shutdown: shut_flags(c.host_eof && c.host_hup, c.host_eof),
+        local_shutdown: shut_flags(
+            c.shutdown_flags & SHUTDOWN_RCV != 0,
+            c.shutdown_flags & SHUTDOWN_SEND != 0,
+        ),
         pending_to_guest: if movable {
             c.out_msg.get(c.out_off..).unwrap_or_default().to_vec()
         } else {
@@ -248,7 +259,20 @@ impl Device {
                     continue;
                 }
             };
+            // A SEQPACKET connection over a unix stream is a framed sibling connection.
+            let framed = kind == SockType::Seqpacket
+                && crate::sys::socket_type(fd.as_raw_fd()).ok() == Some(libc::SOCK_STREAM);
             let mut c = Conn::new(0, key, kind, fd, state);
+            c.framed = framed;
+            if state != State::AwaitConnectLine {
+                // The guest knows the window of the old daemon; it must not shrink.
+                let want = if r.local_cid == HOST_CID {
+                    self.cfg.buf_alloc
+                } else {
+                    self.cfg.buf_alloc.max(super::MAX_SEQ_MSG as u32)
+                };
+                c.window = Window::reserve_all(&self.cfg.budget, want);
+            }
             if state == State::AwaitConnectLine {
                 c.key = ConnKey {
                     local_cid: HOST_CID,
@@ -270,6 +294,7 @@ impl Device {
             c.guest_shut_rcv = r.peer_shutdown.contains(ShutdownFlags::NO_MORE_RECEIVE);
             c.guest_shut_send = r.peer_shutdown.contains(ShutdownFlags::NO_MORE_SEND);
             c.host_eof = r.local_shutdown.contains(ShutdownFlags::NO_MORE_SEND);
+            c.host_shut_rcv = r.local_shutdown.contains(ShutdownFlags::NO_MORE_RECEIVE);
             c.shutdown_flags = (if r.local_shutdown.contains(ShutdownFlags::NO_MORE_RECEIVE) {
                 SHUTDOWN_RCV
             } else {

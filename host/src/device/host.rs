@@ -176,7 +176,9 @@ impl Device {
                 return self.remove(idx);
             }
         };
+        let window = self.window_for(false);
         let c = &mut self.conns[idx];
+        c.window = window;
         c.id = id;
         c.key = ConnKey {
             local_cid: HOST_CID,
@@ -235,6 +237,8 @@ impl Device {
         );
         conn.pending = pending::REQUEST;
         conn.initiator = Initiator::Sibling;
+        conn.framed = r.kind == SockType::Seqpacket;
+        conn.window = self.window_for(true);
         match self.insert(conn, true) {
             Ok(idx) => self.wake_rx(idx),
             Err(e) => warn!(error = %e, "cannot watch sibling socket"),
@@ -263,6 +267,9 @@ impl Device {
         if ev.contains(EventSet::OUT) {
             self.flush(idx);
         }
+        if self.conns.contains(idx) {
+            self.sense_peer_shutdown(idx, ev);
+        }
         let Some(c) = self.conns.get_mut(idx) else {
             return;
         };
@@ -272,6 +279,36 @@ impl Device {
             State::TcpConnecting => self.tcp_connected(idx, ev),
             State::Requesting(_) | State::Established => self.wake_rx(idx),
         }
+    }
+
+    /// Notices a host end that takes no more bytes (a close, or SHUT_RD) before the guest
+    /// sends into it: HUP says both directions are shut; on a unix stream a zero-length send
+    /// fails with EPIPE once the peer shut its read side (that wakes our socket, so every
+    /// event is a chance to look). Our own SHUT_WR also sets what these see, so nothing is
+    /// concluded after it. A close whose data or EOF is still to be read is told behind them,
+    /// RCV and SEND in one SHUTDOWN ([`super::rx`]'s end of stream); a bare SHUT_RD is told
+    /// at once.
+    fn sense_peer_shutdown(&mut self, idx: usize, ev: EventSet) {
+        let c = &mut self.conns[idx];
+        if c.state != State::Established || c.host_shut_rcv || c.shut_wr_done {
+            return;
+        }
+        let fd = c.fd.as_raw_fd();
+        let hup = ev.contains(EventSet::HANG_UP);
+        let stopped = hup
+            || (c.probes_peer_shutdown()
+                && matches!(sys::probe_send(fd), Err(e) if sys::is_epipe(&e)));
+        if !stopped {
+            return;
+        }
+        let both = hup || sys::poll_now(fd).is_ok_and(|r| r & libc::POLLHUP != 0);
+        if both && c.may_read_host() {
+            c.host_hup = true;
+            c.readable = true;
+        } else {
+            c.host_stopped_receiving();
+        }
+        self.wake_rx(idx);
     }
 
     /// A TCP route's non-blocking connect finished, one way or the other.

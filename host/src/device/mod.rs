@@ -67,9 +67,12 @@ pub struct DeviceConfig {
     pub guest_cid: u64,
     /// Hybrid vsock path: host programs connect here; guest connects reach `<uds_path>_<port>`.
     pub uds_path: PathBuf,
-    /// Our receive buffer per connection, advertised as `buf_alloc`.
+    /// Our receive window per connection, advertised as `buf_alloc` (a sibling connection
+    /// asks for at least [`MAX_SEQ_MSG`]).
     pub buf_alloc: u32,
     pub max_connections: usize,
+    /// The daemon-wide budget every window is reserved from.
+    pub budget: Arc<crate::budget::Budget>,
 }
 
 /// Host-side listening sockets of a VM; they outlive frontend sessions.
@@ -697,6 +700,18 @@ impl Device {
         if !pending && self.timer.clear().is_ok() {
             self.timer_armed = false;
         }
+    }
+
+    /// Reserves the receive window of a connection about to be offered to the guest. A
+    /// connection to or from a sibling VM asks for enough to take a whole SEQPACKET message
+    /// of [`MAX_SEQ_MSG`] (Linux guests refuse to send a message larger than `buf_alloc`).
+    fn window_for(&self, sibling: bool) -> crate::budget::Window {
+        let want = if sibling {
+            self.cfg.buf_alloc.max(MAX_SEQ_MSG as u32)
+        } else {
+            self.cfg.buf_alloc
+        };
+        crate::budget::Window::reserve(&self.cfg.budget, want)
     }
 
     fn at_capacity(&self) -> bool {

@@ -10,6 +10,7 @@ use vm_memory::GuestAddressSpace;
 
 use super::{Device, MAX_PKT_PAYLOAD, MAX_SEQ_MSG, MAX_STRAY_RST};
 use crate::conn::{pending, Conn};
+use crate::frame::{self, FrameHeader};
 use crate::mem::{GuestMem, GuestMemAtomic};
 use crate::sys;
 use crate::vsock::chain::ChainBuf;
@@ -163,8 +164,10 @@ impl Device {
         mem: &'m GuestMem,
     ) -> bool {
         let guest_cid = self.cfg.guest_cid;
-        let buf_alloc = self.cfg.buf_alloc;
         let c = &mut self.conns[idx];
+        if c.window.is_short() {
+            c.window.grow();
+        }
         // No more buffers than the bytes already queued need (a small message takes one; the
         // first buffer still sees end of stream or EAGAIN).
         let queued = sys::queued_bytes(c.fd.as_raw_fd()).unwrap_or(MAX_BATCH_BYTES);
@@ -200,7 +203,7 @@ impl Device {
                 _ => vr.get_queue_mut().go_to_previous_position(),
             }
         }
-        let mut h = c.header_to_guest(guest_cid, buf_alloc, OP_RW);
+        let mut h = c.header_to_guest(guest_cid, OP_RW);
         let mut remove = false;
         // Packets written, from the front of `bufs`: (head, bytes incl. header).
         let mut done: Vec<(u16, u32)> = Vec::with_capacity(bufs.len());
@@ -269,9 +272,11 @@ impl Device {
         let span = self.conns[idx].span.clone();
         let _entered = span.enter();
         let guest_cid = self.cfg.guest_cid;
-        let buf_alloc = self.cfg.buf_alloc;
         let c = &mut self.conns[idx];
-        let mut h = c.header_to_guest(guest_cid, buf_alloc, 0);
+        if c.window.is_short() {
+            c.window.grow();
+        }
+        let mut h = c.header_to_guest(guest_cid, 0);
         let mut remove = false;
         if c.pending & pending::RST != 0 {
             h.op = OP_RST;
@@ -342,6 +347,9 @@ fn read_host(
         return Ok(true);
     }
     let fd = c.fd.as_raw_fd();
+    if c.framed {
+        return read_frame(c, buf, credit.min(room), iov, h);
+    }
     if c.is_seqpacket() {
         return read_host_msg(c, buf, credit.min(room), h);
     }
@@ -368,12 +376,88 @@ fn read_host(
     }
 }
 
-/// The host closed its sending side: tell the guest with SHUTDOWN.
+/// The host closed its sending side: tell the guest with SHUTDOWN, behind all the data. If the
+/// host end is closed both ways by now (a close, not a half-close), RCV goes in the same
+/// packet, with every bit told before.
 fn end_of_stream(c: &mut Conn, h: &mut Header) {
     c.host_eof = true;
     c.readable = false;
+    let hup = c.host_hup
+        || sys::poll_now(c.fd.as_raw_fd()).is_ok_and(|r| r & libc::POLLHUP != 0);
+    if hup {
+        c.host_stopped_receiving();
+    }
+    c.queue_shutdown(SHUTDOWN_SEND);
+    c.pending &= !pending::SHUTDOWN;
     h.op = OP_SHUTDOWN;
-    h.flags = SHUTDOWN_SEND | if c.host_hup { SHUTDOWN_RCV } else { 0 };
+    h.flags = c.shutdown_flags;
+}
+
+/// A sibling's SEQPACKET frame ([`crate::frame`]): reads its header, then up to `max` of its
+/// payload straight into `buf`. The packet with the frame's last byte carries its EOM/EOR.
+fn read_frame(
+    c: &mut Conn,
+    buf: &ChainBuf<'_>,
+    max: usize,
+    iov: &mut Vec<libc::iovec>,
+    h: &mut Header,
+) -> std::io::Result<bool> {
+    let fd = c.fd.as_raw_fd();
+    if !c.in_frame {
+        let mut hb = [0u8; frame::HEADER_LEN];
+        let n = match sys::peek(fd, &mut hb) {
+            Ok(0) => {
+                end_of_stream(c, h);
+                return Ok(true);
+            }
+            Ok(n) => n,
+            Err(e) if sys::would_block(&e) => {
+                c.readable = false;
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
+        };
+        if n < frame::HEADER_LEN {
+            // The rest of the header comes with its own wakeup, unless the sender is gone.
+            let gone = sys::poll_now(fd).is_ok_and(|r| r & libc::POLLRDHUP != 0);
+            if gone {
+                return Err(std::io::Error::other("sibling ended inside a frame header"));
+            }
+            c.readable = false;
+            return Ok(false);
+        }
+        let fh = FrameHeader::parse(&hb, MAX_PKT_PAYLOAD as u32)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        sys::recv(fd, &mut hb)?;
+        c.in_frame = true;
+        c.frame_left = fh.len;
+        c.frame_flags = fh.flags;
+    }
+    let mut n = 0;
+    if c.frame_left > 0 {
+        let want = (c.frame_left as usize).min(max);
+        buf.iovecs(HDR_LEN, want, iov);
+        n = match sys::recv_iov(fd, iov) {
+            Ok((0, _)) => return Err(std::io::Error::other("sibling ended inside a frame")),
+            Ok((n, _)) => n,
+            Err(e) if sys::would_block(&e) => {
+                c.readable = false;
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
+        };
+        buf.mark_dirty(HDR_LEN, n);
+        c.frame_left -= n as u32;
+        c.tx_cnt = c.tx_cnt.wrapping_add(n as u32);
+        c.bytes_to_guest += n as u64;
+    }
+    h.op = OP_RW;
+    h.len = n as u32;
+    if c.frame_left == 0 {
+        h.flags = c.frame_flags;
+        c.in_frame = false;
+    }
+    Ok(true)
 }
 
 /// SEQPACKET: a message that fits goes straight into the rx buffer with EOM; a larger one

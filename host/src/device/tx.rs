@@ -11,6 +11,7 @@ use vm_memory::GuestAddressSpace;
 
 use super::{Device, MAX_PKT_PAYLOAD};
 use crate::conn::{pending, AcceptReply, Conn, ConnKey, State};
+use crate::frame::{self, FrameHeader};
 use crate::gate::{Admission, Request, Target};
 use crate::mem::GuestMemAtomic;
 use crate::siblings::SiblingConnect;
@@ -206,6 +207,12 @@ impl Device {
             Admission::Refuse(why) => return self.reply_rst(h, &why),
         };
         let ukind = UnixKind::from(kind);
+        let sibling = match target {
+            Target::Vsock { .. } => true,
+            Target::Default => h.dst_cid != HOST_CID,
+            Target::Unix(_) | Target::Tcp(_) => false,
+        };
+        let tcp = matches!(target, Target::Tcp(_));
         let opened = match target {
             Target::Default if h.dst_cid == HOST_CID => {
                 let mut path = self.cfg.uds_path.clone().into_os_string();
@@ -244,6 +251,9 @@ impl Device {
         };
         let mut conn = Conn::new(0, key, kind, fd, state);
         conn.id = id;
+        conn.tcp = tcp;
+        conn.framed = sibling && kind == SockType::Seqpacket;
+        conn.window = self.window_for(sibling);
         conn.update_peer_credit(h.buf_alloc, h.fwd_cnt);
         if state == State::Established {
             conn.pending = pending::RESPONSE;
@@ -259,7 +269,8 @@ impl Device {
     }
 
     /// Mails a socketpair end to sibling VM `cid`, whose guest will be asked to accept on
-    /// `port`; our end answers once it did.
+    /// `port`; our end answers once it did. The pair is a unix stream for both socket types:
+    /// SEQPACKET travels in frames ([`crate::frame`]).
     fn sibling_open(
         &self,
         h: &Header,
@@ -267,7 +278,7 @@ impl Device {
         cid: u64,
         port: u32,
     ) -> std::io::Result<(std::os::fd::OwnedFd, State)> {
-        let (mine, theirs) = sys::socketpair(UnixKind::from(kind))?;
+        let (mine, theirs) = sys::socketpair(UnixKind::Stream)?;
         let msg = SiblingConnect {
             from_cid: self.cfg.guest_cid,
             from_port: h.src_port,
@@ -305,7 +316,6 @@ impl Device {
     }
 
     fn guest_rw(&mut self, idx: usize, h: &Header, buf: &ChainBuf<'_>) {
-        let buf_alloc = self.cfg.buf_alloc as usize;
         let c = &mut self.conns[idx];
         if c.state != State::Established {
             return self.violation(idx, "data before the connection was established");
@@ -321,48 +331,75 @@ impl Device {
                 .bytes_from_guest
                 .fetch_add(u64::from(h.len), std::sync::atomic::Ordering::Relaxed);
         }
-        let ok = if c.is_seqpacket() {
+        if c.host_shut_rcv || c.host_hup {
+            // Sent before the guest saw our SHUTDOWN(RCV) (or while it is still queued behind
+            // data, for a host end that closed): nobody will read it. Counted as
+            // forwarded so the guest's credit stays consistent.
+            c.fwd_cnt = c.fwd_cnt.wrapping_add(h.len);
+            return;
+        }
+        let ok = if c.framed {
+            framed_from_guest(c, buf, len, h.flags, &mut self.iov)
+        } else if c.is_seqpacket() {
             seq_from_guest(c, buf, len, h.flags & SEQ_EOM != 0, &mut self.iov)
         } else {
             stream_from_guest(c, buf, len, &mut self.iov)
         };
         match ok {
+            // The host end shut its read side or closed: the guest's sends must fail now.
+            Err(e) if sys::is_epipe(&e) => c.host_stopped_receiving(),
             Err(e) => {
                 let why = format!("host socket write failed: {e}");
                 self.reset(idx, &why)
             }
-            Ok(()) if c.buf.len() + c.partial_msg.len() > buf_alloc => {
+            Ok(()) if c.buf.len() + c.partial_msg.len() > c.window.size() as usize => {
                 self.violation(idx, "guest sent beyond its credit")
             }
             Ok(()) => {
-                if c.needs_credit_update(self.cfg.buf_alloc) {
+                if c.needs_credit_update() {
                     c.pending |= pending::CREDIT_UPDATE;
                 }
             }
         }
     }
 
+    /// The guest's SHUTDOWN. RCV alone is applied to the host socket at once (SHUT_RD: the
+    /// host program's writes fail with EPIPE). SEND waits until the buffered guest bytes are
+    /// out; RCV arriving with it waits too, so both reach the host end in one
+    /// `shutdown(SHUT_RDWR)`, behind the data: the other end sees a close, never a
+    /// half-close first.
     fn guest_shutdown(&mut self, idx: usize, flags: u32) {
         let c = &mut self.conns[idx];
         let fd = c.fd.as_raw_fd();
-        if flags & SHUTDOWN_RCV != 0 && !c.guest_shut_rcv {
+        let rcv = flags & SHUTDOWN_RCV != 0 && !c.guest_shut_rcv;
+        let send = flags & SHUTDOWN_SEND != 0;
+        if rcv {
             c.guest_shut_rcv = true;
-            let _ = sys::shutdown(fd, Shutdown::Read);
+            if !send && !c.guest_shut_send {
+                let _ = sys::shutdown(fd, Shutdown::Read);
+            }
         }
-        if flags & SHUTDOWN_SEND != 0 {
+        if send {
             c.guest_shut_send = true;
         }
         self.finish_guest_shutdown(idx);
     }
 
     /// Once the buffered guest bytes are out, applies the guest's SHUTDOWN(SEND) to the host
-    /// socket, and completes a full close with the RST the guest waits for.
+    /// socket (with its RCV if that is still owed), and completes a full close with the RST
+    /// the guest waits for.
     pub(super) fn finish_guest_shutdown(&mut self, idx: usize) {
         let c = &mut self.conns[idx];
-        if !c.buf.is_empty() || !c.guest_shut_send {
+        if !c.buf.is_empty() || !c.guest_shut_send || c.shut_wr_done {
             return;
         }
-        let _ = sys::shutdown(c.fd.as_raw_fd(), Shutdown::Write);
+        let how = if c.guest_shut_rcv {
+            Shutdown::Both
+        } else {
+            Shutdown::Write
+        };
+        let _ = sys::shutdown(c.fd.as_raw_fd(), how);
+        c.shut_wr_done = true;
         if c.guest_shut_rcv {
             c.pending = pending::RST;
         }
@@ -377,11 +414,16 @@ impl Device {
         match flush_buf(c, &mut self.iov) {
             Ok(()) => {
                 // A drained buffer means the guest may be waiting on credit.
-                if (c.needs_credit_update(self.cfg.buf_alloc) || c.buf.is_empty())
+                if (c.needs_credit_update() || c.buf.is_empty())
                     && c.fwd_cnt != c.last_fwd_sent
                 {
                     c.pending |= pending::CREDIT_UPDATE;
                 }
+                self.finish_guest_shutdown(idx);
+                self.wake_rx(idx);
+            }
+            Err(e) if sys::is_epipe(&e) => {
+                c.host_stopped_receiving();
                 self.finish_guest_shutdown(idx);
                 self.wake_rx(idx);
             }
@@ -391,6 +433,46 @@ impl Device {
             }
         }
     }
+}
+
+/// Sends one guest packet as a frame ([`crate::frame`]) straight from guest memory,
+/// buffering what the socket does not take.
+fn framed_from_guest(
+    c: &mut Conn,
+    buf: &ChainBuf<'_>,
+    len: usize,
+    flags: u32,
+    iov: &mut Vec<libc::iovec>,
+) -> std::io::Result<()> {
+    let hdr = FrameHeader::new(len as u32, flags).to_bytes();
+    let total = frame::HEADER_LEN + len;
+    let mut sent = 0;
+    if c.buf.is_empty() {
+        buf.iovecs(HDR_LEN, len, iov);
+        iov.insert(
+            0,
+            libc::iovec {
+                iov_base: hdr.as_ptr() as *mut libc::c_void,
+                iov_len: hdr.len(),
+            },
+        );
+        sent = match sys::send_iov(c.fd.as_raw_fd(), iov) {
+            Ok(n) => n,
+            Err(e) if sys::would_block(&e) => 0,
+            Err(e) => return Err(e),
+        };
+        let payload = sent.saturating_sub(frame::HEADER_LEN);
+        c.fwd_cnt = c.fwd_cnt.wrapping_add(payload as u32);
+    }
+    if sent < total {
+        let head = frame::HEADER_LEN.saturating_sub(sent);
+        let mut rest = Vec::with_capacity(total - sent);
+        rest.extend_from_slice(&hdr[frame::HEADER_LEN - head..]);
+        let from = sent.saturating_sub(frame::HEADER_LEN);
+        buf.copy_out(HDR_LEN + from, len - from, &mut rest);
+        c.buf.push_framed(rest, head);
+    }
+    Ok(())
 }
 
 /// Sends `len` payload bytes of a stream packet, buffering what the socket does not take.
@@ -453,15 +535,18 @@ fn seq_from_guest(
 /// Writes as much of the buffer as the socket takes.
 fn flush_buf(c: &mut Conn, iov: &mut Vec<libc::iovec>) -> std::io::Result<()> {
     let fd = c.fd.as_raw_fd();
+    // Whole messages on a SEQPACKET socket; bytes (frames included) on a stream.
+    let msgs = c.is_seqpacket() && !c.framed;
     while !c.buf.is_empty() {
-        let max = if c.is_seqpacket() { 1 } else { 64 };
+        let max = if msgs { 1 } else { 64 };
         c.buf.iovecs(max, iov);
         match sys::send_iov(fd, iov) {
             Ok(n) => {
-                let n = if c.is_seqpacket() { c.buf.pop_msg() } else { n };
-                if !c.is_seqpacket() {
-                    c.buf.consume(n);
-                }
+                let n = if msgs {
+                    c.buf.pop_msg()
+                } else {
+                    c.buf.consume(n)
+                };
                 c.fwd_cnt = c.fwd_cnt.wrapping_add(n as u32);
             }
             Err(e) if sys::would_block(&e) => break,

@@ -59,6 +59,7 @@ fn the_example_file_parses() {
         Some(Path::new("/var/cache/vhost-plug"))
     );
     assert_eq!(l.max_connections, Some(4096));
+    assert_eq!(l.max_buffered, Some(256 << 20));
     assert_eq!(
         l.allow_routes,
         vec![
@@ -436,6 +437,29 @@ fn cli(dir: &Path, text: &str, extra: &[&str]) -> Result<DaemonConfig, ConfigErr
         .into_iter()
         .chain(extra.iter().copied());
     parse_from(args)
+}
+
+#[test]
+fn max_buffered_from_the_file_and_from_the_flag() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let text = format!("[limits]\nmax-buffered = 1048576\n{ONE_VM}");
+    let cfg = cli(dir.path(), &text, &[]).expect("file alone");
+    assert_eq!(cfg.max_buffered, 1 << 20);
+    let cfg = cli(dir.path(), &text, &["--max-buffered", "64M"]).expect("flag wins");
+    assert_eq!(cfg.max_buffered, 64 << 20);
+    let cfg = cli(dir.path(), ONE_VM, &["--max-buffered", "2g"]).expect("suffix");
+    assert_eq!(cfg.max_buffered, 2 << 30);
+    let cfg = cli(dir.path(), ONE_VM, &[]).expect("default");
+    assert_eq!(cfg.max_buffered, crate::budget::DEFAULT_MAX_BUFFERED);
+    for bad in ["1000", "x", "4096T", "99999999999999999999G"] {
+        assert!(
+            cli(dir.path(), ONE_VM, &["--max-buffered", bad]).is_err(),
+            "--max-buffered {bad}"
+        );
+    }
+    let text = format!("[limits]\nmax-buffered = 10\n{ONE_VM}");
+    let err = cli(dir.path(), &text, &[]).expect_err("below one page");
+    assert!(err.to_string().contains("limits.max-buffered"), "{err}");
 }
 
 #[test]
