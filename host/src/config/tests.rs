@@ -351,6 +351,7 @@ fn vm_args_from_the_peer_tests() {
     v5.groups = vec!["group2".into(), "group3".into()];
     let mut v4 = vm(4, "/t/vhost4.socket", "/t/vm4.vsock");
     v4.groups = vec!["group1".into()];
+    v4.tx_buffer_size = 65536;
     assert_eq!(
         cfg.vms,
         vec![vm(3, "/t/vhost3.socket", "/t/vm3.vsock"), v4, v5]
@@ -387,7 +388,9 @@ fn vm_args_from_the_peer_readme() {
         "--vm",
         "guest-cid=4,uds-path=/tmp/vm4.vsock,socket=/tmp/vhost4.socket,tx-buffer-size=65536,queue-size=1024",
     ]);
-    assert_eq!(cfg.vms, vec![vm(4, "/tmp/vhost4.socket", "/tmp/vm4.vsock")]);
+    let mut v4 = vm(4, "/tmp/vhost4.socket", "/tmp/vm4.vsock");
+    v4.tx_buffer_size = 65536;
+    assert_eq!(cfg.vms, vec![v4]);
 }
 
 #[test]
@@ -633,6 +636,7 @@ fn yaml_peer_readme_example() {
     ]);
     let mut v3 = vm(3, "/tmp/vhost3.socket", "/tmp/vm3.sock");
     v3.groups = vec!["group1".into(), "groupA".into()];
+    v3.tx_buffer_size = 65536;
     let mut v4 = vm(4, "/tmp/vhost4.socket", "/tmp/vm4.sock");
     v4.tx_buffer_size = 32768;
     v4.queue_size = 256;
