@@ -378,12 +378,14 @@ fn read_host(
 
 /// The host closed its sending side: tell the guest with SHUTDOWN, behind all the data. If the
 /// host end is closed both ways by now (a close, not a half-close), RCV goes in the same
-/// packet, with every bit told before.
+/// packet, with every bit told before. After our own SHUT_WR (the guest's SHUTDOWN(SEND))
+/// the socket's state cannot say whether the host end still receives, and it no longer
+/// matters: SEND alone.
 fn end_of_stream(c: &mut Conn, h: &mut Header) {
     c.host_eof = true;
     c.readable = false;
-    let hup = c.host_hup
-        || sys::poll_now(c.fd.as_raw_fd()).is_ok_and(|r| r & libc::POLLHUP != 0);
+    let hup = !c.shut_wr_done
+        && (c.host_hup || sys::poll_now(c.fd.as_raw_fd()).is_ok_and(|r| r & libc::POLLHUP != 0));
     if hup {
         c.host_stopped_receiving();
     }
