@@ -520,7 +520,10 @@ mod tests {
     fn shutdown_bits_accumulate() {
         let mut c = conn();
         c.queue_shutdown(SHUTDOWN_RCV);
-        assert_eq!((c.pending, c.shutdown_flags), (pending::SHUTDOWN, SHUTDOWN_RCV));
+        assert_eq!(
+            (c.pending, c.shutdown_flags),
+            (pending::SHUTDOWN, SHUTDOWN_RCV)
+        );
         c.pending = 0;
         c.queue_shutdown(SHUTDOWN_RCV);
         assert_eq!(c.pending, 0, "nothing new to tell");

@@ -77,14 +77,20 @@ fn ten_thousand_stalled_windows_stay_within_the_cap() -> Result<()> {
     // Until the device has taken every packet off the tx ring.
     let deadline = Instant::now() + Duration::from_secs(60);
     while vm.sim.used_idx(TX_QUEUE)? != vm.sim.avail_idx(TX_QUEUE)? {
-        ensure!(Instant::now() < deadline, "the device stopped taking packets");
+        ensure!(
+            Instant::now() < deadline,
+            "the device stopped taking packets"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     std::thread::sleep(Duration::from_millis(500));
     let stalled = s.daemon.rss_kib()?;
     let full = guests
         .iter()
-        .filter(|g| g.credit_info().is_some_and(|c| c.peer_buf_alloc >= 256 << 10))
+        .filter(|g| {
+            g.credit_info()
+                .is_some_and(|c| c.peer_buf_alloc >= 256 << 10)
+        })
         .count();
     let bound_kib = (cap + CONNECTIONS as u64 * MIN_WINDOW) / 1024;
     eprintln!(
@@ -111,7 +117,10 @@ fn ten_thousand_stalled_windows_stay_within_the_cap() -> Result<()> {
         let mut got = vec![0u8; sent[i]];
         hosts[i].set_read_timeout(Some(Duration::from_secs(5)))?;
         hosts[i].read_exact(&mut got)?;
-        ensure!(got[..] == chunk[..sent[i]], "connection {i} delivered other bytes");
+        ensure!(
+            got[..] == chunk[..sent[i]],
+            "connection {i} delivered other bytes"
+        );
     }
     drop(guests);
     vm.guest.health()

@@ -78,7 +78,14 @@ fn bind_only(path: &std::path::Path) -> Result<std::os::fd::OwnedFd> {
 }
 
 /// A connected guest stream to a host listener on `port`.
-fn pair(vm: &TestVm, l: &UnixListener, port: u32) -> Result<(vhost_plug_tests::GuestSocket, std::os::unix::net::UnixStream)> {
+fn pair(
+    vm: &TestVm,
+    l: &UnixListener,
+    port: u32,
+) -> Result<(
+    vhost_plug_tests::GuestSocket,
+    std::os::unix::net::UnixStream,
+)> {
     let gs = vm.guest.connect(HOST_CID, port, SockType::Stream)?;
     let hs = accept_timeout(l, PROMPT)?;
     hs.set_read_timeout(Some(PROMPT))?;
@@ -92,13 +99,19 @@ fn request_to_unbound_or_unlistening_port_is_reset_at_once() -> Result<()> {
     let s = setup(None)?;
     let vm = s.boot(0)?;
     let t0 = Instant::now();
-    match vm.guest.connect_timeout(HOST_CID, 7001, SockType::Stream, PROMPT) {
+    match vm
+        .guest
+        .connect_timeout(HOST_CID, 7001, SockType::Stream, PROMPT)
+    {
         Err(ConnectError::Refused) => {}
         other => bail!("unbound port: {:?}", other.map(|_| ())),
     }
     // A bound unix socket that never listens.
     let _bound = bind_only(&port_path(&vm.spec.uds_path, 7002))?;
-    match vm.guest.connect_timeout(HOST_CID, 7002, SockType::Stream, PROMPT) {
+    match vm
+        .guest
+        .connect_timeout(HOST_CID, 7002, SockType::Stream, PROMPT)
+    {
         Err(ConnectError::Refused) => {}
         other => bail!("bound, not listening: {:?}", other.map(|_| ())),
     }
@@ -453,7 +466,11 @@ fn host_connect_is_requested_and_a_refusal_closes_it() -> Result<()> {
     let gl = vm.guest.listen(7110, SockType::Stream)?;
     let (mut hs, port) = host_connect(&vm.spec.uds_path, 7110)?;
     let gs = gl.accept(PROMPT)?;
-    ensure!(gs.peer_port() == port, "OK {port}, guest sees {}", gs.peer_port());
+    ensure!(
+        gs.peer_port() == port,
+        "OK {port}, guest sees {}",
+        gs.peer_port()
+    );
     hs.write_all(b"hi")?;
     let mut b = [0u8; 2];
     (&gs).read_exact(&mut b)?;

@@ -168,7 +168,10 @@ fn shut_rd_makes_the_sibling_send_fail() -> Result<()> {
         // The reverse direction still carries data.
         gb.send(b"y")?;
         let mut c = [0u8; 1];
-        ensure!(ga.recv(&mut c)? == 1 && c[0] == b'y', "{ty:?}: reverse data");
+        ensure!(
+            ga.recv(&mut c)? == 1 && c[0] == b'y',
+            "{ty:?}: reverse data"
+        );
     }
     a.guest.health()?;
     b.guest.health()
@@ -222,7 +225,11 @@ fn connect_to_an_unbound_sibling_port_is_reset_at_once() -> Result<()> {
             Err(ConnectError::Refused) => {}
             other => bail!("{ty:?}: {:?}", other.map(|_| ())),
         }
-        ensure!(t0.elapsed() < PROMPT, "{ty:?}: refusal took {:?}", t0.elapsed());
+        ensure!(
+            t0.elapsed() < PROMPT,
+            "{ty:?}: refusal took {:?}",
+            t0.elapsed()
+        );
     }
     a.guest.health()
 }
@@ -236,7 +243,10 @@ fn rst_ends_the_sibling_connection_as_a_close() -> Result<()> {
     let (ga, gb) = connect(&a, &b, 8060, SockType::Stream)?;
     let seq = b.guest.log_seq();
     ga.reset()?;
-    ensure!(gb.wait_closed(PROMPT), "the sibling's connection did not end");
+    ensure!(
+        gb.wait_closed(PROMPT),
+        "the sibling's connection did not end"
+    );
     let got = shutdowns(&b, seq, gb.local_port());
     ensure!(got == vec![SHUTDOWN_RCV | SHUTDOWN_SEND], "{got:?}");
     b.guest.health()
@@ -322,7 +332,11 @@ fn hundred_sibling_connections() -> Result<()> {
         ga.send(msg.as_bytes())?;
         let mut got = vec![0u8; 64];
         let n = gb.recv(&mut got)?;
-        ensure!(&got[..n] == msg.as_bytes(), "connection {i}: {:?}", &got[..n]);
+        ensure!(
+            &got[..n] == msg.as_bytes(),
+            "connection {i}: {:?}",
+            &got[..n]
+        );
     }
     drop(conns);
     a.guest.health()?;

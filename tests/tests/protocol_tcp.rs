@@ -137,11 +137,9 @@ fn guest_shut_rd_stops_delivery_from_tcp() -> Result<()> {
     let mut b = [0u8; 2];
     ts.read_exact(&mut b)?;
     ensure!(&b == b"up");
-    let rw = vm
-        .guest
-        .wait_packet(seq, Duration::from_millis(300), |h| {
-            h.op == OP_RW && h.dst_port == gs.local_port()
-        });
+    let rw = vm.guest.wait_packet(seq, Duration::from_millis(300), |h| {
+        h.op == OP_RW && h.dst_port == gs.local_port()
+    });
     ensure!(rw.is_none(), "data delivered after the guest's SHUT_RD");
     vm.guest.health()
 }

@@ -7,9 +7,9 @@ use clap::error::ErrorKind;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use super::{
-    check_guest_cid, check_max_buffered, check_max_connections, check_path, check_queue_size, check_tx_buffer_size,
-    finish_vms, parse_number, split_groups, toml, yaml, ConfigError, DaemonConfig, Invocation,
-    LogFormat, Origin, VmSpec, DEFAULT_MAX_CONNECTIONS,
+    check_guest_cid, check_max_buffered, check_max_connections, check_path, check_queue_size,
+    check_tx_buffer_size, finish_vms, parse_number, split_groups, toml, yaml, ConfigError,
+    DaemonConfig, Invocation, LogFormat, Origin, VmSpec, DEFAULT_MAX_CONNECTIONS,
 };
 
 // Subcommands of `vhost-plug`; `vhost-plug` alone runs the daemon. (A plain comment: clap

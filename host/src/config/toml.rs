@@ -56,8 +56,8 @@ use ::toml::Spanned;
 use serde::Deserialize;
 
 use super::{
-    check_guest_cid, check_max_buffered, check_max_connections, check_queue_size, check_tx_buffer_size, ConfigError,
-    RouteSpec, VmSpec,
+    check_guest_cid, check_max_buffered, check_max_connections, check_queue_size,
+    check_tx_buffer_size, ConfigError, RouteSpec, VmSpec,
 };
 use crate::plugin::{builtin, PluginKind, PluginSource, PluginSpec, RouteAllowlist};
 

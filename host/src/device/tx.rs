@@ -414,9 +414,7 @@ impl Device {
         match flush_buf(c, &mut self.iov) {
             Ok(()) => {
                 // A drained buffer means the guest may be waiting on credit.
-                if (c.needs_credit_update() || c.buf.is_empty())
-                    && c.fwd_cnt != c.last_fwd_sent
-                {
+                if (c.needs_credit_update() || c.buf.is_empty()) && c.fwd_cnt != c.last_fwd_sent {
                     c.pending |= pending::CREDIT_UPDATE;
                 }
                 self.finish_guest_shutdown(idx);

@@ -66,7 +66,8 @@ struct Opts {
     /// Scenario groups to run: tput, latency, setup, reference, plugins, rss.
     only: Vec<String>,
     kinds: Vec<DaemonKind>,
-    /// `tx-buffer-size` of every VM (both daemons); `None` keeps their default, 64 KiB.
+    /// `tx-buffer-size` of every VM (both daemons); `None` keeps their defaults (vhost-plug
+    /// 256 KiB, vhost-device-vsock 64 KiB).
     tx_buffer_size: Option<u32>,
     /// QEMU section: guest boots per daemon (interleaved between the daemons), MiB per
     /// transfer, timed round trips and connections per boot.
