@@ -481,3 +481,44 @@ fn host_connect_is_requested_and_a_refusal_closes_it() -> Result<()> {
     ensure!(t0.elapsed() < PROMPT, "refusal took {:?}", t0.elapsed());
     vm.guest.health()
 }
+
+/// A guest that does not read: once its credit is used up the device asks once with
+/// CREDIT_REQUEST (the guest's answer gives no credit, so no second one), and the guest's
+/// CREDIT_UPDATE after it reads lets the rest through.
+#[test]
+fn credit_request_once_when_the_guest_stalls() -> Result<()> {
+    let s = setup(None)?;
+    let vm = s.boot(0)?;
+    let l = host_listen(&vm.spec.uds_path, 7120)?;
+    let (gs, mut hs) = pair(&vm, &l, 7120)?;
+    let seq = vm.guest.log_seq();
+    let total = 1 << 20;
+    let data = vhost_plug_tests::data::Pattern::bytes(3, total);
+    std::thread::scope(|sc| -> Result<()> {
+        let writer = sc.spawn(move || hs.write_all(&data).map(|_| hs));
+        vm.guest
+            .wait_packet(seq, PROMPT, |h| {
+                h.op == OP_CREDIT_REQUEST && h.dst_port == gs.local_port()
+            })
+            .context("no CREDIT_REQUEST when the guest ran out of credit")?;
+        std::thread::sleep(Duration::from_millis(500));
+        let requests = vm
+            .guest
+            .packets_since(seq)
+            .iter()
+            .filter(|p| {
+                p.dir == vhost_plug_tests::driver::Direction::FromDevice
+                    && p.hdr.op == OP_CREDIT_REQUEST
+            })
+            .count();
+        ensure!(requests == 1, "{requests} CREDIT_REQUESTs while stalled");
+        let mut got = vec![0u8; total];
+        (&gs).read_exact(&mut got)?;
+        ensure!(got == vhost_plug_tests::data::Pattern::bytes(3, total), "data");
+        writer
+            .join()
+            .map_err(|_| anyhow::anyhow!("writer panicked"))??;
+        Ok(())
+    })?;
+    vm.guest.health()
+}

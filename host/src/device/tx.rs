@@ -130,7 +130,14 @@ impl Device {
             return; // already being torn down
         }
         self.check_credit(idx, &h);
-        self.conns[idx].update_peer_credit(h.buf_alloc, h.fwd_cnt);
+        let c = &mut self.conns[idx];
+        c.update_peer_credit(h.buf_alloc, h.fwd_cnt);
+        // Our CREDIT_REQUEST is answered once the guest has credit again, by whatever packet.
+        // A CREDIT_UPDATE that still gives none (Linux answers every CREDIT_REQUEST at once)
+        // does not end the wait: asking again would only start a request/update storm.
+        if c.peer_credit() > 0 {
+            c.credit_requested = false;
+        }
         match h.op {
             OP_RW => self.guest_rw(idx, &h, buf),
             OP_RESPONSE => self.guest_response(idx),
@@ -141,7 +148,7 @@ impl Device {
                 self.remove(idx);
                 return;
             }
-            OP_CREDIT_UPDATE => self.conns[idx].credit_requested = false,
+            OP_CREDIT_UPDATE => {}
             OP_CREDIT_REQUEST => self.conns[idx].pending |= pending::CREDIT_UPDATE,
             OP_REQUEST => self.violation(idx, "REQUEST on an open connection"),
             _ => self.violation(idx, "unknown operation"),
