@@ -514,7 +514,10 @@ fn credit_request_once_when_the_guest_stalls() -> Result<()> {
         ensure!(requests == 1, "{requests} CREDIT_REQUESTs while stalled");
         let mut got = vec![0u8; total];
         (&gs).read_exact(&mut got)?;
-        ensure!(got == vhost_plug_tests::data::Pattern::bytes(3, total), "data");
+        ensure!(
+            got == vhost_plug_tests::data::Pattern::bytes(3, total),
+            "data"
+        );
         writer
             .join()
             .map_err(|_| anyhow::anyhow!("writer panicked"))??;
