@@ -14,7 +14,7 @@ for a in "$@"; do
     prev="$a"
 done
 case "$crate" in
-vhost_plug | vm_memory | virtio_queue | serde_yaml | unsafe_libyaml | \
+vhost_plug_parse | vm_memory | virtio_queue | serde_yaml | unsafe_libyaml | \
     header | chain | connect_line | state_blob | vm_arg | yaml_config)
     exec "$rustc" "$@"
     ;;

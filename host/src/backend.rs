@@ -18,12 +18,11 @@ use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::control::VmStats;
 use crate::device::Device;
 use crate::handover::Slots;
 use crate::mem::{Bitmap, GuestMem, GuestMemAtomic};
-use crate::metrics::TransferDir;
 use crate::migration::{DeviceFacts, Outgoing, StatePlugins, Transfer};
+use crate::stats::{TransferDir, VmStats};
 use crate::vsock::header::F_SEQPACKET;
 
 pub const RX_QUEUE: u16 = 0;

@@ -74,7 +74,7 @@ struct Inner {
     last: Snapshot,
 }
 
-/// The meeting point of askers and a VM's worker. Lives in [`crate::control::VmStats`].
+/// The meeting point of askers and a VM's worker. Lives in [`crate::stats::VmStats`].
 #[derive(Default)]
 pub struct ConnTable {
     inner: Mutex<Inner>,

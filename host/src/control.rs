@@ -9,96 +9,27 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tracing::{info, warn};
 
-use crate::gate::{Gate, PluginSet};
+use crate::gate::PluginSet;
 use crate::handover;
-use crate::metrics::TransferDir;
 use crate::migration::{self, StatePlugins};
 use crate::plugin::types::{DeviceState, EventQueueOwner, EventQueueState};
 use crate::plugin::PluginSpec;
+use crate::stats::TransferDir;
+use crate::vm::VmHandle;
+
+pub use crate::ctlproto::Request;
 
 /// Longest request line accepted.
 const MAX_REQUEST: u64 = 64 * 1024;
 /// How long a client may take to send its request.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// What the control socket can see and change of one VM.
-pub struct VmHandle {
-    pub cid: u64,
-    pub gate: Arc<Mutex<Gate>>,
-    pub serializer: Arc<Mutex<crate::plugin::Serializer>>,
-    pub stats: Arc<VmStats>,
-    pub handover: Arc<handover::Slots>,
-    /// Connection limit of the VM; bounds the sockets a handover may bring.
-    pub max_connections: usize,
-}
-
-/// Live counters of a VM, kept up to date by its device.
-#[derive(Default)]
-pub struct VmStats {
-    pub frontend: AtomicBool,
-    pub connections: AtomicUsize,
-    /// What the metrics endpoint exports.
-    pub counters: crate::metrics::VmCounters,
-    /// Where `ctl conns` gets the device's connection table.
-    pub conns: crate::connlist::ConnTable,
-    /// What a SAVE would record about the device right now (for `ctl save`).
-    pub facts: DeviceFactsLive,
-}
-
-/// Device facts of a saved state, published by the device when they change.
-#[derive(Default)]
-pub struct DeviceFactsLive {
-    pub acked_features: AtomicU64,
-    pub event_queue_owned: AtomicBool,
-    pub driver_live: AtomicBool,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(tag = "cmd", rename_all = "kebab-case")]
-pub enum Request {
-    /// VMs, their frontends and connection counts, and their plugins.
-    Status,
-    /// Per-plugin counters: calls, denials, failures, latency.
-    Plugins,
-    /// Replaces a policy plugin in place, carrying its state over.
-    Swap {
-        spec: String,
-        /// Name of the plugin to replace (default: the new plugin's name).
-        replace: Option<String>,
-        /// Only this VM (default: every VM).
-        vm: Option<u64>,
-    },
-    /// Writes the VM's state (device facts and plugin states, as a migration SAVE would) to
-    /// `file` on the daemon's side.
-    Save { file: PathBuf, vm: Option<u64> },
-    /// Loads the plugin states of a state file written by `save` (or a SAVE) into the
-    /// running VM; the device part is for a VMM's LOAD and is only checked here.
-    Load { file: PathBuf, vm: Option<u64> },
-    /// Old daemon: the next SAVE of the VM (or of every VM) is a same-host handover to the
-    /// daemon serving control socket `to`: the state carries the connection table and the
-    /// sockets go to `to`.
-    Handover { to: PathBuf, vm: Option<u64> },
-    /// New daemon: `count` sockets for the state blob with SHA-256 `digest` follow over this
-    /// connection (SCM_RIGHTS), once the daemon answered `ok`.
-    HandoverFds {
-        vm: u64,
-        digest: String,
-        count: usize,
-    },
-    /// Open connections with their byte counts and credit.
-    Conns {
-        /// Only this VM (default: every VM).
-        vm: Option<u64>,
-    },
-}
 
 pub struct ControlServer {
     listener: UnixListener,

@@ -11,14 +11,13 @@ use std::time::Instant;
 use tracing::{info, warn};
 
 use crate::config::RouteSpec;
-use crate::control::VmStats;
-use crate::metrics::Verdict;
 use crate::plugin::types::{ConnRequest, ConnStats, Endpoint, NamedPluginState, Route, SocketType};
 use crate::plugin::{
     Bridge, Decision, Plugin, PluginError, PluginKind, PluginRuntime, PluginSpec, PolicyChain,
     RouteAllowlist, RoutePolicy, RuntimeConfig, Serializer,
 };
 use crate::siblings::Registry;
+use crate::stats::{Verdict, VmStats};
 use crate::vsock::header::SockType;
 
 static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);

@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 use thiserror::Error;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
-use crate::control::Request;
+use crate::ctlproto::Request;
 
 /// Sockets per SCM_RIGHTS message (the kernel's limit is 253).
 const FDS_PER_MSG: usize = 250;

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use serde_json::{json, Value};
 use thiserror::Error;
 
+use crate::blob::{self, BlobError};
 use crate::migration::MAX_BLOB;
-use crate::plugin::blob::{self, BlobError};
 use crate::plugin::types::{
     ConnState, Connection, DeviceState, EventQueueOwner, ShutdownFlags, SocketType,
 };

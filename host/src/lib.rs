@@ -1,23 +1,28 @@
 //! vhost-plug: a vhost-user virtio-vsock backend.
+//!
+//! Modules are layered: each imports only modules below it (docs/architecture.md draws the
+//! layers; `tests/layers.rs` checks them). The parsers of untrusted input are the crate
+//! `vhost-plug-parse`, the bottom layer, re-exported here.
+
+pub use vhost_plug_parse::{blob, config, connect, mem, route, spec, vsock};
 pub mod backend;
 pub mod budget;
-pub mod config;
 pub mod conn;
 pub mod connlist;
 pub mod control;
+pub mod ctlproto;
 pub mod daemon;
 pub mod device;
 pub mod frame;
 pub mod gate;
 pub mod handover;
 pub mod inspect;
-pub mod mem;
 pub mod metrics;
 pub mod migration;
 pub mod plugin;
 pub mod sandbox;
 pub mod scaffold;
 pub mod siblings;
+pub mod stats;
 pub mod sys;
 pub mod vm;
-pub mod vsock;

@@ -15,12 +15,12 @@
 
 use std::fmt::Write as _;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener};
+use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus_client::collector::Collector;
@@ -30,10 +30,12 @@ use prometheus_client::registry::Registry;
 use thiserror::Error;
 use tracing::{debug, info, warn};
 
+use crate::config::MetricsAddr;
 use crate::conn::Initiator;
-use crate::control::{VmHandle, VmStats};
 use crate::gate::Gate;
 use crate::plugin::{PluginCounters, LATENCY_BUCKETS_NS};
+use crate::stats::VmStats;
+use crate::vm::VmHandle;
 
 /// Longest request head read from a scraper.
 const MAX_REQUEST_HEAD: usize = 8 * 1024;
@@ -41,99 +43,6 @@ const MAX_REQUEST_HEAD: usize = 8 * 1024;
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most request headers parsed.
 const MAX_HEADERS: usize = 32;
-
-/// Policy-chain verdicts, as counted by [`VmCounters::verdicts`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Verdict {
-    Allow = 0,
-    Deny = 1,
-    Redirect = 2,
-}
-
-/// State-transfer directions, as counted by [`VmCounters::transfers`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TransferDir {
-    Save = 0,
-    Load = 1,
-}
-
-/// Counters of one VM that outlive its frontend sessions (they belong to [`VmStats`]).
-///
-/// Each is written by one thread (the VM's worker, its vhost-user thread or the control
-/// thread) with `Relaxed` adds; readers only need eventually consistent values.
-#[derive(Debug, Default)]
-pub struct VmCounters {
-    /// Connections entered in the table, by initiator ([`Initiator`] as index).
-    pub opened: [AtomicU64; 3],
-    /// Payload bytes the guest sent (to host programs or siblings).
-    pub bytes_from_guest: AtomicU64,
-    /// Payload bytes placed in the guest's rx buffers.
-    pub bytes_to_guest: AtomicU64,
-    /// Policy-chain decisions ([`Verdict`] as index).
-    pub verdicts: [AtomicU64; 3],
-    /// `GET_VRING_BASE` requests, by queue (rx, tx, event).
-    pub ring_stops: [AtomicU64; 3],
-    /// Device-state transfers: `[direction][0 = ok, 1 = failed]`.
-    pub transfers: [[AtomicU64; 2]; 2],
-    /// Control-socket plugin swaps: `[0 = ok, 1 = failed]`.
-    pub swaps: [AtomicU64; 2],
-    /// The VM's serializer instance, set once when the VM is created (it is never replaced).
-    pub serializer: OnceLock<(String, Arc<PluginCounters>)>,
-}
-
-impl VmCounters {
-    pub fn opened(&self, who: Initiator) {
-        self.opened[who as usize].fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub fn verdict(&self, v: Verdict) {
-        self.verdicts[v as usize].fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub fn ring_stop(&self, queue: u32) {
-        if let Some(c) = self.ring_stops.get(queue as usize) {
-            c.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    pub fn transfer(&self, dir: TransferDir, ok: bool) {
-        self.transfers[dir as usize][usize::from(!ok)].fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub fn swap(&self, ok: bool) {
-        self.swaps[usize::from(!ok)].fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-/// Where `--metrics` listens.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum MetricsAddr {
-    Unix(PathBuf),
-    Tcp(SocketAddr),
-}
-
-impl std::str::FromStr for MetricsAddr {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        if let Some(path) = s.strip_prefix("unix:") {
-            if path.is_empty() {
-                return Err("unix: needs a socket path".into());
-            }
-            return Ok(MetricsAddr::Unix(PathBuf::from(path)));
-        }
-        let addr: SocketAddr = s.parse().map_err(|_| {
-            format!("expected unix:PATH or a loopback IP:PORT (like 127.0.0.1:9100), got `{s}`")
-        })?;
-        if !addr.ip().is_loopback() {
-            return Err(format!(
-                "{addr} is not a loopback address: the metrics endpoint has no authentication, \
-                 so it only listens on 127.0.0.0/8 or ::1 (or a unix socket); expose it \
-                 further with a proxy you control"
-            ));
-        }
-        Ok(MetricsAddr::Tcp(addr))
-    }
-}
 
 #[derive(Debug, Error)]
 pub enum MetricsError {

@@ -16,8 +16,8 @@ use std::thread::JoinHandle;
 use thiserror::Error;
 use tracing::{info, warn};
 
+use crate::blob;
 use crate::gate::Gate;
-use crate::plugin::blob;
 use crate::plugin::types::{DeviceState, NamedPluginState};
 use crate::plugin::Serializer;
 

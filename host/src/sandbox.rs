@@ -23,8 +23,8 @@ use landlock::{
     Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus, Scope, ABI,
 };
 
+use crate::config::MetricsAddr;
 use crate::config::{DaemonConfig, RouteSpec};
-use crate::metrics::MetricsAddr;
 use crate::plugin::tcp_route_port;
 
 /// The Landlock ABI the rules are written and tested for.

@@ -3,7 +3,7 @@
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
 use tracing::{info, warn};
@@ -14,13 +14,13 @@ use vmm_sys_util::epoll::EventSet;
 
 use crate::backend::{VsockBackend, EXIT_EVENT, HOST_EVENT};
 use crate::config::VmConfig;
-use crate::control::{VmHandle, VmStats};
 use crate::device::{Device, DeviceConfig, Listeners};
 use crate::gate::{Gate, PluginSet};
 use crate::handover::Slots;
 use crate::migration::StatePlugins;
 use crate::plugin::Serializer;
 use crate::siblings::Registry;
+use crate::stats::VmStats;
 use crate::sys::{self, UnixKind};
 
 #[derive(Debug, Error)]
@@ -58,6 +58,18 @@ impl Drop for StopWorkers {
     fn drop(&mut self) {
         self.0.stop_workers();
     }
+}
+
+/// What the control socket and the metrics endpoint can see and change of one VM: the one
+/// narrow way the daemon layer reaches a running VM.
+pub struct VmHandle {
+    pub cid: u64,
+    pub gate: Arc<Mutex<Gate>>,
+    pub serializer: Arc<Mutex<Serializer>>,
+    pub stats: Arc<VmStats>,
+    pub handover: Arc<Slots>,
+    /// Connection limit of the VM; bounds the sockets a handover may bring.
+    pub max_connections: usize,
 }
 
 pub struct Vm {

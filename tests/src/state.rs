@@ -1,5 +1,5 @@
 //! Device-state blobs as the daemon writes them on SAVE: the frame of
-//! `host/src/plugin/blob.rs` (an independent reading of it, as [`crate::packet`] is of the wire
+//! `host/parse/src/blob.rs` (an independent reading of it, as [`crate::packet`] is of the wire
 //! format), saving a running VM, and the plugin states inside a serializer-json payload.
 //!
 //! Frame: magic "VHPLUGST" | format u16 LE (=1) | name-len u8 | name | payload-len u64 LE |

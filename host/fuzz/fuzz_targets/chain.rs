@@ -16,9 +16,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use vhost_plug::mem::GuestMem;
-use vhost_plug::vsock::chain::{ChainBuf, ChainError, MAX_SEGMENTS};
-use vhost_plug::vsock::header::{Header, HDR_LEN};
+use vhost_plug_parse::mem::GuestMem;
+use vhost_plug_parse::vsock::chain::{ChainBuf, ChainError, MAX_SEGMENTS};
+use vhost_plug_parse::vsock::header::{Header, HDR_LEN};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -33,7 +33,7 @@ const DATA: u64 = 0x1_0000;
 /// Largest queue size tried: a looping chain of 2048 descriptors can pass the segment cap.
 const MAX_QUEUE: u16 = 2048;
 /// The tx queue's cap (`HDR_LEN + MAX_PKT_PAYLOAD`); the input's cap is taken modulo this + 1.
-const MAX_CAP: usize = HDR_LEN + vhost_plug::device::MAX_PKT_PAYLOAD;
+const MAX_CAP: usize = HDR_LEN + vhost_plug_parse::vsock::MAX_PKT_PAYLOAD;
 
 /// Bytes of the descriptor table and data area the previous input wrote (zeroed before the next).
 static LAST_DESCS: AtomicUsize = AtomicUsize::new(0);

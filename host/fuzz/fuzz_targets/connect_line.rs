@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vhost_plug::device::parse_connect_line;
+use vhost_plug_parse::connect::parse_connect_line;
 
 fn reference(line: &[u8]) -> Option<u32> {
     let rest = line.strip_prefix(b"CONNECT ")?;

@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vhost_plug::vsock::header::{Header, SockType, HDR_LEN};
+use vhost_plug_parse::vsock::header::{Header, SockType, HDR_LEN};
 
 fn le(b: &[u8]) -> u64 {
     b.iter().rev().fold(0, |acc, &x| (acc << 8) | u64::from(x))

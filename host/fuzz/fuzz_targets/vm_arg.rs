@@ -6,8 +6,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vhost_plug::config::fuzzing::parse_vm_args;
-use vhost_plug::config::DaemonConfig;
+use vhost_plug_parse::config::fuzzing::parse_vm_args;
+use vhost_plug_parse::config::DaemonConfig;
 
 fuzz_target!(|data: &[u8]| {
     // Command-line values reach the parser as UTF-8 (clap refuses anything else first).

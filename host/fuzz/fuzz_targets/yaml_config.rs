@@ -6,8 +6,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vhost_plug::config::fuzzing::parse_yaml;
-use vhost_plug::config::DaemonConfig;
+use vhost_plug_parse::config::fuzzing::parse_yaml;
+use vhost_plug_parse::config::DaemonConfig;
 
 fuzz_target!(|data: &[u8]| {
     // The daemon reads the file with read_to_string: non-UTF-8 never reaches the parser.

@@ -11,26 +11,14 @@ use super::{
     TOKEN_TIMER,
 };
 use crate::conn::{pending, AcceptReply, Conn, ConnKey, Initiator, State};
+use crate::connect::{parse_connect_line, MAX_CONNECT_LINE};
 use crate::gate::{Admission, Request, Target};
 use crate::siblings::SiblingConnect;
 use crate::sys;
 use crate::vsock::header::{SockType, HOST_CID};
 
-/// Longest `CONNECT <port>\n` line accepted.
-const MAX_CONNECT_LINE: usize = 64;
 /// Connections accepted per listener wakeup, so one busy listener cannot starve the rings.
 const ACCEPT_BATCH: usize = 64;
-
-/// Parses `CONNECT <port>` (the newline already removed).
-pub fn parse_connect_line(line: &[u8]) -> Option<u32> {
-    let s = std::str::from_utf8(line).ok()?;
-    let s = s.strip_suffix('\r').unwrap_or(s);
-    let mut parts = s.split(' ');
-    match (parts.next(), parts.next(), parts.next()) {
-        (Some("CONNECT"), Some(port), None) => port.parse().ok(),
-        _ => None,
-    }
-}
 
 impl Device {
     /// Handles everything the host-socket epoll reports.
@@ -340,24 +328,5 @@ impl Device {
             Err(e) if sys::would_block(&e) => c.readable = false,
             _ => self.reset(idx, "sibling refused the connection"),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_connect_line;
-
-    #[test]
-    fn connect_lines() {
-        assert_eq!(parse_connect_line(b"CONNECT 1234"), Some(1234));
-        assert_eq!(parse_connect_line(b"CONNECT 1234\r"), Some(1234));
-        assert_eq!(parse_connect_line(b"CONNECT 4294967295"), Some(u32::MAX));
-        assert_eq!(parse_connect_line(b"CONNECT 4294967296"), None);
-        assert_eq!(parse_connect_line(b"CONNECT"), None);
-        assert_eq!(parse_connect_line(b"CONNECT  1"), None);
-        assert_eq!(parse_connect_line(b"connect 1"), None);
-        assert_eq!(parse_connect_line(b"CONNECT 1 2"), None);
-        assert_eq!(parse_connect_line(b"CONNECT -1"), None);
-        assert_eq!(parse_connect_line(&[0xff, 0xfe]), None);
     }
 }

@@ -11,8 +11,6 @@ mod rx;
 mod tx;
 
 /// The CONNECT line parser, public for the fuzz targets (`host/fuzz`).
-pub use host::parse_connect_line;
-
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
@@ -33,14 +31,13 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::conn::{pending, Conn, ConnKey, Initiator};
-use crate::control::VmStats;
 use crate::gate::{Admission, Closed, Gate, Request, Target};
 use crate::mem::GuestMemAtomic;
 use crate::siblings::{Inbox, Registry};
+use crate::stats::VmStats;
 use crate::vsock::header::{Header, HOST_CID, OP_RST};
 
-/// Largest payload of one packet we build or accept (Linux uses 64 KiB).
-pub const MAX_PKT_PAYLOAD: usize = 64 * 1024;
+pub use crate::vsock::MAX_PKT_PAYLOAD;
 /// Largest SEQPACKET message read from a host socket.
 pub const MAX_SEQ_MSG: usize = 256 * 1024;
 /// RST replies to packets without a connection that may wait for rx buffers.

@@ -17,15 +17,7 @@ pub const SERIALIZER_POSTCARD: &[u8] = wasm!("serializer_postcard");
 pub const SERIALIZER_JSON: &[u8] = wasm!("serializer_json");
 
 /// Names accepted by `builtin:NAME`.
-pub const NAMES: &[&str] = &[
-    "allow-group",
-    "port-allowlist",
-    "port-allowlist-v1",
-    "tcp-bridge",
-    "audit",
-    "serializer-postcard",
-    "serializer-json",
-];
+pub use crate::spec::BUILTIN_NAMES as NAMES;
 
 pub fn get(name: &str) -> Option<&'static [u8]> {
     Some(match name {

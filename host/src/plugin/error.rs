@@ -36,8 +36,8 @@ pub enum PluginError {
         path: String,
         source: std::io::Error,
     },
-    #[error("invalid plugin spec `{spec}`: {reason}")]
-    Spec { spec: String, reason: String },
+    #[error(transparent)]
+    Spec(#[from] crate::spec::SpecError),
     #[error("unknown built-in plugin `{0}`")]
     UnknownBuiltin(String),
     #[error("configuring the wasm engine: {0}")]

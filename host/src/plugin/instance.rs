@@ -7,7 +7,8 @@ use std::time::Instant;
 use wasmtime::Store;
 
 use super::bindings::{bridge_world, policy_world, serializer_world};
-use super::runtime::{HostState, KindPre, RuntimeShared};
+use super::runtime::{KindPre, RuntimeShared};
+use super::store::HostState;
 use super::{FailureKind, Plugin, PluginError, PluginRuntime};
 
 /// Upper bounds (ns) of the call-latency histogram buckets; a last bucket takes the rest.

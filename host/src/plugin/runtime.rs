@@ -1,5 +1,5 @@
 //! The engine: configuration, epoch ticker, compilation (with an optional on-disk cache of
-//! precompiled artifacts), world detection (`check`) and per-store host state.
+//! precompiled artifacts) and world detection (`check`).
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -7,14 +7,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
-use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{
-    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store,
-    StoreLimits, StoreLimitsBuilder,
+    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreLimitsBuilder,
 };
-use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use super::bindings::{bridge_world, host, policy_world, serializer_world};
+use super::bindings::{bridge_world, policy_world, serializer_world};
+use super::store::HostState;
 use super::{PluginError, PluginKind, PluginSource, PluginSpec};
 
 /// Limits on what a plugin may return; anything beyond is a malformed answer (fails closed).
@@ -125,156 +124,6 @@ pub struct PluginInfo {
     pub sha256: String,
 }
 
-/// Per-store host data: WASI context with nothing granted, limits and the plugin's identity.
-pub(crate) struct HostState {
-    wasi: WasiCtx,
-    table: ResourceTable,
-    pub(crate) limiter: Limiter,
-    plugin: Arc<str>,
-    vm: Arc<str>,
-    config: Arc<str>,
-    clock: Instant,
-    logs_left: u32,
-}
-
-const MAX_LOG_LINES_PER_CALL: u32 = 32;
-const MAX_LOG_BYTES: usize = 1024;
-
-impl HostState {
-    fn new(rt: &RuntimeShared, plugin: Arc<str>, vm: Arc<str>, config: Arc<str>) -> Self {
-        // Nothing granted: no preopened dirs, no env/args, stdio not inherited (stdin empty,
-        // stdout/stderr discarded), no TCP/UDP/name lookup. Clocks and random remain (WASI
-        // always provides them; they reveal nothing the host clock doesn't).
-        let wasi = WasiCtx::builder()
-            .allow_tcp(false)
-            .allow_udp(false)
-            .allow_ip_name_lookup(false)
-            .build();
-        let limits = StoreLimitsBuilder::new()
-            .memory_size(rt.cfg.memory_limit)
-            .table_elements(rt.cfg.table_elements)
-            .instances(rt.cfg.instances)
-            .tables(rt.cfg.instances)
-            .memories(rt.cfg.instances)
-            .trap_on_grow_failure(true)
-            .build();
-        Self {
-            wasi,
-            table: ResourceTable::new(),
-            limiter: Limiter {
-                inner: limits,
-                hit: None,
-            },
-            plugin,
-            vm,
-            config,
-            clock: rt.clock,
-            logs_left: MAX_LOG_LINES_PER_CALL,
-        }
-    }
-
-    pub(crate) fn begin_call(&mut self) {
-        self.logs_left = MAX_LOG_LINES_PER_CALL;
-        self.limiter.hit = None;
-    }
-}
-
-impl WasiView for HostState {
-    fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView {
-            ctx: &mut self.wasi,
-            table: &mut self.table,
-        }
-    }
-}
-
-impl policy_world::vhost_plug::plugin::types::Host for HostState {}
-
-impl host::Host for HostState {
-    fn log(&mut self, level: host::LogLevel, msg: String) {
-        if self.logs_left == 0 {
-            return;
-        }
-        self.logs_left -= 1;
-        let mut msg = msg;
-        if msg.len() > MAX_LOG_BYTES {
-            let mut end = MAX_LOG_BYTES;
-            while !msg.is_char_boundary(end) {
-                end -= 1;
-            }
-            msg.truncate(end);
-            msg.push_str("...");
-        }
-        let (plugin, vm) = (&*self.plugin, &*self.vm);
-        match level {
-            host::LogLevel::Trace => tracing::trace!(plugin, vm, "{msg}"),
-            host::LogLevel::Debug => tracing::debug!(plugin, vm, "{msg}"),
-            host::LogLevel::Info => tracing::info!(plugin, vm, "{msg}"),
-            host::LogLevel::Warn => tracing::warn!(plugin, vm, "{msg}"),
-            host::LogLevel::Error => tracing::error!(plugin, vm, "{msg}"),
-        }
-    }
-
-    fn now_ns(&mut self) -> u64 {
-        self.clock.elapsed().as_nanos() as u64
-    }
-
-    fn config(&mut self) -> String {
-        self.config.to_string()
-    }
-}
-
-/// `StoreLimits` that remembers when a limit was hit, to report "memory limit" rather than a
-/// generic trap.
-pub(crate) struct Limiter {
-    inner: StoreLimits,
-    pub(crate) hit: Option<String>,
-}
-
-impl ResourceLimiter for Limiter {
-    fn memory_growing(
-        &mut self,
-        current: usize,
-        desired: usize,
-        maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
-        let r = self.inner.memory_growing(current, desired, maximum);
-        if !matches!(r, Ok(true)) {
-            self.hit = Some(format!(
-                "memory grow from {current} to {desired} bytes refused"
-            ));
-        }
-        r
-    }
-
-    fn table_growing(
-        &mut self,
-        current: usize,
-        desired: usize,
-        maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
-        let r = self.inner.table_growing(current, desired, maximum);
-        if !matches!(r, Ok(true)) {
-            self.hit = Some(format!(
-                "table grow from {current} to {desired} elements refused"
-            ));
-        }
-        r
-    }
-
-    fn instances(&self) -> usize {
-        self.inner.instances()
-    }
-
-    fn tables(&self) -> usize {
-        self.inner.tables()
-    }
-
-    fn memories(&self) -> usize {
-        self.inner.memories()
-    }
-}
-
 /// Ticks after the last plugin call before the epoch ticker parks (about 100 ms).
 const IDLE_TICKS: u32 = 100;
 
@@ -359,7 +208,16 @@ impl RuntimeShared {
         vm: Arc<str>,
         config: Arc<str>,
     ) -> Store<HostState> {
-        let mut store = Store::new(&self.engine, HostState::new(self, plugin, vm, config));
+        let limits = StoreLimitsBuilder::new()
+            .memory_size(self.cfg.memory_limit)
+            .table_elements(self.cfg.table_elements)
+            .instances(self.cfg.instances)
+            .tables(self.cfg.instances)
+            .memories(self.cfg.instances)
+            .trap_on_grow_failure(true)
+            .build();
+        let state = HostState::new(limits, self.clock, plugin, vm, config);
+        let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limiter);
         store.epoch_deadline_trap();
         store

@@ -5,8 +5,8 @@ use wasmtime::Store;
 
 use super::bindings::{bridge_world, policy_world, serializer_world};
 use super::instance::{PluginCounters, PluginStats, Slot};
-use super::route::{NoSiblings, RouteAllowlist, SiblingCheck};
-use super::runtime::HostState;
+use super::route::{NoSiblings, RouteAllowlist, RouteCheck, SiblingCheck};
+use super::store::HostState;
 use super::types::{
     ConnRequest, ConnStats, DeviceState, NamedPluginState, PluginState, Route, Verdict,
 };

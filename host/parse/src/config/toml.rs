@@ -59,7 +59,8 @@ use super::{
     check_guest_cid, check_max_buffered, check_max_connections, check_queue_size,
     check_tx_buffer_size, ConfigError, RouteSpec, VmSpec,
 };
-use crate::plugin::{builtin, PluginKind, PluginSource, PluginSpec, RouteAllowlist};
+use crate::route::RouteAllowlist;
+use crate::spec::{PluginKind, PluginSource, PluginSpec, BUILTIN_NAMES};
 
 /// True when `path` names a TOML config file (extension `.toml`, any case).
 pub(super) fn is_toml(path: &Path) -> bool {
@@ -340,14 +341,14 @@ impl File<'_> {
                 PluginSource::Path(resolved)
             }
             (None, Some(b)) => {
-                if !builtin::NAMES.contains(&b.get_ref().as_str()) {
+                if !BUILTIN_NAMES.contains(&b.get_ref().as_str()) {
                     return Err(self.error(
                         b.span(),
                         format!("{field}.builtin"),
                         format!(
                             "no built-in plugin `{}` (built in: {})",
                             b.get_ref(),
-                            builtin::NAMES.join(", ")
+                            BUILTIN_NAMES.join(", ")
                         ),
                     ));
                 }

@@ -48,7 +48,7 @@ const ONE_VM: &str = "[[vm]]\nsocket = '/run/a.sock'\nuds-path = '/run/a.vsock'\
 
 #[test]
 fn the_example_file_parses() {
-    let text = include_str!("../../../../examples/vhost-plug.toml");
+    let text = include_str!("../../../../../examples/vhost-plug.toml");
     let l = parse(text).expect("examples/vhost-plug.toml");
     assert_eq!(
         l.control_socket.as_deref(),
@@ -109,7 +109,7 @@ fn the_example_file_parses() {
 
 #[test]
 fn the_systemd_sample_config_parses() {
-    let text = include_str!("../../../../examples/systemd/vhost-plug.toml");
+    let text = include_str!("../../../../../examples/systemd/vhost-plug.toml");
     let l = parse(text).expect("examples/systemd/vhost-plug.toml");
     // Everything the service writes is inside its RuntimeDirectory and CacheDirectory.
     assert_eq!(

@@ -347,7 +347,7 @@ impl<'de> Visitor<'de> for VmSeed<'_> {
 struct PluginsSeed;
 
 impl<'de> DeserializeSeed<'de> for PluginsSeed {
-    type Value = Option<Vec<crate::plugin::PluginSpec>>;
+    type Value = Option<Vec<crate::spec::PluginSpec>>;
 
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
         let Some(list) = <Option<Vec<String>> as serde::Deserialize>::deserialize(d)? else {
@@ -356,7 +356,7 @@ impl<'de> DeserializeSeed<'de> for PluginsSeed {
         list.iter()
             .map(|s| {
                 s.parse()
-                    .map_err(|e: crate::plugin::PluginError| de::Error::custom(e))
+                    .map_err(|e: crate::spec::SpecError| de::Error::custom(e))
             })
             .collect::<Result<Vec<_>, _>>()
             .map(Some)

@@ -114,8 +114,8 @@ pub enum PluginCommand {
         /// Crate and directory name: ASCII letters, digits, '-' and '_', starting with a letter.
         name: String,
         /// The world the plugin implements.
-        #[arg(long, value_enum, default_value_t = crate::plugin::PluginKind::Policy)]
-        world: crate::plugin::PluginKind,
+        #[arg(long, value_enum, default_value_t = crate::spec::PluginKind::Policy)]
+        world: crate::spec::PluginKind,
         /// Create the crate inside DIR [default: the current directory].
         #[arg(long, value_name = "DIR")]
         dir: Option<PathBuf>,
@@ -194,7 +194,7 @@ struct Cli {
     /// order given (the first deny wins). Without any --plugin the built-in defaults load
     /// (policy allow-group, serializer serializer-postcard).
     #[arg(long = "plugin", value_name = "SPEC", value_parser = plugin_value, verbatim_doc_comment)]
-    plugins: Vec<crate::plugin::PluginSpec>,
+    plugins: Vec<crate::spec::PluginSpec>,
 
     /// Where plugins may route connections: unix:DIR (sockets inside DIR) or
     /// tcp:HOST:PORT (HOST an IP address or localhost; PORT may be *). Repeatable.
@@ -212,7 +212,7 @@ struct Cli {
     /// Serve Prometheus metrics (GET /metrics) on unix:PATH (created 0600) or a loopback
     /// IP:PORT such as 127.0.0.1:9100.
     #[arg(long, value_name = "ADDR", value_parser = metrics_value)]
-    metrics: Option<crate::metrics::MetricsAddr>,
+    metrics: Option<super::MetricsAddr>,
 
     /// Sandbox the daemon with Landlock as it starts: read-only filesystem except its own
     /// socket directories, the plugin cache and --landlock-rw directories; TCP connects only
@@ -437,10 +437,10 @@ fn merge_toml_settings(cli: &mut Cli, file: &toml::Loaded) {
         .splice(0..0, file.landlock_rw.iter().cloned());
 }
 
-fn plugin_value(value: &str) -> Result<crate::plugin::PluginSpec, String> {
+fn plugin_value(value: &str) -> Result<crate::spec::PluginSpec, String> {
     value
         .parse()
-        .map_err(|e: crate::plugin::PluginError| e.to_string())
+        .map_err(|e: crate::spec::SpecError| e.to_string())
 }
 
 fn log_level_value(value: &str) -> Result<String, String> {
@@ -449,7 +449,7 @@ fn log_level_value(value: &str) -> Result<String, String> {
         .map_err(|e| e.to_string())
 }
 
-fn metrics_value(value: &str) -> Result<crate::metrics::MetricsAddr, String> {
+fn metrics_value(value: &str) -> Result<super::MetricsAddr, String> {
     value.parse()
 }
 

@@ -3,7 +3,24 @@ use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 
-use super::PluginError;
+/// A `--plugin` value that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid plugin spec `{spec}`: {reason}")]
+pub struct SpecError {
+    pub spec: String,
+    pub reason: String,
+}
+
+/// Names accepted by `builtin:NAME` (the plugins embedded in the daemon binary).
+pub const BUILTIN_NAMES: &[&str] = &[
+    "allow-group",
+    "port-allowlist",
+    "port-allowlist-v1",
+    "tcp-bridge",
+    "audit",
+    "serializer-postcard",
+    "serializer-json",
+];
 
 /// The three plugin worlds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
@@ -52,7 +69,7 @@ impl FromStr for PluginKind {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PluginSource {
     Path(PathBuf),
-    /// One of [`super::builtin::NAMES`], embedded in the binary.
+    /// One of [`BUILTIN_NAMES`], embedded in the binary.
     Builtin(String),
 }
 
@@ -103,9 +120,9 @@ impl PluginSpec {
 }
 
 impl FromStr for PluginSpec {
-    type Err = PluginError;
-    fn from_str(s: &str) -> Result<Self, PluginError> {
-        let err = |reason: &str| PluginError::Spec {
+    type Err = SpecError;
+    fn from_str(s: &str) -> Result<Self, SpecError> {
+        let err = |reason: &str| SpecError {
             spec: s.into(),
             reason: reason.into(),
         };

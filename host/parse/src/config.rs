@@ -26,6 +26,7 @@
 //! [`parse_invocation_from`] returns it instead of a [`DaemonConfig`].
 
 mod cli;
+mod metrics_addr;
 mod toml;
 mod yaml;
 
@@ -35,6 +36,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 pub use cli::{Command, CtlCommand, PluginCommand, StateCommand};
+pub use metrics_addr::MetricsAddr;
 
 /// Guest CID when none is given (same as the peer).
 pub const DEFAULT_GUEST_CID: u64 = 3;
@@ -73,7 +75,7 @@ pub struct VmConfig {
     /// Most connections open at once for this VM (at least 1).
     pub max_connections: usize,
     /// This VM's own plugins (YAML `plugins:`); empty means the daemon's `--plugin` set.
-    pub plugins: Vec<crate::plugin::PluginSpec>,
+    pub plugins: Vec<crate::spec::PluginSpec>,
     /// Routes this VM's plugins may use on top of the daemon's `allow_routes` (TOML
     /// `[vm.routes]`).
     pub allow_routes: Vec<RouteSpec>,
@@ -115,7 +117,7 @@ pub struct DaemonConfig {
     /// Log filter directives (`--log-level`); `None`: VHOST_PLUG_LOG, RUST_LOG, else info.
     pub log_level: Option<String>,
     /// Plugins for every VM (`--plugin`); empty means the built-in defaults.
-    pub plugins: Vec<crate::plugin::PluginSpec>,
+    pub plugins: Vec<crate::spec::PluginSpec>,
     /// Where plugins may send connections (`--allow-route`).
     pub allow_routes: Vec<RouteSpec>,
     /// The control socket for `vhost-plug ctl` (`--control-socket`).
@@ -123,7 +125,7 @@ pub struct DaemonConfig {
     /// Directory for precompiled plugin artifacts (`--plugin-cache`).
     pub plugin_cache: Option<PathBuf>,
     /// Prometheus endpoint (`--metrics`).
-    pub metrics: Option<crate::metrics::MetricsAddr>,
+    pub metrics: Option<MetricsAddr>,
     /// Sandbox the daemon with Landlock (`--landlock`, see `sandbox`).
     pub landlock: bool,
     /// Directories the sandboxed daemon may still write files in (`--landlock-rw`).
@@ -334,7 +336,7 @@ struct VmSpec {
     queue_size: Option<u16>,
     groups: Option<Vec<String>>,
     max_connections: Option<usize>,
-    plugins: Option<Vec<crate::plugin::PluginSpec>>,
+    plugins: Option<Vec<crate::spec::PluginSpec>>,
     allow_routes: Vec<RouteSpec>,
     warnings: Vec<String>,
 }

@@ -1,19 +1,20 @@
 //! Writes the committed seed corpus (`corpus/<target>/seed-*`): a handful of meaningful inputs
 //! per fuzz target. Rerun after a format change:
-//! `cargo run --release --example gen_seeds --manifest-path host/fuzz/Cargo.toml`.
+//! `cargo run --release -p vhost-plug --example gen_fuzz_seeds`.
 
 use std::path::Path;
 
+use vhost_plug::blob;
 use vhost_plug::plugin::types::{
     ConnState, Connection, Credit, DeviceState, EventQueueOwner, EventQueueState, NamedPluginState,
-    PluginState, ShutdownFlags, SocketType,
+    OwedOps, PluginState, ShutdownFlags, SocketType,
 };
-use vhost_plug::plugin::{blob, PluginKind, PluginRuntime, PluginSpec, RuntimeConfig, Serializer};
+use vhost_plug::plugin::{PluginKind, PluginRuntime, PluginSpec, RuntimeConfig, Serializer};
 use vhost_plug::vsock::header::*;
 
 fn write(target: &str, name: &str, bytes: &[u8]) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("corpus")
+        .join("fuzz/corpus")
         .join(target);
     std::fs::create_dir_all(&dir).expect("corpus dir");
     std::fs::write(dir.join(format!("seed-{name}")), bytes).expect("write seed");
@@ -230,6 +231,11 @@ fn sample_state(connections: bool) -> DeviceState {
                 pending_to_guest: b"hello".to_vec(),
                 pending_to_host: vec![0; 3],
                 fd_index: Some(0),
+                id: 7,
+                owed: OwedOps::CREDIT_UPDATE,
+                credit_requested: false,
+                bytes_to_guest: 5,
+                bytes_from_guest: 3,
             }]
         } else {
             Vec::new()

@@ -29,25 +29,7 @@ pub enum BlobError {
 
 /// CRC-32 (IEEE 802.3, reflected, as zlib).
 pub fn crc32(data: &[u8]) -> u32 {
-    static TABLE: std::sync::OnceLock<[u32; 256]> = std::sync::OnceLock::new();
-    let t = TABLE.get_or_init(|| {
-        let mut t = [0u32; 256];
-        for (i, e) in t.iter_mut().enumerate() {
-            let mut c = i as u32;
-            for _ in 0..8 {
-                c = if c & 1 != 0 {
-                    0xEDB8_8320 ^ (c >> 1)
-                } else {
-                    c >> 1
-                };
-            }
-            *e = c;
-        }
-        t
-    });
-    !data.iter().fold(!0u32, |c, b| {
-        t[((c ^ *b as u32) & 0xff) as usize] ^ (c >> 8)
-    })
+    crc32fast::hash(data)
 }
 
 /// Frame `payload` produced by serializer `name`.
