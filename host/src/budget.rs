@@ -13,12 +13,8 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-/// Default cap: 1024 connections with Linux's 256 KiB window.
-pub const DEFAULT_MAX_BUFFERED: usize = 256 << 20;
-
-/// The smallest window a connection is given, even past the cap (one page: enough for any
-/// guest to make progress).
-pub const MIN_WINDOW: u32 = 4096;
+/// The default cap and the smallest window are part of the configuration's checks.
+pub use crate::config::{DEFAULT_MAX_BUFFERED, MIN_WINDOW};
 
 /// Reserved bytes against a cap, shared by every VM of the daemon.
 #[derive(Debug)]

@@ -1,6 +1,6 @@
 //! `vhost-plug state inspect FILE`: a saved device state as JSON.
 //!
-//! The frame ([`crate::plugin::blob`]) is checked first (magic, format, length, checksum),
+//! The frame ([`crate::blob`]) is checked first (magic, format, length, checksum),
 //! then the payload is decoded inside the sandbox by the serializer the frame names (a
 //! built-in one, or the component given with `--serializer`), exactly as a LOAD would.
 

@@ -1,7 +1,7 @@
 //! Device-state transfer (`SET_DEVICE_STATE_FD` / `CHECK_DEVICE_STATE`).
 //!
 //! SAVE takes a snapshot of the stopped device and the VM's plugin states at once, then a
-//! thread encodes it with the serializer plugin, frames it (see [`crate::plugin::blob`]) and
+//! thread encodes it with the serializer plugin, frames it (see [`crate::blob`]) and
 //! writes it to the frontend's pipe. LOAD reads the whole blob on a thread, checks the frame,
 //! decodes it inside the sandbox, checks the record against this device, and only then
 //! applies it, so a failed load changes nothing. `CHECK_DEVICE_STATE` joins the thread and

@@ -47,6 +47,12 @@ pub const DEFAULT_TX_BUFFER_SIZE: u32 = 256 * 1024;
 /// Largest accepted per-connection buffer size. The peer takes any `u32`, and allocates that
 /// much per connection.
 pub const MAX_TX_BUFFER_SIZE: u32 = 64 * 1024 * 1024;
+/// Default cap on guest bytes held daemon-wide (`--max-buffered`): 1024 connections with
+/// Linux's 256 KiB window.
+pub const DEFAULT_MAX_BUFFERED: usize = 256 << 20;
+/// The smallest window a connection is given, even past `--max-buffered` (one page: enough for
+/// any guest to make progress).
+pub const MIN_WINDOW: u32 = 4096;
 /// Largest vring size we accept when none is given (same as the peer).
 pub const DEFAULT_QUEUE_SIZE: u16 = 1024;
 /// Largest split-ring size (virtio spec; `virtio_queue::Queue::new` refuses anything larger).
@@ -130,7 +136,7 @@ pub struct DaemonConfig {
     pub landlock: bool,
     /// Directories the sandboxed daemon may still write files in (`--landlock-rw`).
     pub landlock_rw: Vec<PathBuf>,
-    /// Cap on guest bytes held daemon-wide (`--max-buffered`, see [`crate::budget`]).
+    /// Cap on guest bytes held daemon-wide (`--max-buffered`; the daemon's `budget` module).
     pub max_buffered: usize,
     /// Things accepted for compatibility that the operator should know about (ignored YAML
     /// fields, ignored `forward-listen`, ...). Parsing happens before logging is set up, so
@@ -152,7 +158,7 @@ impl DaemonConfig {
             metrics: None,
             landlock: false,
             landlock_rw: Vec::new(),
-            max_buffered: crate::budget::DEFAULT_MAX_BUFFERED,
+            max_buffered: DEFAULT_MAX_BUFFERED,
             warnings: Vec::new(),
         }
     }
@@ -525,7 +531,7 @@ fn check_max_connections(n: u64) -> Result<usize, String> {
 }
 
 fn check_max_buffered(n: u64) -> Result<usize, String> {
-    let min = u64::from(crate::budget::MIN_WINDOW);
+    let min = u64::from(MIN_WINDOW);
     match usize::try_from(n) {
         Ok(n) if n as u64 >= min => Ok(n),
         Ok(_) => Err(format!("max buffered must be at least {min} bytes")),

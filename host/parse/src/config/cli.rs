@@ -402,7 +402,7 @@ where
     let max_connections = cli.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
     let max_buffered = cli
         .max_buffered
-        .unwrap_or(crate::budget::DEFAULT_MAX_BUFFERED);
+        .unwrap_or(crate::config::DEFAULT_MAX_BUFFERED);
     let vms = finish_vms(specs, max_connections, &mut warnings)?;
     Ok(Invocation::Daemon(DaemonConfig {
         vms,

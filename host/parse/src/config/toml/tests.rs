@@ -450,7 +450,7 @@ fn max_buffered_from_the_file_and_from_the_flag() {
     let cfg = cli(dir.path(), ONE_VM, &["--max-buffered", "2g"]).expect("suffix");
     assert_eq!(cfg.max_buffered, 2 << 30);
     let cfg = cli(dir.path(), ONE_VM, &[]).expect("default");
-    assert_eq!(cfg.max_buffered, crate::budget::DEFAULT_MAX_BUFFERED);
+    assert_eq!(cfg.max_buffered, crate::config::DEFAULT_MAX_BUFFERED);
     for bad in ["1000", "x", "4096T", "99999999999999999999G"] {
         assert!(
             cli(dir.path(), ONE_VM, &["--max-buffered", bad]).is_err(),
