@@ -50,7 +50,9 @@ PEER_VERSION=0.3.0
 PEER_ROOT=target/peer
 if [ ! -x "$PEER_ROOT/bin/vhost-device-vsock" ]; then
     phase "installing vhost-device-vsock $PEER_VERSION (reference daemon) into $PEER_ROOT"
-    cargo install vhost-device-vsock --locked --version "$PEER_VERSION" --root "$PEER_ROOT"
+    # On PATH for this command only, so cargo does not warn that it is not.
+    PATH="$PWD/$PEER_ROOT/bin:$PATH" cargo install vhost-device-vsock --locked \
+        --version "$PEER_VERSION" --root "$PEER_ROOT"
 fi
 
 if [ -n "$apt_pid" ]; then
