@@ -15,7 +15,7 @@ use vhost_plug_tests::host::{
     accept_timeout, host_connect, host_listen, port_path, SeqpacketListener,
 };
 use vhost_plug_tests::packet::*;
-use vhost_plug_tests::{ConnectError, DaemonKind, SockType, TxLayout, VmSpec};
+use vhost_plug_tests::{ConnectError, DaemonKind, SockType, VmSpec};
 
 /// Bound for what a correct daemon does at once.
 const PROMPT: Duration = Duration::from_secs(5);
@@ -322,27 +322,7 @@ fn credit_request_is_answered() -> Result<()> {
     gs.send(b"12345")?;
     let mut b = [0u8; 5];
     hs.read_exact(&mut b)?;
-    let seq = vm.guest.log_seq();
-    let info = gs.credit_info().context("credit")?;
-    let h = PacketHeader {
-        src_cid: vm.guest.guest_cid(),
-        dst_cid: HOST_CID,
-        src_port: gs.local_port(),
-        dst_port: gs.peer_port(),
-        len: 0,
-        type_: TYPE_STREAM,
-        op: OP_CREDIT_REQUEST,
-        flags: 0,
-        buf_alloc: info.buf_alloc,
-        fwd_cnt: info.fwd_cnt,
-    };
-    vm.guest.send_raw(&h, &[], TxLayout::Split)?;
-    let p = vm
-        .guest
-        .wait_packet(seq, PROMPT, |h| {
-            h.op == OP_CREDIT_UPDATE && h.dst_port == gs.local_port()
-        })
-        .context("no CREDIT_UPDATE")?;
+    let p = vm.guest.request_credit(&gs, PROMPT)?;
     ensure!(
         p.hdr.buf_alloc == 262_144 && p.hdr.fwd_cnt == 5,
         "CREDIT_UPDATE {:?}",

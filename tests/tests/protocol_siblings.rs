@@ -9,7 +9,7 @@ use anyhow::{bail, ensure, Context, Result};
 use vhost_plug_tests::driver::{Direction, LoggedPacket};
 use vhost_plug_tests::harness::{Setup, TestVm};
 use vhost_plug_tests::packet::*;
-use vhost_plug_tests::{ConnectError, DaemonKind, DriverConfig, SimConfig, SockType, TxLayout};
+use vhost_plug_tests::{ConnectError, DaemonKind, DriverConfig, SimConfig, SockType};
 use vhost_plug_tests::{GuestSocket, VmSpec};
 
 const PROMPT: Duration = Duration::from_secs(5);
@@ -258,27 +258,7 @@ fn credit_request_is_answered_on_a_sibling_connection() -> Result<()> {
     let s = siblings(None)?;
     let (a, b) = boot(&s, 4096)?;
     let (ga, _gb) = connect(&a, &b, 8070, SockType::Stream)?;
-    let seq = a.guest.log_seq();
-    let info = ga.credit_info().context("credit")?;
-    let h = PacketHeader {
-        src_cid: 3,
-        dst_cid: 4,
-        src_port: ga.local_port(),
-        dst_port: ga.peer_port(),
-        len: 0,
-        type_: TYPE_STREAM,
-        op: OP_CREDIT_REQUEST,
-        flags: 0,
-        buf_alloc: info.buf_alloc,
-        fwd_cnt: info.fwd_cnt,
-    };
-    a.guest.send_raw(&h, &[], TxLayout::Split)?;
-    let p = a
-        .guest
-        .wait_packet(seq, PROMPT, |h| {
-            h.op == OP_CREDIT_UPDATE && h.dst_port == ga.local_port()
-        })
-        .context("no CREDIT_UPDATE")?;
+    let p = a.guest.request_credit(&ga, PROMPT)?;
     ensure!(p.hdr.buf_alloc == 262_144, "{:?}", p.hdr);
     a.guest.health()
 }

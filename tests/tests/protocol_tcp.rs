@@ -5,11 +5,11 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{bail, ensure, Result};
 use vhost_plug_tests::driver::Direction;
 use vhost_plug_tests::harness::{Setup, TestVm};
 use vhost_plug_tests::packet::*;
-use vhost_plug_tests::{ConnectError, DaemonKind, GuestSocket, SockType, TxLayout, VmSpec};
+use vhost_plug_tests::{ConnectError, DaemonKind, GuestSocket, SockType, VmSpec};
 
 const PROMPT: Duration = Duration::from_secs(5);
 /// The guest port the bridge maps.
@@ -151,27 +151,7 @@ fn credit_request_is_answered_on_a_bridged_connection() -> Result<()> {
     let s = bridged(l.local_addr()?.port())?;
     let vm = s.boot(0)?;
     let (gs, _ts) = pair(&vm, &l)?;
-    let info = gs.credit_info().context("credit")?;
-    let seq = vm.guest.log_seq();
-    let h = PacketHeader {
-        src_cid: 3,
-        dst_cid: HOST_CID,
-        src_port: gs.local_port(),
-        dst_port: gs.peer_port(),
-        len: 0,
-        type_: TYPE_STREAM,
-        op: OP_CREDIT_REQUEST,
-        flags: 0,
-        buf_alloc: info.buf_alloc,
-        fwd_cnt: info.fwd_cnt,
-    };
-    vm.guest.send_raw(&h, &[], TxLayout::Split)?;
-    let p = vm
-        .guest
-        .wait_packet(seq, PROMPT, |h| {
-            h.op == OP_CREDIT_UPDATE && h.dst_port == gs.local_port()
-        })
-        .context("no CREDIT_UPDATE")?;
+    let p = vm.guest.request_credit(&gs, PROMPT)?;
     ensure!(p.hdr.buf_alloc == 262_144, "{:?}", p.hdr);
     vm.guest.health()
 }

@@ -26,7 +26,7 @@ pub use self::socket::{CreditInfo, EndReason, SockKey, SockType};
 
 use self::engine::{Core, CoreParts, Listener};
 use crate::mem::GuestMem;
-use crate::packet::{PacketHeader, OP_REQUEST};
+use crate::packet::{PacketHeader, OP_CREDIT_REQUEST, OP_CREDIT_UPDATE, OP_REQUEST, TYPE_STREAM};
 use crate::ring::{RingAddrs, SplitRing};
 use crate::sim::{SimVmm, EVENT_QUEUE, RX_QUEUE, TX_QUEUE, VIRTIO_RING_F_EVENT_IDX};
 
@@ -380,6 +380,30 @@ impl Guest {
     /// Sequence number the next logged packet will get.
     pub fn log_seq(&self) -> u64 {
         self.shared.lock().log.next_seq()
+    }
+
+    /// Sends a CREDIT_REQUEST on `sock` (STREAM header, the socket's current credit) and waits
+    /// up to `timeout` for the device's CREDIT_UPDATE to it.
+    pub fn request_credit(&self, sock: &GuestSocket, timeout: Duration) -> Result<LoggedPacket> {
+        let seq = self.log_seq();
+        let info = sock.credit_info().context("no such connection")?;
+        let h = PacketHeader {
+            src_cid: self.guest_cid(),
+            dst_cid: sock.peer_cid(),
+            src_port: sock.local_port(),
+            dst_port: sock.peer_port(),
+            len: 0,
+            type_: TYPE_STREAM,
+            op: OP_CREDIT_REQUEST,
+            flags: 0,
+            buf_alloc: info.buf_alloc,
+            fwd_cnt: info.fwd_cnt,
+        };
+        self.send_raw(&h, &[], TxLayout::Split)?;
+        self.wait_packet(seq, timeout, |h| {
+            h.op == OP_CREDIT_UPDATE && h.dst_port == sock.local_port()
+        })
+        .context("no CREDIT_UPDATE")
     }
 
     /// Logged packets with `seq >= since` (both directions; oldest may have been dropped).
