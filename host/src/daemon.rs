@@ -11,14 +11,20 @@ use tracing::{error, info, warn};
 use crate::config::DaemonConfig;
 use crate::control::ControlServer;
 use crate::gate::PluginSet;
+use crate::plugin::cache::CacheDir;
 use crate::metrics::MetricsServer;
 use crate::siblings::Registry;
 use crate::vm::Vm;
 
 /// Runs until SIGINT or SIGTERM; then removes the sockets it created and returns.
 pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
+    // The operator's directory, else the default location (see `plugin::cache`).
+    let cache = match &cfg.plugin_cache {
+        Some(dir) => Some(CacheDir::required(dir.clone())),
+        None => CacheDir::default_location(),
+    };
     if cfg.landlock {
-        sandbox(&cfg)?;
+        sandbox(&cfg, cache.as_ref())?;
     }
     let mut signals = Signals::new([SIGINT, SIGTERM]).context("installing signal handlers")?;
     let registry = Arc::new(Registry::default());
@@ -27,7 +33,7 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         PluginSet::load(
             &cfg.plugins,
             &cfg.allow_routes,
-            cfg.plugin_cache.clone(),
+            cache,
             registry.clone(),
         )
         .context("loading plugins")?,
@@ -132,13 +138,19 @@ fn notify_systemd(states: &[sd_notify::NotifyState<'_>]) {
 }
 
 /// Enters the Landlock sandbox. Called before any thread exists, so all of them inherit it.
-fn sandbox(cfg: &DaemonConfig) -> anyhow::Result<()> {
+fn sandbox(cfg: &DaemonConfig, cache: Option<&CacheDir>) -> anyhow::Result<()> {
     // Landlock rules name existing directories.
-    if let Some(dir) = &cfg.plugin_cache {
-        crate::sys::create_private_dir(dir)
-            .with_context(|| format!("--plugin-cache {}", dir.display()))?;
+    let mut plan = crate::sandbox::Plan::new(cfg);
+    match cache {
+        Some(c) if !c.best_effort => crate::sys::create_private_dir(&c.path)
+            .with_context(|| format!("--plugin-cache {}", c.path.display()))?,
+        Some(c) => match crate::sys::create_private_dir(&c.path) {
+            Ok(()) if !plan.write_dirs.contains(&c.path) => plan.write_dirs.push(c.path.clone()),
+            Ok(()) => {}
+            Err(e) => warn!(dir = %c.path.display(), error = %e, "plugin cache unavailable"),
+        },
+        None => {}
     }
-    let plan = crate::sandbox::Plan::new(cfg);
     let enforced = crate::sandbox::apply(&plan)?;
     match enforced {
         crate::sandbox::Enforcement::Full => info!(?plan, "landlock sandbox fully enforced"),

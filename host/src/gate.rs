@@ -11,6 +11,7 @@ use std::time::Instant;
 use tracing::{info, warn};
 
 use crate::config::RouteSpec;
+use crate::plugin::cache::CacheDir;
 use crate::plugin::types::{ConnRequest, ConnStats, Endpoint, NamedPluginState, Route, SocketType};
 use crate::plugin::{
     Bridge, Decision, Plugin, PluginError, PluginKind, PluginRuntime, PluginSpec, PolicyChain,
@@ -96,6 +97,16 @@ impl Gate {
             out.push((b.name().to_string(), b.counters()));
         }
         out
+    }
+
+    /// Makes sure every policy and bridge plugin has an instance (done when a frontend
+    /// attaches; a failure refuses that frontend).
+    pub fn start(&mut self) -> Result<(), PluginError> {
+        self.chain.start()?;
+        match &mut self.bridge {
+            Some(b) => b.start(),
+            None => Ok(()),
+        }
     }
 
     pub fn chain_mut(&mut self) -> &mut PolicyChain {
@@ -325,11 +336,11 @@ impl PluginSet {
     pub fn load(
         specs: &[PluginSpec],
         allow: &[RouteSpec],
-        cache_dir: Option<PathBuf>,
+        cache: Option<CacheDir>,
         registry: Arc<Registry>,
     ) -> Result<Self, PluginSetError> {
         let rt = PluginRuntime::new(RuntimeConfig {
-            cache_dir,
+            cache,
             ..RuntimeConfig::default()
         })?;
         Self::with_runtime(rt, specs, allow, registry)
@@ -403,18 +414,20 @@ impl PluginSet {
         })
     }
 
-    /// A serializer instance for the VM named `vm` (`serializer-postcard` unless another was
-    /// given).
+    /// The serializer of the VM named `vm` (`serializer-postcard` unless another was
+    /// given), instantiated when first used.
     pub fn serializer_for(&self, vm: &str) -> Result<Serializer, PluginError> {
-        Serializer::new(&self.rt, vm, &self.serializer)
+        Serializer::deferred(&self.rt, vm, &self.serializer)
     }
 
-    /// A fresh gate (new plugin instances) for the VM named `vm`.
+    /// A fresh gate for the VM named `vm`. Its plugin instances are made by
+    /// [`Gate::start`] when a frontend attaches (or by the first call), so an idle VM costs
+    /// no plugin memory.
     pub fn gate(&self, vm: &str) -> Result<Gate, PluginError> {
-        let mut chain = PolicyChain::new(&self.rt, vm, &self.policies)?;
+        let mut chain = PolicyChain::deferred(&self.rt, vm, &self.policies)?;
         chain.set_routes(self.routes.clone());
         let bridge = match &self.bridge {
-            Some(b) => Some(Bridge::new(&self.rt, vm, b, self.routes.clone())?),
+            Some(b) => Some(Bridge::deferred(&self.rt, vm, b, self.routes.clone())?),
             None => None,
         };
         Ok(Gate::new(vm.to_string(), chain, bridge))

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
@@ -159,8 +159,51 @@ impl Vm {
         }
     }
 
+    /// Blocks until a frontend connects. Nothing of a session (device, vring worker thread,
+    /// plugin instances) exists before that, so an idle VM costs one blocked thread.
+    fn wait_frontend(&self) -> Result<(), VmError> {
+        let mut pfd = libc::pollfd {
+            fd: self.listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        loop {
+            // SAFETY: `pfd` is one valid pollfd for the duration of the call.
+            let n = unsafe { libc::poll(&mut pfd, 1, -1) };
+            if n > 0 {
+                return Ok(());
+            }
+            let e = std::io::Error::last_os_error();
+            if n < 0 && e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(e.into());
+            }
+        }
+    }
+
+    /// Instantiates the VM's policy and bridge plugins for a frontend that is connecting; if
+    /// they cannot start, that frontend is refused (accepted and closed) and this VM waits
+    /// for the next one. Other VMs are not affected.
+    fn plugins_ready(&mut self) -> bool {
+        let cid = self.cfg.guest_cid;
+        let r = self.gate.lock().unwrap_or_else(|p| p.into_inner()).start();
+        match r {
+            Ok(()) => true,
+            Err(e) => {
+                error!(cid, error = %e, "plugins cannot start; frontend refused");
+                if let Err(e) = self.listener.accept() {
+                    warn!(cid, error = %e, "accepting the refused frontend");
+                }
+                false
+            }
+        }
+    }
+
     fn serve_one(&mut self) -> Result<(), VmError> {
         let cid = self.cfg.guest_cid;
+        self.wait_frontend()?;
+        if !self.plugins_ready() {
+            return Ok(());
+        }
         let mut dev = Device::new(
             DeviceConfig {
                 guest_cid: cid,

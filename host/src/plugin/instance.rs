@@ -108,6 +108,8 @@ pub(crate) struct Slot<W: World> {
     pub(crate) counters: Arc<PluginCounters>,
     consecutive: u32,
     quarantine: Option<String>,
+    /// An instance was made before: a new one means the plugin's state was lost.
+    started: bool,
 }
 
 /// Call deadlines an instantiation may take: setting up memory and running start code takes
@@ -115,9 +117,22 @@ pub(crate) struct Slot<W: World> {
 const INSTANTIATE_DEADLINES: u64 = 50;
 
 impl<W: World> Slot<W> {
-    /// Instantiate right away so that a plugin that cannot even start is reported at setup.
+    /// Instantiate right away so that a plugin that cannot even start is reported at once.
     pub(crate) fn new(rt: &PluginRuntime, plugin: Plugin, vm: &str) -> Result<Self, PluginError> {
-        let mut slot = Slot {
+        let mut slot = Self::deferred(rt, plugin, vm);
+        slot.live = Some(slot.instantiate().map_err(|detail| PluginError::Call {
+            plugin: slot.plugin.name().to_string(),
+            kind: FailureKind::Instantiate,
+            detail,
+        })?);
+        slot.started = true;
+        Ok(slot)
+    }
+
+    /// A slot whose instance is made by the first call or by [`Slot::start`]: an idle VM
+    /// holds no store, no linear memory and no instance.
+    pub(crate) fn deferred(rt: &PluginRuntime, plugin: Plugin, vm: &str) -> Self {
+        Slot {
             plugin,
             rt: rt.shared.clone(),
             vm: vm.into(),
@@ -125,13 +140,40 @@ impl<W: World> Slot<W> {
             counters: Arc::default(),
             consecutive: 0,
             quarantine: None,
-        };
-        slot.live = Some(slot.instantiate().map_err(|detail| PluginError::Call {
-            plugin: slot.plugin.name().to_string(),
-            kind: FailureKind::Instantiate,
-            detail,
-        })?);
-        Ok(slot)
+            started: false,
+        }
+    }
+
+    /// Makes sure an instance exists. A failure counts like a failed call; a quarantined
+    /// plugin is refused.
+    pub(crate) fn start(&mut self) -> Result<(), PluginError> {
+        if let Some(last) = &self.quarantine {
+            self.counters
+                .quarantine_refusals
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(PluginError::Quarantined {
+                plugin: self.name().to_string(),
+                failures: self.consecutive,
+                last: last.clone(),
+            });
+        }
+        if self.live.is_none() {
+            match self.instantiate() {
+                Ok(l) => {
+                    if self.started {
+                        tracing::info!(
+                            plugin = self.name(),
+                            vm = &*self.vm,
+                            "plugin re-instantiated (previous state lost)"
+                        );
+                    }
+                    self.started = true;
+                    self.live = Some(l);
+                }
+                Err(detail) => return Err(self.fail(FailureKind::Instantiate, detail)),
+            }
+        }
+        Ok(())
     }
 
     pub(crate) fn name(&self) -> &str {
@@ -190,29 +232,7 @@ impl<W: World> Slot<W> {
         check: impl FnOnce(R) -> Result<T, String>,
         success_clears: bool,
     ) -> Result<T, PluginError> {
-        if let Some(last) = &self.quarantine {
-            self.counters
-                .quarantine_refusals
-                .fetch_add(1, Ordering::Relaxed);
-            return Err(PluginError::Quarantined {
-                plugin: self.name().to_string(),
-                failures: self.consecutive,
-                last: last.clone(),
-            });
-        }
-        if self.live.is_none() {
-            match self.instantiate() {
-                Ok(l) => {
-                    tracing::info!(
-                        plugin = self.name(),
-                        vm = &*self.vm,
-                        "plugin re-instantiated (previous state lost)"
-                    );
-                    self.live = Some(l);
-                }
-                Err(detail) => return Err(self.fail(FailureKind::Instantiate, detail)),
-            }
-        }
+        self.start()?;
         let (store, w) = self.live.as_mut().expect("instance present");
         store.data_mut().begin_call();
         self.rt.call_started();

@@ -26,6 +26,7 @@
 
 mod bindings;
 pub mod builtin;
+pub mod cache;
 mod error;
 mod instance;
 pub mod route;

@@ -1,8 +1,7 @@
 //! The engine: configuration, epoch ticker, compilation (with an optional on-disk cache of
 //! precompiled artifacts) and world detection (`check`).
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -14,6 +13,7 @@ use wasmtime::{
 
 use super::bindings::{bridge_world, policy_world, serializer_world};
 use super::store::HostState;
+use super::cache::{hex, ArtifactCache, CacheDir};
 use super::{PluginError, PluginKind, PluginSource, PluginSpec};
 
 /// Limits on what a plugin may return; anything beyond is a malformed answer (fails closed).
@@ -78,12 +78,13 @@ pub struct RuntimeConfig {
     pub instances: usize,
     /// Consecutive failures before a plugin is quarantined (default 5).
     pub max_consecutive_failures: u32,
-    /// `Some` = pooling allocator (default, 256 instances); falls back to on-demand allocation
-    /// with a warning if the pool cannot be reserved.
+    /// `None` (default) = on-demand allocation: no limit on live instances, so the number
+    /// of VMs is not capped (instances are made when a frontend attaches, about 20 us each).
+    /// `Some` = pooling allocator with that fixed capacity; falls back to on-demand
+    /// allocation with a warning if the pool cannot be reserved.
     pub pooling: Option<PoolingLimits>,
-    /// Directory for precompiled artifacts (`<sha256>.cwasm`); `None` = compile in memory.
-    /// Must be trusted like the daemon binary itself (artifacts are native code).
-    pub cache_dir: Option<PathBuf>,
+    /// Directory for precompiled artifacts (see `plugin::cache`); `None` = compile in memory.
+    pub cache: Option<CacheDir>,
     pub returns: ReturnLimits,
 }
 
@@ -97,10 +98,8 @@ impl Default for RuntimeConfig {
             table_elements: 20_000,
             instances: 32,
             max_consecutive_failures: 5,
-            pooling: Some(PoolingLimits {
-                component_instances: 256,
-            }),
-            cache_dir: None,
+            pooling: None,
+            cache: None,
             returns: ReturnLimits::default(),
         }
     }
@@ -181,8 +180,7 @@ pub(crate) struct RuntimeShared {
     deadline_ticks: u64,
     clock: Instant,
     pooling: bool,
-    /// Serializes cache writes of the same artifact within this process.
-    cache_lock: Mutex<()>,
+    cache: Option<ArtifactCache>,
     _ticker: Ticker,
 }
 
@@ -360,6 +358,7 @@ impl PluginRuntime {
         // A deadline of N ticks fires between N-1 and N ticks after it is set: add one.
         let deadline_ticks =
             (cfg.call_deadline.as_nanos().div_ceil(tick.as_nanos()) as u64).max(1) + 1;
+        let cache = cfg.cache.clone();
         Ok(Self {
             shared: Arc::new(RuntimeShared {
                 engine,
@@ -368,7 +367,7 @@ impl PluginRuntime {
                 deadline_ticks,
                 clock: Instant::now(),
                 pooling,
-                cache_lock: Mutex::new(()),
+                cache: cache.map(ArtifactCache::new),
                 _ticker: Ticker {
                     stop,
                     ctl,
@@ -450,51 +449,31 @@ impl PluginRuntime {
         })
     }
 
+    /// Compiles `bytes`, or takes the artifact a previous start left in the cache.
     fn compile_cached(&self, bytes: &[u8]) -> Result<Component, PluginError> {
         let engine = &self.shared.engine;
-        let Some(dir) = &self.shared.cfg.cache_dir else {
-            return Component::new(engine, bytes)
-                .map_err(|e| PluginError::Compile(format!("{e:#}")));
+        let cache_err = |e: super::cache::CacheError| PluginError::Cache {
+            path: self
+                .shared
+                .cache
+                .as_ref()
+                .map(|c| c.dir().path.display().to_string())
+                .unwrap_or_default(),
+            reason: e.to_string(),
         };
-        let mut h = Sha256::new();
-        h.update(bytes);
-        // Artifacts depend on the engine's settings and version as well as on the source.
-        use std::hash::{Hash, Hasher};
-        let mut eh = std::collections::hash_map::DefaultHasher::new();
-        engine.precompile_compatibility_hash().hash(&mut eh);
-        h.update(eh.finish().to_le_bytes());
-        let path = dir.join(format!("{}.cwasm", hex(&h.finalize())));
-        let cache_err = |reason: String| PluginError::Cache {
-            path: path.display().to_string(),
-            reason,
-        };
-        if trusted_artifact(&path).map_err(&cache_err)? {
-            // SAFETY: `Component::deserialize_file` trusts the file to be an artifact produced
-            // by `Engine::precompile_component`/`Component::serialize` (it maps native code).
-            // The file lives in the operator-configured cache directory, which this runtime
-            // creates with mode 0700; `trusted_artifact` checked that it is a regular file
-            // owned by our effective uid and not writable by group or others, so only this
-            // daemon (or its operator) wrote it. Its name is the SHA-256 of the source bytes and
-            // of the engine's compatibility hash, so it was compiled from exactly these bytes by
-            // a compatible engine, and wasmtime itself re-checks the engine/version header.
-            match unsafe { Component::deserialize_file(engine, &path) } {
-                Ok(c) => return Ok(c),
-                Err(e) => {
-                    tracing::warn!(path = %path.display(), "discarding cached plugin artifact: {e}")
-                }
+        if let Some(cache) = &self.shared.cache {
+            if let Some(c) = cache.load(engine, bytes).map_err(cache_err)? {
+                return Ok(c);
             }
         }
         let component =
             Component::new(engine, bytes).map_err(|e| PluginError::Compile(format!("{e:#}")))?;
-        let art = component
-            .serialize()
-            .map_err(|e| cache_err(e.to_string()))?;
-        let _g = self
-            .shared
-            .cache_lock
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        write_artifact(dir, &path, &art).map_err(|e| cache_err(e.to_string()))?;
+        if let Some(cache) = &self.shared.cache {
+            let art = component
+                .serialize()
+                .map_err(|e| PluginError::Compile(format!("serializing: {e:#}")))?;
+            cache.store(engine, bytes, &art).map_err(cache_err)?;
+        }
         Ok(component)
     }
 
@@ -593,38 +572,6 @@ fn iface_matches(export: &str, iface: &str) -> bool {
     };
     let (name, version) = rest.split_once('@').unwrap_or((rest, ""));
     name == iface && (version.is_empty() || version.starts_with("0.1."))
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-/// True if `path` exists and may be deserialized (see the SAFETY comment at the call).
-fn trusted_artifact(path: &Path) -> Result<bool, String> {
-    use std::os::unix::fs::MetadataExt;
-    let md = match std::fs::symlink_metadata(path) {
-        Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-        Err(e) => return Err(e.to_string()),
-    };
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let euid = unsafe { libc::geteuid() };
-    if !md.file_type().is_file() {
-        return Err("not a regular file".into());
-    }
-    if md.uid() != euid || md.mode() & 0o022 != 0 {
-        return Err(format!(
-            "refusing artifact owned by uid {} with mode {:o} (want uid {euid}, not group/other-writable)",
-            md.uid(),
-            md.mode() & 0o777
-        ));
-    }
-    Ok(true)
-}
-
-fn write_artifact(dir: &Path, path: &Path, art: &[u8]) -> std::io::Result<()> {
-    crate::sys::create_private_dir(dir)?;
-    crate::sys::write_private_file(path, art)
 }
 
 pub(crate) enum KindPre {

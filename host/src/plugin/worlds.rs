@@ -155,6 +155,27 @@ impl PolicyChain {
         })
     }
 
+    /// Like [`PolicyChain::new`], but the instances are made by the first decision or by
+    /// [`PolicyChain::start`]: a VM without a frontend holds none.
+    pub fn deferred(rt: &PluginRuntime, vm: &str, plugins: &[Plugin]) -> Result<Self, PluginError> {
+        let mut slots = Vec::with_capacity(plugins.len());
+        for p in plugins {
+            expect_kind(p, PluginKind::Policy)?;
+            slots.push(Slot::deferred(rt, p.clone(), vm));
+        }
+        Ok(Self {
+            rt: rt.clone(),
+            vm: vm.into(),
+            slots,
+            routes: RoutePolicy::default(),
+        })
+    }
+
+    /// Makes sure every plugin of the chain has an instance.
+    pub fn start(&mut self) -> Result<(), PluginError> {
+        self.slots.iter_mut().try_for_each(|s| s.start())
+    }
+
     /// Set what redirects may point to (default: nothing but `Route::Default`).
     pub fn set_routes(&mut self, routes: RoutePolicy) {
         self.routes = routes;
@@ -310,6 +331,26 @@ impl Bridge {
         })
     }
 
+    /// Like [`Bridge::new`], instantiated by the first call or by [`Bridge::start`].
+    pub fn deferred(
+        rt: &PluginRuntime,
+        vm: &str,
+        plugin: &Plugin,
+        routes: RoutePolicy,
+    ) -> Result<Self, PluginError> {
+        expect_kind(plugin, PluginKind::Bridge)?;
+        Ok(Self {
+            rt: rt.clone(),
+            slot: Slot::deferred(rt, plugin.clone(), vm),
+            routes,
+        })
+    }
+
+    /// Makes sure the plugin has an instance.
+    pub fn start(&mut self) -> Result<(), PluginError> {
+        self.slot.start()
+    }
+
     /// Where `req` goes. `Err(Refused)` = the plugin refused it; `Err(Call | Quarantined)` =
     /// the plugin failed (or chose a route outside the allowlist). Either way: refuse.
     pub fn route(&mut self, req: &ConnRequest) -> Result<Route, PluginError> {
@@ -382,6 +423,16 @@ impl Serializer {
         Ok(Self {
             rt: rt.clone(),
             slot: Slot::new(rt, plugin.clone(), vm)?,
+        })
+    }
+
+    /// Like [`Serializer::new`], instantiated by the first call: saving and restoring are
+    /// rare, so most VMs never hold a serializer instance.
+    pub fn deferred(rt: &PluginRuntime, vm: &str, plugin: &Plugin) -> Result<Self, PluginError> {
+        expect_kind(plugin, PluginKind::Serializer)?;
+        Ok(Self {
+            rt: rt.clone(),
+            slot: Slot::deferred(rt, plugin.clone(), vm),
         })
     }
 

@@ -219,51 +219,37 @@ fn route_allowlist() {
 }
 
 #[test]
-fn precompiled_cache() {
-    use std::os::unix::fs::PermissionsExt;
-    let dir = std::env::temp_dir().join(format!("vhost-plug-cache-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let rt = PluginRuntime::new(RuntimeConfig {
-        cache_dir: Some(dir.clone()),
-        pooling: None,
-        ..Default::default()
-    })
-    .unwrap();
-    let bytes = wasm("allow_group");
-    rt.load_bytes("a", &bytes, "").unwrap();
-    let files: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .collect();
-    assert_eq!(files.len(), 1, "{files:?}");
-    assert_eq!(
-        std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
-        0o700
-    );
-    // Second load comes from the artifact and works.
-    let p = rt.load_bytes("a", &bytes, "").unwrap();
-    let mut c = PolicyChain::new(&rt, "vm", &[p]).unwrap();
-    assert_eq!(c.decide(&req(1, 2, 3)), Decision::Allow);
-    // A group-writable artifact is refused.
-    std::fs::set_permissions(&files[0], std::fs::Permissions::from_mode(0o666)).unwrap();
-    assert!(matches!(
-        rt.load_bytes("a", &bytes, ""),
-        Err(PluginError::Cache { .. })
-    ));
-    // Precompile matches what the engine accepts.
-    assert!(!rt.precompile(&bytes).unwrap().is_empty());
-    let _ = std::fs::remove_dir_all(&dir);
-}
-
-#[test]
-fn many_instances_with_pooling() {
+fn instances_beyond_the_pooling_default() {
+    // On-demand allocation (the default) has no instance limit: 300 live instances are more
+    // than the 256 a default pooling allocator would hold.
     let p = load("allow_group", "");
-    let chains: Vec<PolicyChain> = (0..50)
+    let chains: Vec<PolicyChain> = (0..300)
         .map(|i| PolicyChain::new(rt(), &format!("vm{i}"), std::slice::from_ref(&p)).unwrap())
         .collect();
-    assert_eq!(chains.len(), 50);
-    assert!(rt().pooling());
+    assert_eq!(chains.len(), 300);
+    assert!(!rt().pooling());
+    // The pooling allocator stays available, with its fixed capacity.
+    let pooled = PluginRuntime::new(RuntimeConfig {
+        pooling: Some(PoolingLimits {
+            component_instances: 4,
+        }),
+        ..RuntimeConfig::default()
+    })
+    .expect("runtime");
+    assert!(pooled.pooling());
+    let p = pooled
+        .load_bytes("allow_group", &wasm("allow_group"), "")
+        .expect("load");
+    let held: Vec<PolicyChain> = (0..4)
+        .map(|i| PolicyChain::new(&pooled, &format!("vm{i}"), std::slice::from_ref(&p)).unwrap())
+        .collect();
+    let over = PolicyChain::new(&pooled, "vm5", std::slice::from_ref(&p));
+    match over {
+        Err(PluginError::Call { .. }) => {}
+        Err(e) => panic!("unexpected error: {e}"),
+        Ok(_) => panic!("a fifth instance fit in a pool of four"),
+    }
+    drop(held);
 }
 
 #[test]
