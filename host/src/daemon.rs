@@ -118,6 +118,10 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
             .context("spawning VM thread")?;
     }
     // Every socket exists now: a VMM started after this finds them.
+    match crate::residency::release_startup_pages() {
+        Ok(r) => tracing::debug!(?r, "start-up code unmapped"),
+        Err(e) => warn!(error = %e, "cannot release start-up memory"),
+    }
     notify_systemd(&[
         sd_notify::NotifyState::Ready,
         sd_notify::NotifyState::Status(&format!("serving {count} VM(s)")),

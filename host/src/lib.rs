@@ -20,6 +20,7 @@ pub mod inspect;
 pub mod metrics;
 pub mod migration;
 pub mod plugin;
+pub mod residency;
 pub mod sandbox;
 pub mod scaffold;
 pub mod siblings;

@@ -459,27 +459,28 @@ pub mod fuzzing {
 /// Rules across VMs: CIDs unique; every socket path (vhost-user and hybrid vsock, of all VMs)
 /// distinct. Paths compare lexically (`a//b` equals `a/b`; symlinks are not resolved).
 fn check_unique(vms: &[(&VmConfig, Origin)]) -> Result<(), ConfigError> {
-    let mut cids: Vec<(u64, &Origin)> = Vec::new();
-    let mut paths: Vec<(&Path, String)> = Vec::new();
+    // Hash maps, not lists: a daemon with thousands of VMs checks them in linear time.
+    // `Path`'s hash agrees with its lexical equality.
+    let mut cids: std::collections::HashMap<u64, &Origin> = Default::default();
+    let mut paths: std::collections::HashMap<&Path, String> = Default::default();
     for (vm, origin) in vms {
-        if let Some((_, first)) = cids.iter().find(|(c, _)| *c == vm.guest_cid) {
+        if let Some(first) = cids.insert(vm.guest_cid, origin) {
             return Err(ConfigError::DuplicateCid {
                 cid: vm.guest_cid,
                 first: first.to_string(),
                 second: origin.to_string(),
             });
         }
-        cids.push((vm.guest_cid, origin));
         for (path, field) in [(&vm.socket, "socket"), (&vm.uds_path, "uds-path")] {
             let label = origin.field(field);
-            if let Some((_, first)) = paths.iter().find(|(p, _)| *p == path.as_path()) {
+            if let Some(first) = paths.get(path.as_path()) {
                 return Err(ConfigError::DuplicatePath {
                     path: path.clone(),
                     first: first.clone(),
                     second: label,
                 });
             }
-            paths.push((path, label));
+            paths.insert(path, label);
         }
     }
     Ok(())
