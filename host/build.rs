@@ -72,6 +72,7 @@ const EXPECTED: &[&str] = &[
     "hostile_no_stateful",
     "hostile_escape",
     "hostile_sleep",
+    "hostile_big_memory",
     "deny_ports",
 ];
 
