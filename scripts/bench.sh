@@ -10,7 +10,8 @@
 #
 # Output: target/bench/{table.md,sweep.csv,raw.csv,machine.txt,load.txt,vmstat.txt},
 # target/bench/txbuf-1m/ (throughput with a 1 MiB tx-buffer-size; BENCH_SKIP_WINDOW=1 skips it) and
-# docs/bench-throughput.png (throughput by write size, both daemons and the reference).
+# docs/bench-throughput.png (throughput by write size, both daemons and the reference) and
+# docs/bench-density.png (start-up time, RSS and threads by number of VMs, both daemons).
 # Run it on a quiet machine: it has 2 cores and every scenario keeps both busy.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -82,6 +83,12 @@ fi
 vmstat 2 > "$OUT/vmstat.txt" 2>/dev/null &
 VMSTAT=$!
 trap 'kill "$VMSTAT" 2>/dev/null || true' EXIT
+
+# The density group creates thousands of sockets: on a tmpfs, as under /run on most hosts,
+# rather than on the disk filesystem of the target dir.
+if [ -z "${BENCH_SOCKET_DIR:-}" ] && [ -d /dev/shm ] && [ -w /dev/shm ]; then
+    export BENCH_SOCKET_DIR=/dev/shm
+fi
 
 echo "== run"
 target/release/bench --out "$OUT" "$@"
@@ -159,6 +166,42 @@ fig.tight_layout()
 fig.savefig(dst, dpi=110)
 print(f"wrote {dst}")
 EOF
+
+if [ -f "$OUT/density.csv" ]; then
+python3 - "$OUT/density.csv" docs/bench-density.png "$OUT/machine.txt" <<'EOF'
+import csv, sys
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+src, dst, machine = sys.argv[1:4]
+rows = list(csv.DictReader(open(src)))
+info = dict(l.split(": ", 1) for l in open(machine).read().splitlines() if ": " in l)
+styles = {"vhost-plug": dict(color="tab:blue", marker="o"),
+          "vhost-device-vsock": dict(color="tab:orange", marker="s")}
+panels = [("ready_ms", "time until every socket exists (ms)"),
+          ("rss_kib", "RSS, idle (KiB)"),
+          ("threads", "threads, idle")]
+fig, axes = plt.subplots(1, 3, figsize=(13, 4.2))
+for ax, (col, title) in zip(axes, panels):
+    for who, st in styles.items():
+        pts = sorted((int(r["vms"]), float(r[col])) for r in rows if r["daemon"] == who)
+        if pts:
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, label=who, **st)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("VMs in one daemon")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+axes[0].legend(fontsize=8)
+fig.suptitle(f"density: one daemon, N idle VMs (medians)\n{info.get('nproc', '?')} cores, "
+             f"{info.get('cpu', '?')}, {info.get('date', '')}", fontsize=10)
+fig.tight_layout()
+fig.savefig(dst, dpi=110)
+print(f"wrote {dst}")
+EOF
+fi
 
 echo "== table ($OUT/table.md)"
 cat "$OUT/table.md"

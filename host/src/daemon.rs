@@ -11,8 +11,8 @@ use tracing::{error, info, warn};
 use crate::config::DaemonConfig;
 use crate::control::ControlServer;
 use crate::gate::PluginSet;
-use crate::plugin::cache::CacheDir;
 use crate::metrics::MetricsServer;
+use crate::plugin::cache::CacheDir;
 use crate::siblings::Registry;
 use crate::vm::Vm;
 
@@ -30,13 +30,8 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     let registry = Arc::new(Registry::default());
     let budget = Arc::new(crate::budget::Budget::new(cfg.max_buffered));
     let plugins = Arc::new(
-        PluginSet::load(
-            &cfg.plugins,
-            &cfg.allow_routes,
-            cache,
-            registry.clone(),
-        )
-        .context("loading plugins")?,
+        PluginSet::load(&cfg.plugins, &cfg.allow_routes, cache, registry.clone())
+            .context("loading plugins")?,
     );
     let mut paths: Vec<OwnedPath> = Vec::new();
     let mut vms = Vec::new();

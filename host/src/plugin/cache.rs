@@ -145,7 +145,11 @@ impl ArtifactCache {
     /// The cached component of `source`, or `None` (absent, or rejected and logged: the
     /// caller compiles and calls [`ArtifactCache::store`]). `Err` only for a required
     /// directory that cannot be used.
-    pub(crate) fn load(&self, engine: &Engine, source: &[u8]) -> Result<Option<Component>, CacheError> {
+    pub(crate) fn load(
+        &self,
+        engine: &Engine,
+        source: &[u8],
+    ) -> Result<Option<Component>, CacheError> {
         if self.disabled.load(Ordering::Relaxed) {
             return Ok(None);
         }
@@ -183,7 +187,12 @@ impl ArtifactCache {
     }
 
     /// Saves the artifact of `source` (made by `Component::serialize`).
-    pub(crate) fn store(&self, engine: &Engine, source: &[u8], artifact: &[u8]) -> Result<(), CacheError> {
+    pub(crate) fn store(
+        &self,
+        engine: &Engine,
+        source: &[u8],
+        artifact: &[u8],
+    ) -> Result<(), CacheError> {
         if self.disabled.load(Ordering::Relaxed) {
             return Ok(());
         }
@@ -307,7 +316,9 @@ fn read_trusted(path: &Path) -> Result<Option<Vec<u8>>, CacheError> {
         return Err(untrusted("not a vhost-plug artifact (bad header)".into()));
     }
     if Sha256::digest(&buf[HEADER..])[..] != buf[MAGIC.len()..HEADER] {
-        return Err(untrusted("content does not match its checksum (corrupt)".into()));
+        return Err(untrusted(
+            "content does not match its checksum (corrupt)".into(),
+        ));
     }
     Ok(Some(buf))
 }

@@ -5,12 +5,14 @@
 //! Modules: [`rig`] (a daemon plus a booted simulated VM, RSS sampling), [`stream`]
 //! (throughput, checksum verified, and the socketpair reference), [`latency`] (1-byte
 //! request/response), [`setup`] (connection setup rate), [`rss`] (memory per idle connection),
-//! [`stats`] (medians, percentiles), [`report`] (table and CSV output), [`qemu`] (the same
+//! [`density`] (many idle VMs, cold start, many VMs attached at once), [`stats`] (medians,
+//! percentiles), [`report`] (table and CSV output), [`qemu`] (the same
 //! kinds of figures through a real Linux guest under QEMU/TCG).
 //!
 //! Nothing here asserts on timing: a scenario fails only when data is lost or corrupted, or a
 //! bounded wait expires.
 
+pub mod density;
 pub mod latency;
 pub mod qemu;
 pub mod report;

@@ -8,7 +8,8 @@
 //! (`tests/src/bench/qemu.rs`): throughput both ways, 1-byte round trips and connection setup.
 //!
 //! Usage: `bench [--out DIR] [--reps N] [--scale F] [--rtts N] [--conns N] [--rss N,N..]
-//! [--quick] [--only tput,latency,setup,reference,plugins,rss,qemu] [--daemons both|plug|peer]
+//! [--quick] [--only tput,latency,setup,reference,plugins,rss,density,qemu]
+//! [--daemons both|plug|peer]
 //! [--tx-buffer-size BYTES] [--qemu-rounds N] [--qemu-mib N] [--qemu-rtts N]
 //! [--qemu-conns N]`.
 //! See scripts/bench.sh, which builds, installs the peer and plots.
@@ -25,7 +26,7 @@ use vhost_plug_tests::bench::qemu::GuestBench;
 use vhost_plug_tests::bench::report::{markdown, Row, Target};
 use vhost_plug_tests::bench::rss::{idle_connections, RssRun};
 use vhost_plug_tests::bench::stats::{median, Percentiles};
-use vhost_plug_tests::bench::{latency, setup, stream, Dir, Rig};
+use vhost_plug_tests::bench::{density, latency, setup, stream, Dir, Rig};
 use vhost_plug_tests::DaemonKind;
 
 const KINDS: [DaemonKind; 2] = [DaemonKind::VhostPlug, DaemonKind::Peer];
@@ -77,13 +78,14 @@ struct Opts {
     qemu_conns: usize,
 }
 
-const GROUPS: [&str; 7] = [
+const GROUPS: [&str; 8] = [
     "tput",
     "latency",
     "setup",
     "reference",
     "plugins",
     "rss",
+    "density",
     "qemu",
 ];
 
@@ -276,16 +278,26 @@ fn run() -> Result<()> {
     if o.runs("rss") {
         rss(&o, t0, &mut res);
     }
+    let density_table = o.runs("density").then(|| density(&o, t0));
     if o.runs("qemu") {
         qemu(&o, t0, &mut res);
     }
 
-    // The simulated-guest table, unless only the QEMU section ran.
-    let mut table = if GROUPS.iter().any(|g| *g != "qemu" && o.runs(g)) {
+    // The simulated-guest table, unless only the QEMU and density sections ran.
+    let mut table = if GROUPS
+        .iter()
+        .any(|g| !["qemu", "density"].contains(g) && o.runs(g))
+    {
         markdown(&rows(&o, &res))
     } else {
         String::new()
     };
+    if let Some(d) = density_table {
+        let _ = write!(
+            table,
+            "\n### Density and cold start (idle VMs; then VMs attached and moving data)\n\n{d}"
+        );
+    }
     if o.runs("qemu") {
         let _ = write!(
             table,
@@ -497,6 +509,35 @@ fn rss(o: &Opts, t0: Instant, res: &mut Results) {
             Err(e) => res.fail(t0, "rss", k.name(), &e),
         }
     }
+}
+
+/// The density section (`tests/src/bench/density.rs`); also writes `density.csv`.
+fn density(o: &Opts, t0: Instant) -> String {
+    // Sockets go where BENCH_SOCKET_DIR says (scripts/bench.sh: a tmpfs, like the /run of a
+    // host), else under --out.
+    let base = std::env::var_os("BENCH_SOCKET_DIR").map_or_else(|| o.out.clone(), PathBuf::from);
+    let work = base.join(format!("vhost-plug-density-{}", std::process::id()));
+    if let Err(e) = std::fs::create_dir_all(&work) {
+        return format!("density: creating {}: {e}\n", work.display());
+    }
+    let mut runs = match density::idle(&o.kinds, o.reps, &work, &|m| log(t0, m)) {
+        Ok(r) => r,
+        Err(e) => return format!("density failed: {e:#}\n"),
+    };
+    let bytes = ((16u64 << 20) as f64 * o.scale) as u64;
+    for (k, run) in runs.iter_mut() {
+        let r = density::busy(*k, 100, bytes.max(1 << 20), &work);
+        match &r {
+            Ok(b) => log(t0, format!("{} {b:?}", k.name())),
+            Err(e) => log(t0, format!("{} attached VMs failed: {e:#}", k.name())),
+        }
+        run.busy = Some(r.map_err(|e| format!("{e:#}")));
+    }
+    if let Err(e) = std::fs::write(o.out.join("density.csv"), density::csv(&runs)) {
+        log(t0, format!("writing density.csv: {e}"));
+    }
+    let _ = std::fs::remove_dir_all(&work);
+    density::markdown(&runs)
 }
 
 /// The QEMU section: per round, one guest boot per daemon running every scenario, so
