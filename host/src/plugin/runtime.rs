@@ -12,8 +12,8 @@ use wasmtime::{
 };
 
 use super::bindings::{bridge_world, policy_world, serializer_world};
-use super::store::HostState;
 use super::cache::{hex, ArtifactCache, CacheDir};
+use super::store::HostState;
 use super::{PluginError, PluginKind, PluginSource, PluginSpec};
 
 /// Limits on what a plugin may return; anything beyond is a malformed answer (fails closed).
