@@ -14,10 +14,11 @@ phase() {
     phase_start=$SECONDS
 }
 
-# The real-guest tests (tests/tests/guest_qemu.rs) boot QEMU (TCG) with a Debian kernel and an
-# initramfs of busybox and socat (tests/guest/build.sh). apt runs in the background while the
-# reference daemon compiles: one waits on the network and dpkg, the other on the CPU.
-GUEST_PKGS="qemu-system-x86 linux-image-amd64 busybox-static socat"
+# The real-guest tests (tests/tests/guest_qemu.rs, guest_pair.rs) boot QEMU (TCG) with a Debian
+# kernel and an initramfs of busybox and socat (tests/guest/build.sh); guest_pair.rs boots both
+# of Debian's guest kernels, 6.1 (linux-image-amd64) and 6.12. apt runs in the background while
+# the reference daemon compiles: one waits on the network and dpkg, the other on the CPU.
+GUEST_PKGS="qemu-system-x86 linux-image-amd64 linux-image-6.12-amd64 busybox-static socat"
 guest_pkgs_missing=
 for p in $GUEST_PKGS; do
     dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q ' installed$' ||

@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
-# Builds the test guest for tests/tests/guest_qemu.rs and the QEMU section of the benchmark
-# (tests/src/qemu.rs) from the host's Debian packages:
-#   OUT/vmlinuz      the kernel of linux-image-amd64
-#   OUT/initrd.img   busybox-static, socat with its shared libraries, the virtio-vsock modules,
-#                    vsockt (vsockt.c, linked statically) and ./init as /init
+# Builds the test guest for tests/tests/guest_qemu.rs, tests/tests/guest_pair.rs and the QEMU
+# section of the benchmark (tests/src/qemu.rs) from the host's Debian packages:
+#   build.sh [OUT [KERNEL_PACKAGE]]
+#   OUT/vmlinuz      the kernel KERNEL_PACKAGE points at (default linux-image-amd64, Debian's
+#                    6.1; linux-image-6.12-amd64 is the 6.12 one)
+#   OUT/initrd.img   busybox-static, socat with its shared libraries, the virtio-vsock modules
+#                    of that kernel, vsockt and vsockpair (linked statically) and ./init as /init
 # OUT defaults to target/guest. The build is skipped when OUT/inputs.sha256 matches the inputs
 # (these files, the kernel version, the package versions, the socat library list).
 #
-# Needs: linux-image-amd64 busybox-static socat (tests/run.sh installs them), cc, gzip, and
+# Needs: the kernel package, busybox-static, socat (tests/run.sh installs them), cc, gzip, and
 # cpio (else busybox cpio).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out=${1:-$here/../../target/guest}
+kpkg=${2:-linux-image-amd64}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 
@@ -21,14 +24,15 @@ need socat "apt-get install socat"
 need cc "a C compiler (gcc)"
 need gzip "apt-get install gzip"
 
-# The kernel linux-image-amd64 points at, else the newest one installed.
-kver=$(dpkg-query -W -f='${Depends}' linux-image-amd64 2>/dev/null |
+# The kernel the meta-package $kpkg points at; for the default package, else the newest one
+# installed.
+kver=$(dpkg-query -W -f='${Depends}' "$kpkg" 2>/dev/null |
     grep -o 'linux-image-[0-9][^ ,]*' | head -n 1 | sed 's/^linux-image-//' || true)
-if [ -z "$kver" ] || [ ! -e "/boot/vmlinuz-$kver" ]; then
+if [ "$kpkg" = linux-image-amd64 ] && { [ -z "$kver" ] || [ ! -e "/boot/vmlinuz-$kver" ]; }; then
     kver=$(ls /boot | sed -n 's/^vmlinuz-//p' | sort -V | tail -n 1)
 fi
 [ -n "$kver" ] && [ -e "/boot/vmlinuz-$kver" ] ||
-    { echo "build.sh: no kernel in /boot (apt-get install linux-image-amd64)" >&2; exit 1; }
+    { echo "build.sh: no kernel of $kpkg in /boot (apt-get install $kpkg)" >&2; exit 1; }
 moddir=/lib/modules/$kver
 [ -d "$moddir" ] || { echo "build.sh: $moddir missing" >&2; exit 1; }
 
@@ -38,7 +42,7 @@ socat_bin=$(command -v socat)
 busybox_bin=$(command -v busybox)
 
 key=$({
-    cat "$here/build.sh" "$here/init" "$here/vsockt.c"
+    cat "$here/build.sh" "$here/init" "$here/vsockt.c" "$here"/vsockpair*
     echo "$kver"
     stat -c '%s %Y' "/boot/vmlinuz-$kver"
     dpkg-query -W busybox-static socat "linux-image-$kver" 2>/dev/null || true
@@ -76,6 +80,8 @@ done
 if [ -e "$root/usr/lib64" ] && [ ! -e "$root/lib64" ]; then ln -s usr/lib64 "$root/lib64"; fi
 
 cc -O2 -Wall -Wextra -Werror -static -o "$root/bin/vsockt" "$here/vsockt.c"
+cc -O2 -Wall -Wextra -Werror -static -o "$root/bin/vsockpair" "$here/vsockpair.c" \
+    "$here/vsockpair_cases.c"
 
 for m in $modules; do
     f=$(find "$moddir/kernel" -name "$m.ko" -o -name "$m.ko.xz" -o -name "$m.ko.zst" | head -n 1)

@@ -18,7 +18,8 @@
 //! memory, vrings), [`driver`] (guest driver and socket API), [`ring`] (split virtqueue,
 //! driver side), [`host`] (CONNECT handshake, `<uds>_<port>` listeners, SEQPACKET),
 //! [`harness`] (fixtures, scenario outcome codes), [`data`] (payload patterns, checksums),
-//! [`qemu`] (a real Linux guest under QEMU in front of a daemon), [`bench`] (the benchmark),
+//! [`qemu`] (a real Linux guest under QEMU in front of a daemon), [`qemu_pair`] (two guests
+//! of one sibling group), [`qemu_console`] (their serial consoles), [`bench`] (the benchmark),
 //! [`state`] (saved device states), [`checks`] (echo, fd and RSS checks) and [`vhost_raw`]
 //! (hand-built vhost-user requests for hostile-VMM tests).
 
@@ -34,6 +35,8 @@ pub mod host;
 pub mod mem;
 pub mod packet;
 pub mod qemu;
+pub mod qemu_console;
+pub mod qemu_pair;
 pub mod ring;
 pub mod sim;
 pub mod state;

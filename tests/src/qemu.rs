@@ -9,10 +9,10 @@
 //! waits for.
 //!
 //! Needs qemu-system-x86, linux-image-amd64, busybox-static and socat (`tests/run.sh` and
-//! `scripts/bench.sh` install them). One guest at a time per process ([`guest_lock`]): TCG
-//! wants both cores.
+//! `scripts/bench.sh` install them; `tests/run.sh` also installs the 6.12 kernel,
+//! [`GuestKernel::Debian612`]). One guest (or one sibling pair, [`crate::qemu_pair`]) at a
+//! time per process ([`guest_lock`]): TCG wants both cores.
 
-use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -27,6 +27,7 @@ use tempfile::TempDir;
 
 use crate::daemon::{Daemon, DaemonKind, VmSpec};
 use crate::host::host_connect_with;
+pub use crate::qemu_console::{tail, Console, Marker, Next};
 
 /// Boot to `@@ UP` (about 5 s on an idle machine).
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
@@ -38,6 +39,40 @@ static GUEST_LOCK: Mutex<()> = Mutex::new(());
 /// Serialises guest boots within a process: TCG needs the machine's cores.
 pub fn guest_lock() -> MutexGuard<'static, ()> {
     GUEST_LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Which of Debian's guest kernels to boot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuestKernel {
+    /// `linux-image-amd64`: 6.1 on Debian 12.
+    Default,
+    /// `linux-image-6.12-amd64`: Debian 12's 6.12.
+    Debian612,
+}
+
+impl GuestKernel {
+    /// The Debian meta-package whose kernel is booted.
+    pub fn package(self) -> &'static str {
+        match self {
+            GuestKernel::Default => "linux-image-amd64",
+            GuestKernel::Debian612 => "linux-image-6.12-amd64",
+        }
+    }
+
+    /// The image's directory under the cargo target directory.
+    fn dir_name(self) -> &'static str {
+        match self {
+            GuestKernel::Default => "guest",
+            GuestKernel::Debian612 => "guest-6.12",
+        }
+    }
+
+    fn index(self) -> usize {
+        match self {
+            GuestKernel::Default => 0,
+            GuestKernel::Debian612 => 1,
+        }
+    }
 }
 
 /// The guest kernel and initramfs.
@@ -63,30 +98,39 @@ fn target_dir() -> Result<PathBuf> {
         .to_path_buf())
 }
 
-/// Builds (or reuses) `target/guest/{vmlinuz,initrd.img}` once per process.
+/// Builds (or reuses) `target/guest/{vmlinuz,initrd.img}` (the default kernel) once per
+/// process.
 pub fn guest_image() -> Result<GuestImage> {
-    static IMAGE: OnceLock<std::result::Result<GuestImage, String>> = OnceLock::new();
-    IMAGE
-        .get_or_init(|| build_image().map_err(|e| format!("{e:#}")))
+    guest_image_for(GuestKernel::Default)
+}
+
+/// Builds (or reuses) the image of `kernel` once per process.
+pub fn guest_image_for(kernel: GuestKernel) -> Result<GuestImage> {
+    type Built = OnceLock<std::result::Result<GuestImage, String>>;
+    static IMAGES: [Built; 2] = [OnceLock::new(), OnceLock::new()];
+    IMAGES[kernel.index()]
+        .get_or_init(|| build_image(kernel).map_err(|e| format!("{e:#}")))
         .clone()
         .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
-fn build_image() -> Result<GuestImage> {
+fn build_image(kernel: GuestKernel) -> Result<GuestImage> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/build.sh");
-    let dir = target_dir()?.join("guest");
+    let dir = target_dir()?.join(kernel.dir_name());
     let out = Command::new("bash")
         .arg(&script)
         .arg(&dir)
+        .arg(kernel.package())
         .stdin(Stdio::null())
         .output()
         .with_context(|| format!("running {}", script.display()))?;
     if !out.status.success() {
         bail!(
             "{} failed ({}); the guest needs `apt-get install qemu-system-x86 \
-             linux-image-amd64 busybox-static socat` (tests/run.sh does it):\n{}{}",
+             {} busybox-static socat` (tests/run.sh does it):\n{}{}",
             script.display(),
             out.status,
+            kernel.package(),
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
@@ -104,15 +148,21 @@ pub struct Qemu {
     stderr: PathBuf,
 }
 
+/// The kernel arguments that make the guest's `/init` run `scenarios` in order.
+pub fn scenario_args(scenarios: &[&str]) -> String {
+    format!("vpt={}", scenarios.join(","))
+}
+
 impl Qemu {
     /// Boots `image` with a `vhost-user-vsock-pci` device on `socket`, 2 vCPUs and 512 MiB
-    /// of shared memory; the serial console goes to `serial`.
+    /// of shared memory; the serial console goes to `serial`. `guest_args` are added to the
+    /// kernel command line for the guest's `/init` ([`scenario_args`]).
     pub fn spawn(
         image: &GuestImage,
         socket: &Path,
         serial: &Path,
         stderr: &Path,
-        scenarios: &[&str],
+        guest_args: &str,
     ) -> Result<Qemu> {
         let err = File::create(stderr).with_context(|| format!("creating {}", stderr.display()))?;
         let child = Command::new("qemu-system-x86_64")
@@ -127,7 +177,7 @@ impl Qemu {
             .arg("-initrd")
             .arg(&image.initrd)
             .arg("-append")
-            .arg(format!("console=ttyS0 quiet vpt={}", scenarios.join(",")))
+            .arg(format!("console=ttyS0 quiet {guest_args}"))
             .args([
                 "-display",
                 "none",
@@ -148,6 +198,11 @@ impl Qemu {
             child,
             stderr: stderr.to_path_buf(),
         })
+    }
+
+    /// Where QEMU's own stderr goes.
+    pub fn stderr_path(&self) -> &Path {
+        &self.stderr
     }
 
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
@@ -185,44 +240,6 @@ impl Drop for Qemu {
     }
 }
 
-/// One `@@` line of the serial console.
-#[derive(Clone, Debug)]
-pub struct Marker {
-    pub kind: String,
-    pub scenario: String,
-    pub rest: String,
-}
-
-impl Marker {
-    pub fn parse(line: &str) -> Option<Marker> {
-        let at = line.find("@@ ")?;
-        let mut words = line[at + 3..].trim_end().splitn(3, ' ');
-        Some(Marker {
-            kind: words.next()?.to_string(),
-            scenario: words.next().unwrap_or("").to_string(),
-            rest: words.next().unwrap_or("").to_string(),
-        })
-    }
-
-    /// `key=value` words of an OK line.
-    pub fn values(&self) -> BTreeMap<String, String> {
-        self.rest
-            .split_whitespace()
-            .filter_map(|w| w.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
-
-    pub fn value(&self, key: &str) -> Result<String> {
-        self.values().remove(key).with_context(|| {
-            format!(
-                "no {key}= in `@@ {} {} {}`",
-                self.kind, self.scenario, self.rest
-            )
-        })
-    }
-}
-
 /// A daemon serving one VM plus the QEMU guests booted against it, one at a time.
 pub struct QemuRig {
     // Field order is drop order: QEMU goes before the daemon, both before the directory.
@@ -233,9 +250,8 @@ pub struct QemuRig {
     name: String,
     /// Guests booted so far.
     pub boots: usize,
-    serial: PathBuf,
-    /// Markers of the current boot already consumed.
-    consumed: usize,
+    /// The current boot's serial console.
+    console: Console,
     dir: TempDir,
 }
 
@@ -257,8 +273,7 @@ impl QemuRig {
             image,
             name: name.to_string(),
             boots: 0,
-            serial: PathBuf::new(),
-            consumed: 0,
+            console: Console::new(Path::new("")),
             dir,
         })
     }
@@ -271,30 +286,19 @@ impl QemuRig {
     /// Boots a guest running `scenarios`; returns once it reports `@@ UP`.
     pub fn boot(&mut self, scenarios: &[&str]) -> Result<()> {
         self.boots += 1;
-        self.serial = self.dir.path().join(format!("serial{}.log", self.boots));
+        let serial = self.dir.path().join(format!("serial{}.log", self.boots));
         let stderr = self.dir.path().join(format!("qemu{}.stderr", self.boots));
-        self.consumed = 0;
+        self.console = Console::new(&serial);
         self.qemu = Some(Qemu::spawn(
             &self.image,
             &self.spec.socket,
-            &self.serial,
+            &serial,
             &stderr,
-            scenarios,
+            &scenario_args(scenarios),
         )?);
         self.expect("UP", "", BOOT_TIMEOUT)
             .context("guest did not come up")?;
         Ok(())
-    }
-
-    fn markers(&self) -> Vec<Marker> {
-        let text = std::fs::read(&self.serial).unwrap_or_default();
-        let text = String::from_utf8_lossy(&text);
-        // Only complete lines: the last one may still be being written.
-        let complete = match text.rfind('\n') {
-            Some(i) => &text[..i],
-            None => "",
-        };
-        complete.lines().filter_map(Marker::parse).collect()
     }
 
     /// Waits for the next `@@ <kind> <scenario>` line, skipping others; a FAIL of
@@ -302,32 +306,27 @@ impl QemuRig {
     pub fn expect(&mut self, kind: &str, scenario: &str, timeout: Duration) -> Result<Marker> {
         let deadline = Instant::now() + timeout;
         loop {
-            let markers = self.markers();
-            for m in &markers[self.consumed.min(markers.len())..] {
-                self.consumed += 1;
-                if m.kind == kind && m.scenario == scenario {
-                    return Ok(m.clone());
+            let m = match self.console.next(deadline, self.qemu.as_mut()) {
+                Next::Marker(m) => m,
+                Next::Exited(st) => {
+                    bail!("QEMU exited ({st}) while waiting for `@@ {kind} {scenario}`")
                 }
-                if m.kind == "FAIL" {
-                    bail!("guest: scenario {} failed: {}", m.scenario, m.rest);
+                Next::TimedOut => {
+                    bail!("no `@@ {kind} {scenario}` on the serial console within {timeout:?}")
                 }
-                if m.kind == "FATAL" {
-                    bail!("guest: fatal: {} {}", m.scenario, m.rest);
-                }
-                if m.kind == "DONE" {
-                    bail!("guest finished without `@@ {kind} {scenario}`");
-                }
+            };
+            if m.kind == kind && m.scenario == scenario {
+                return Ok(m);
             }
-            if let Some(st) = self.qemu.as_mut().and_then(|q| q.exited()) {
-                if self.markers().len() == self.consumed {
-                    bail!("QEMU exited ({st}) while waiting for `@@ {kind} {scenario}`");
-                }
-                continue;
+            if m.kind == "FAIL" {
+                bail!("guest: scenario {} failed: {}", m.scenario, m.rest);
             }
-            if Instant::now() >= deadline {
-                bail!("no `@@ {kind} {scenario}` on the serial console within {timeout:?}");
+            if m.kind == "FATAL" {
+                bail!("guest: fatal: {} {}", m.scenario, m.rest);
             }
-            thread::sleep(Duration::from_millis(50));
+            if m.kind == "DONE" {
+                bail!("guest finished without `@@ {kind} {scenario}`");
+            }
         }
     }
 
@@ -351,7 +350,7 @@ impl QemuRig {
         let logs = self.image.dir.join("logs");
         if std::fs::create_dir_all(&logs).is_ok() {
             let _ = std::fs::copy(
-                &self.serial,
+                self.console.path(),
                 logs.join(format!("{}-boot{}.log", self.name, self.boots)),
             );
         }
@@ -368,20 +367,13 @@ impl QemuRig {
             "--- serial log of boot {} ({}), last lines ---\n{}\n--- QEMU stderr ---\n{}\n\
              --- daemon stderr ({}), last lines ---\n{}",
             self.boots,
-            self.serial.display(),
-            tail(&std::fs::read(&self.serial).unwrap_or_default(), 40),
+            self.console.path().display(),
+            self.console.tail(40),
             qemu_err,
             self.daemon.stderr_path().display(),
             tail(strip_ansi(&self.daemon.stderr()).as_bytes(), 40),
         )
     }
-}
-
-/// The last `n` lines of `bytes`.
-pub fn tail(bytes: &[u8], n: usize) -> String {
-    let text = String::from_utf8_lossy(bytes);
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// Drops `ESC [ ... letter` sequences (the daemon colours its log even into a file).
@@ -464,19 +456,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn markers_parse() {
-        let m = Marker::parse("[  1.0] @@ OK h2g bytes=5 sha256=ab\r").expect("marker");
-        assert_eq!((m.kind.as_str(), m.scenario.as_str()), ("OK", "h2g"));
-        assert_eq!(m.value("bytes").expect("bytes"), "5");
-        assert!(m.value("nope").is_err());
-        let up = Marker::parse("@@ UP").expect("UP");
-        assert_eq!((up.kind.as_str(), up.scenario.as_str()), ("UP", ""));
-        assert!(Marker::parse("no marker").is_none());
-    }
-
-    #[test]
     fn ansi_is_stripped() {
         assert_eq!(strip_ansi("\x1b[2mwarn\x1b[0m x"), "warn x");
-        assert_eq!(tail(b"a\nb\nc\n", 2), "b\nc");
     }
 }
