@@ -16,8 +16,9 @@
 #define MAX_PKT (64 * KIB)
 /* The receive window the rcvlowat case sets (the kernel's own vsock_test uses the same). */
 #define LOWAT_BUF (128 * KIB)
-/* Rounds of send-then-close: misses a 1-in-6 race with probability (5/6)^50 < 0.02 %. */
-#define CLOSE_ROUNDS 50
+/* Rounds of send-then-close, 1-3 ms each: against a daemon that splits the close, 1 round in
+ * 100 or more lost the race here, so 500 rounds miss it with probability below 1 %. */
+#define CLOSE_ROUNDS 500
 #define MULTICONN 100
 #define PEEK_LEN 64
 
@@ -86,7 +87,7 @@ static int expect_reset(const char *what)
     if (e != ECONNRESET)
         return failf("%s: connect failed with %s after %.0f ms, want ECONNRESET", what,
                      errname(e), ms);
-    note("errno=ECONNRESET ms=%.0f", ms);
+    note("errno=ECONNRESET connect_ms=%.0f", ms);
     return 0;
 }
 
@@ -303,7 +304,7 @@ static int shut_rd_b(void)
 
 static int send_close_a(void)
 {
-    int l = listen_ready(SOCK_STREAM, 64);
+    int l = listen_ready(SOCK_STREAM, CLOSE_ROUNDS);
     if (l < 0)
         return -1;
     int ep = epoll_create1(EPOLL_CLOEXEC);

@@ -11,8 +11,8 @@
 //! - `seq_split`: SEQPACKET messages of up to 60000 bytes (several rx buffers each) keep their
 //!   bounds, bytes and MSG_EOR;
 //! - `shut_rd`: A shuts down reading and sends a byte; once B has it, B's send fails EPIPE;
-//! - `send_close`: 50 rounds of B sending 1 byte and closing; at A's EPOLLRDHUP a send already
-//!   fails EPIPE, then A reads the byte, then EOF;
+//! - `send_close`: 500 rounds of B sending 1 byte and closing; at A's EPOLLRDHUP a send
+//!   already fails EPIPE, then A reads the byte, then EOF;
 //! - `peek`: MSG_PEEK of part and all of the queue, then the same bytes read;
 //! - `rcvlowat`: A's window shrunk to 128 KiB, B sends 128 KiB + 1; after A reads 64 KiB, the
 //!   credit update that setting SO_RCVLOWAT sends must bring the last byte;
