@@ -152,20 +152,6 @@ int vlisten(int type, unsigned port, int backlog)
     return fd;
 }
 
-/* Accepts one connection within OP_SECS. */
-int vaccept(int l)
-{
-    struct pollfd p = {.fd = l, .events = POLLIN};
-    int r = poll(&p, 1, OP_SECS * 1000);
-    if (r <= 0)
-        return failf("no connection to accept within %d s", OP_SECS);
-    int c = accept4(l, NULL, NULL, SOCK_CLOEXEC);
-    if (c < 0)
-        return failf("accept: %s", errname(errno));
-    set_timeouts(c, OP_SECS);
-    return c;
-}
-
 int send_all(int fd, const void *buf, size_t n, int flags, const char *what)
 {
     const unsigned char *p = buf;
@@ -280,6 +266,43 @@ int ctl_expect(const char *want)
     return failf("control: got \"%s\", want \"%s\"", line, want);
 }
 
+/*
+ * Accepts one connection within OP_SECS. The peer's END on the control channel while no
+ * connection is queued means none will come (B sends END only after its connects returned,
+ * and a returned connect is already in the accept queue): fail at once then.
+ */
+int vaccept(int l)
+{
+    double deadline = now_ms() + OP_SECS * 1e3;
+    for (;;) {
+        struct pollfd p[2] = {{.fd = l, .events = POLLIN}, {.fd = ctl, .events = POLLIN}};
+        int left = (int)(deadline - now_ms());
+        int watch_ctl = !peer_ended && !ctl_lost;
+        /* A whole line already buffered would not wake poll: look at the listener only. */
+        int buffered = watch_ctl && memchr(ctl_buf, '\n', ctl_len) != NULL;
+        int r = left > 0 || buffered
+                    ? poll(p, watch_ctl && !buffered ? 2 : 1, buffered ? 0 : left)
+                    : 0;
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r > 0 && (p[0].revents & POLLIN))
+            break;
+        if (r <= 0 && !buffered)
+            return failf("no connection to accept within %d s", OP_SECS);
+        char line[128];
+        if (ctl_line(line, sizeof line) < 0)
+            continue;
+        if (strncmp(line, "END ", 4) != 0)
+            return failf("control: got \"%s\" while waiting for a connection", line);
+        peer_ended = 1;
+        return failf("the peer gave up before connecting (%s)", line);
+    }
+    int c = accept4(l, NULL, NULL, SOCK_CLOEXEC);
+    if (c < 0)
+        return failf("accept: %s", errname(errno));
+    set_timeouts(c, OP_SECS);
+    return c;
+}
 
 static int parse_kernel(void)
 {
