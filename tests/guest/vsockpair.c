@@ -35,6 +35,7 @@ static int ctl = -1;
 static char ctl_buf[1024];
 static size_t ctl_len;
 static int ctl_lost;    /* the control connection broke: stop */
+static char ctl_why[64]; /* how it broke */
 static int peer_ended;  /* the peer already sent END for the current case */
 
 static char why[240];   /* first failure of the current case */
@@ -212,6 +213,7 @@ void ctl_send(const char *fmt, ...)
         if (w < 0 && errno == EINTR)
             continue;
         if (w <= 0) {
+            snprintf(ctl_why, sizeof ctl_why, "send: %s", w < 0 ? errname(errno) : "0");
             ctl_lost = 1;
             return;
         }
@@ -235,6 +237,8 @@ static int ctl_line(char *out, size_t cap)
             return 0;
         }
         if (ctl_lost || ctl_len == sizeof ctl_buf) {
+            if (!ctl_lost)
+                snprintf(ctl_why, sizeof ctl_why, "line too long");
             ctl_lost = 1;
             return -1;
         }
@@ -242,6 +246,7 @@ static int ctl_line(char *out, size_t cap)
         if (r < 0 && errno == EINTR)
             continue;
         if (r <= 0) {
+            snprintf(ctl_why, sizeof ctl_why, "recv: %s", r < 0 ? errname(errno) : "EOF");
             ctl_lost = 1;
             return -1;
         }
@@ -256,7 +261,7 @@ int ctl_expect(const char *want)
     if (peer_ended)
         return failf("peer gave up before \"%s\"", want);
     if (ctl_line(line, sizeof line) < 0)
-        return failf("control channel lost waiting for \"%s\"", want);
+        return failf("control channel lost (%s) waiting for \"%s\"", ctl_why, want);
     if (!strcmp(line, want))
         return 0;
     if (!strncmp(line, "END ", 4)) {
@@ -380,7 +385,7 @@ static int run_case(unsigned k)
             peer_ended = 1;
     }
     if (!peer_ended && !rc)
-        rc = failf("control channel lost at the end of the case");
+        rc = failf("control channel lost (%s) at the end of the case", ctl_why);
     note("ms=%.0f", now_ms() - t0);
     if (rc)
         printf("@@ CASE %s fail %s%s%s\n", c->name, why[0] ? why : "(no reason)",
