@@ -78,7 +78,8 @@ impl GuestPair {
             .context("creating temp dir")?;
         let specs = cids.map(|cid| VmSpec::new(dir.path(), cid).groups(&[group]));
         let daemon = Daemon::spawn(kind, dir.path(), &specs, extra_args)?;
-        let consoles = ["a", "b"].map(|r| Console::new(&dir.path().join(format!("serial-{r}.log"))));
+        let consoles =
+            ["a", "b"].map(|r| Console::new(&dir.path().join(format!("serial-{r}.log"))));
         Ok(GuestPair {
             qemus: [None, None],
             daemon,
@@ -135,9 +136,7 @@ impl GuestPair {
         let mut out = [SideReport::default(), SideReport::default()];
         for (i, report) in out.iter_mut().enumerate() {
             loop {
-                let left = deadline.saturating_duration_since(Instant::now());
-                let m = match self.consoles[i].next(Instant::now() + left, self.qemus[i].as_mut())
-                {
+                let m = match self.consoles[i].next(deadline, self.qemus[i].as_mut()) {
                     Next::Marker(m) => m,
                     Next::Exited(st) => bail!(
                         "guest {}: QEMU exited ({st}) after {} case(s), before `@@ PAIRDONE`",
