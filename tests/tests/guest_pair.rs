@@ -15,8 +15,10 @@
 //!   already fails EPIPE, then A reads the byte, then EOF;
 //! - `peek`: MSG_PEEK of part and all of the queue, then the same bytes read;
 //! - `rcvlowat`: A's window shrunk to 128 KiB, B sends 128 KiB + 1; after A reads 64 KiB and
-//!   raises SO_RCVLOWAT, the last byte must come (6.12 sends a credit update then; 6.1 sends
-//!   none, so there the daemon must ask for credit again);
+//!   raises SO_RCVLOWAT, the last byte must come: on 6.12 by the credit update that setting
+//!   SO_RCVLOWAT sends; 6.1 sends none then (no `virtio_transport_notify_set_rcvlowat`, with
+//!   any backend), so there a blocking read must return exactly 64 KiB + 1, the last byte
+//!   following the credit update of the read;
 //! - `zc_stream`: a 192 KiB MSG_ZEROCOPY send whose completion is not
 //!   SO_EE_CODE_ZEROCOPY_COPIED (kernels with MSG_ZEROCOPY on vsock, 6.7 and later);
 //! - `zc_seqpacket`: one 192 KiB SEQPACKET message is sent (no EMSGSIZE) and arrives whole;
