@@ -275,8 +275,9 @@ impl Device {
     /// event is a chance to look). Our own SHUT_WR also sets what these see, so nothing is
     /// concluded after it. A close whose data or EOF is still to be read is told behind them,
     /// RCV and SEND in one SHUTDOWN ([`super::rx`]'s end of stream); a bare SHUT_RD is told
-    /// at once.
-    fn sense_peer_shutdown(&mut self, idx: usize, ev: EventSet) {
+    /// at once. Called on every socket event and when a connection becomes established (an
+    /// edge-triggered event that came during the handshake was consumed without a look).
+    pub(super) fn sense_peer_shutdown(&mut self, idx: usize, ev: EventSet) {
         let c = &mut self.conns[idx];
         if c.state != State::Established || c.host_shut_rcv || c.shut_wr_done {
             return;
@@ -309,6 +310,7 @@ impl Device {
             Ok(None) => {
                 c.set_state(State::Established);
                 c.pending |= pending::RESPONSE;
+                self.sense_peer_shutdown(idx, EventSet::empty());
                 self.wake_rx(idx);
             }
             Ok(Some(e)) | Err(e) => self.reset(idx, &format!("tcp connect failed: {e}")),
@@ -323,6 +325,7 @@ impl Device {
             Ok(1) => {
                 c.set_state(State::Established);
                 c.pending |= pending::RESPONSE;
+                self.sense_peer_shutdown(idx, EventSet::empty());
                 self.wake_rx(idx);
             }
             Err(e) if sys::would_block(&e) => c.readable = false,

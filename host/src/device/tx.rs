@@ -8,6 +8,7 @@ use tracing::{debug, warn};
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::GuestAddressSpace;
+use vmm_sys_util::epoll::EventSet;
 
 use super::{Device, MAX_PKT_PAYLOAD};
 use crate::conn::{pending, AcceptReply, Conn, ConnKey, State};
@@ -317,6 +318,7 @@ impl Device {
                 c.set_state(State::Established);
                 // Bytes the host sent right after its CONNECT line are waiting.
                 c.readable = true;
+                self.sense_peer_shutdown(idx, EventSet::empty());
             }
             _ => self.reset(idx, "host end went away before the guest accepted"),
         }
