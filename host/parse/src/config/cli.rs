@@ -270,7 +270,7 @@ struct SingleVm {
     #[arg(long, value_name = "BYTES", value_parser = tx_buffer_size_value, conflicts_with_all = ["config", "vm"])]
     tx_buffer_size: Option<u32>,
 
-    /// Largest vring size accepted, a power of two up to 32768 [default: 1024]
+    /// Largest vring size accepted, a power of two up to 32768 [default: 32768]
     #[arg(long, value_name = "N", value_parser = queue_size_value, conflicts_with_all = ["config", "vm"])]
     queue_size: Option<u16>,
 
