@@ -240,14 +240,14 @@ impl VhostUserBackend for VsockBackend {
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         let cfg = self.config_space();
-        let (off, size) = (offset as usize, size as usize);
-        match off.checked_add(size) {
-            Some(end) if end <= cfg.len() => cfg[off..end].to_vec(),
-            _ => {
-                warn!(offset, size, "config read outside the 8-byte config space");
-                Vec::new()
-            }
+        if u64::from(offset) + u64::from(size) > cfg.len() as u64 {
+            // A guest can cause these at will: not worth more than a debug line.
+            debug!(
+                offset,
+                size, "config read reaches past the 8-byte config space"
+            );
         }
+        config_read(&cfg, offset, size)
     }
 
     fn update_memory(&self, mem: GuestMemAtomic) -> io::Result<()> {
@@ -370,5 +370,59 @@ fn shrinkable_regions(mem: &GuestMem) -> usize {
         .count()
 }
 
+/// Largest config read a frontend can make: the vhost crate refuses requests that end past
+/// `VHOST_USER_CONFIG_SIZE` (4 KiB) before they reach the backend; this bound holds anyway.
+const MAX_CONFIG_READ: usize = 4096;
+
+/// A config-space read of `size` bytes at `offset`: the bytes of `cfg` it covers, zeros for the
+/// rest, and always exactly `size` bytes (up to [`MAX_CONFIG_READ`]). Frontends pass guest reads
+/// of the device-config window through as they come, and vhost-user-backend turns an answer of
+/// any other length into an empty reply: Cloud Hypervisor's generic vhost-user device panics on
+/// that (`read_config` in `generic_vhost_user.rs`) and crosvm logs an error and leaves the guest's
+/// buffer as it was. A register the device does not have reads as zero, as on hardware.
+fn config_read(cfg: &[u8], offset: u32, size: u32) -> Vec<u8> {
+    let size = (size as usize).min(MAX_CONFIG_READ);
+    let mut out = vec![0u8; size];
+    if let Some(src) = cfg.get(offset as usize..) {
+        let n = src.len().min(size);
+        out[..n].copy_from_slice(&src[..n]);
+    }
+    out
+}
+
 /// A backend shared with vhost-user-backend's threads.
 pub type SharedBackend = Arc<VsockBackend>;
+
+#[cfg(test)]
+mod tests {
+    use super::config_read;
+
+    const CFG: [u8; 8] = [3, 0, 0, 0, 0, 0, 0, 0x80];
+
+    #[test]
+    fn config_reads_inside_the_space_return_its_bytes() {
+        assert_eq!(config_read(&CFG, 0, 8), CFG.to_vec());
+        assert_eq!(config_read(&CFG, 0, 4), vec![3, 0, 0, 0]);
+        assert_eq!(config_read(&CFG, 4, 4), vec![0, 0, 0, 0x80]);
+    }
+
+    #[test]
+    fn config_reads_past_the_space_are_zero_filled_to_the_requested_size() {
+        // Straddling the end: the covered bytes, then zeros.
+        assert_eq!(config_read(&CFG, 6, 4), vec![0, 0x80, 0, 0]);
+        // Entirely outside, including offsets near u32::MAX.
+        assert_eq!(config_read(&CFG, 8, 4), vec![0; 4]);
+        assert_eq!(config_read(&CFG, 0x100, 0x10), vec![0; 0x10]);
+        assert_eq!(config_read(&CFG, u32::MAX, 4), vec![0; 4]);
+        // A whole 256-byte window (QEMU's VHOST_USER_MAX_CONFIG_SIZE).
+        let all = config_read(&CFG, 0, 256);
+        assert_eq!(all.len(), 256);
+        assert_eq!(&all[..8], &CFG);
+        assert!(all[8..].iter().all(|b| *b == 0));
+    }
+
+    #[test]
+    fn config_reads_are_bounded() {
+        assert_eq!(config_read(&CFG, 0, u32::MAX).len(), 4096);
+    }
+}
