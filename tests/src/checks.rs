@@ -10,7 +10,7 @@ use crate::data::{digest, Pattern};
 use crate::harness::{echo_guest, echo_stream, exchange, TestVm};
 use crate::host::{accept_timeout, host_connect, host_listen, port_path, HOST_TIMEOUT};
 use crate::packet::HOST_CID;
-use crate::{Daemon, SockType};
+use crate::{Daemon, Guest, SockType, VmSpec};
 
 /// Bytes each echo check moves each way: several credit windows and rx buffers.
 pub const ECHO_BYTES: usize = 300 * 1024;
@@ -18,12 +18,16 @@ pub const ECHO_BYTES: usize = 300 * 1024;
 /// Guest -> host: the guest connects to host port `port`, a host thread echoes, the guest
 /// checks the CRC of what came back. Returns the digest's CRC.
 pub fn guest_echo(vm: &TestVm, port: u32, seed: u64) -> Result<u32> {
-    let _ = std::fs::remove_file(port_path(&vm.spec.uds_path, port));
-    let l = host_listen(&vm.spec.uds_path, port)?;
-    let g = vm
-        .guest
+    guest_echo_on(&vm.guest, &vm.spec, port, seed)
+}
+
+/// [`guest_echo`] for a driver behind any VMM.
+pub fn guest_echo_on(guest: &Guest, spec: &VmSpec, port: u32, seed: u64) -> Result<u32> {
+    let _ = std::fs::remove_file(port_path(&spec.uds_path, port));
+    let l = host_listen(&spec.uds_path, port)?;
+    let g = guest
         .connect(HOST_CID, port, SockType::Stream)
-        .map_err(|e| anyhow!("cid {} connect to host port {port}: {e}", vm.spec.guest_cid))?;
+        .map_err(|e| anyhow!("cid {} connect to host port {port}: {e}", spec.guest_cid))?;
     let h = accept_timeout(&l, HOST_TIMEOUT)?;
     let echo = std::thread::spawn(move || echo_stream(h));
     let data = Pattern::bytes(seed, ECHO_BYTES);
@@ -36,18 +40,23 @@ pub fn guest_echo(vm: &TestVm, port: u32, seed: u64) -> Result<u32> {
     ensure!(
         want == got && echoed == data.len() as u64,
         "cid {}: echo differs (sent {want:?}, got {got:?}, host echoed {echoed})",
-        vm.spec.guest_cid
+        spec.guest_cid
     );
     g.close()?;
-    let _ = std::fs::remove_file(port_path(&vm.spec.uds_path, port));
+    let _ = std::fs::remove_file(port_path(&spec.uds_path, port));
     Ok(got.crc)
 }
 
 /// Host -> guest: a host program connects to guest port `port` through the hybrid socket,
 /// the guest echoes, the host checks the CRC.
 pub fn host_echo(vm: &TestVm, port: u32, seed: u64) -> Result<u32> {
-    let gl = vm.guest.listen(port, SockType::Stream)?;
-    let (h, _) = host_connect(&vm.spec.uds_path, port)?;
+    host_echo_on(&vm.guest, &vm.spec, port, seed)
+}
+
+/// [`host_echo`] for a driver behind any VMM.
+pub fn host_echo_on(guest: &Guest, spec: &VmSpec, port: u32, seed: u64) -> Result<u32> {
+    let gl = guest.listen(port, SockType::Stream)?;
+    let (h, _) = host_connect(&spec.uds_path, port)?;
     let g = gl.accept(HOST_TIMEOUT)?;
     std::thread::scope(|sc| {
         let e = sc.spawn(|| echo_guest(&g));
@@ -62,7 +71,7 @@ pub fn host_echo(vm: &TestVm, port: u32, seed: u64) -> Result<u32> {
         ensure!(
             want == got && echoed == data.len() as u64,
             "cid {}: host echo differs (sent {want:?}, got {got:?})",
-            vm.spec.guest_cid
+            spec.guest_cid
         );
         Ok(got.crc)
     })

@@ -79,6 +79,8 @@ pub struct VmSpec {
     /// Hybrid vsock base path for host programs.
     pub uds_path: PathBuf,
     pub tx_buffer_size: Option<u32>,
+    /// Largest vring accepted (`queue-size=`); `None` is the daemon's default.
+    pub queue_size: Option<u16>,
     /// Sibling groups (`groups=a+b`); empty means the daemon's default.
     pub groups: Vec<String>,
 }
@@ -91,6 +93,7 @@ impl VmSpec {
             socket: dir.join(format!("vhost{guest_cid}.sock")),
             uds_path: dir.join(format!("vm{guest_cid}.vsock")),
             tx_buffer_size: None,
+            queue_size: None,
             groups: Vec::new(),
         }
     }
@@ -115,6 +118,9 @@ impl VmSpec {
         );
         if let Some(n) = self.tx_buffer_size {
             s.push_str(&format!(",tx-buffer-size={n}"));
+        }
+        if let Some(n) = self.queue_size {
+            s.push_str(&format!(",queue-size={n}"));
         }
         if !self.groups.is_empty() {
             s.push_str(&format!(",groups={}", self.groups.join("+")));

@@ -18,6 +18,7 @@
 //! memory, vrings), [`driver`] (guest driver and socket API), [`ring`] (split virtqueue,
 //! driver side), [`host`] (CONNECT handshake, `<uds>_<port>` listeners, SEQPACKET),
 //! [`harness`] (fixtures, scenario outcome codes), [`data`] (payload patterns, checksums),
+//! [`frontends`] (profiles replaying QEMU, crosvm and Cloud Hypervisor message for message),
 //! [`qemu`] (a real Linux guest under QEMU in front of a daemon), [`qemu_pair`] (two guests
 //! of one sibling group), [`qemu_console`] (their serial consoles), [`bench`] (the benchmark),
 //! [`state`] (saved device states), [`checks`] (echo, fd and RSS checks) and [`vhost_raw`]
@@ -30,6 +31,7 @@ pub mod checks;
 pub mod daemon;
 pub mod data;
 pub mod driver;
+pub mod frontends;
 pub mod harness;
 pub mod host;
 pub mod mem;
