@@ -612,3 +612,166 @@ fn every_profile_reads_the_cid_before_activation() -> Result<()> {
         &s,
     )
 }
+
+// ----- the messages on the wire ---------------------------------------------------------
+
+/// vhost-user request codes, by name.
+fn request_name(code: u32) -> &'static str {
+    match code {
+        1 => "GET_FEATURES",
+        2 => "SET_FEATURES",
+        3 => "SET_OWNER",
+        5 => "SET_MEM_TABLE",
+        6 => "SET_LOG_BASE",
+        8 => "SET_VRING_NUM",
+        9 => "SET_VRING_ADDR",
+        10 => "SET_VRING_BASE",
+        11 => "GET_VRING_BASE",
+        12 => "SET_VRING_KICK",
+        13 => "SET_VRING_CALL",
+        15 => "GET_PROTOCOL_FEATURES",
+        16 => "SET_PROTOCOL_FEATURES",
+        17 => "GET_QUEUE_NUM",
+        18 => "SET_VRING_ENABLE",
+        24 => "GET_CONFIG",
+        42 => "SET_DEVICE_STATE_FD",
+        43 => "CHECK_DEVICE_STATE",
+        _ => "OTHER",
+    }
+}
+
+/// What each VMM sends from startup through a booted guest to its exit, written out from its
+/// source (the files the profile cites); `*` marks requests that carry `NEED_REPLY`.
+fn expected_wire(vmm: Vmm) -> Vec<String> {
+    let mut v: Vec<&str> = Vec::new();
+    let rep = |v: &mut Vec<&str>, n: usize, items: &[&'static str]| {
+        for _ in 0..n {
+            v.extend_from_slice(items);
+        }
+    };
+    match vmm {
+        Vmm::Qemu7_2 | Vmm::QemuMaster => {
+            let en = if vmm == Vmm::QemuMaster {
+                "SET_VRING_ENABLE*"
+            } else {
+                "SET_VRING_ENABLE"
+            };
+            // vhost_dev_init + vuv_device_realize.
+            v.extend([
+                "GET_FEATURES",
+                "GET_PROTOCOL_FEATURES",
+                "SET_PROTOCOL_FEATURES",
+                "GET_QUEUE_NUM",
+                "SET_OWNER",
+                "GET_FEATURES",
+                "SET_VRING_CALL",
+                "SET_VRING_CALL",
+                "GET_CONFIG",
+                // vhost_dev_start.
+                "SET_FEATURES",
+                "SET_MEM_TABLE*",
+            ]);
+            rep(
+                &mut v,
+                2,
+                &[
+                    "SET_VRING_NUM",
+                    "SET_VRING_BASE",
+                    "SET_VRING_ADDR",
+                    "SET_VRING_KICK",
+                ],
+            );
+            rep(&mut v, 2, &[en]);
+            // vhost_vsock_common_start unmasks.
+            rep(&mut v, 2, &["SET_VRING_CALL"]);
+            // Exit: vhost_dev_stop.
+            rep(&mut v, 2, &[en]);
+            rep(&mut v, 2, &["GET_VRING_BASE"]);
+        }
+        Vmm::Crosvm => {
+            v.extend([
+                "SET_OWNER",
+                "GET_FEATURES",
+                "GET_PROTOCOL_FEATURES",
+                "SET_PROTOCOL_FEATURES",
+                "GET_QUEUE_NUM",
+                // ack_features, then the guest's two 4-byte reads of guest_cid.
+                "SET_FEATURES",
+                "GET_CONFIG",
+                "GET_CONFIG",
+                // activate.
+                "SET_MEM_TABLE",
+            ]);
+            rep(
+                &mut v,
+                3,
+                &[
+                    "SET_VRING_NUM",
+                    "SET_VRING_ADDR",
+                    "SET_VRING_BASE",
+                    "SET_VRING_CALL",
+                    "SET_VRING_KICK",
+                    "SET_VRING_ENABLE",
+                ],
+            );
+        }
+        Vmm::CloudHypervisor52 | Vmm::CloudHypervisor53 => {
+            v.extend([
+                "SET_OWNER",
+                "GET_FEATURES",
+                "GET_PROTOCOL_FEATURES",
+                "SET_PROTOCOL_FEATURES",
+                "GET_QUEUE_NUM*",
+                "GET_CONFIG*",
+                "GET_CONFIG*",
+                "SET_FEATURES*",
+                "SET_MEM_TABLE*",
+            ]);
+            rep(&mut v, 3, &["SET_VRING_NUM*"]);
+            rep(
+                &mut v,
+                3,
+                &[
+                    "SET_VRING_ADDR*",
+                    "SET_VRING_BASE*",
+                    "SET_VRING_CALL*",
+                    "SET_VRING_KICK*",
+                ],
+            );
+            rep(&mut v, 3, &["SET_VRING_ENABLE*"]);
+        }
+    }
+    v.into_iter().map(String::from).collect()
+}
+
+#[test]
+fn every_profile_sends_its_vmms_messages_in_order_with_its_flags() -> Result<()> {
+    use vhost_plug_tests::frontends::tap::{Tap, NEED_REPLY};
+    let s = daemon(&[])?;
+    with_stderr(
+        (|| {
+            for vmm in Vmm::ALL {
+                let tap_path = s.path().join(format!("tap-{vmm:?}.sock"));
+                let tap = Tap::start(&tap_path, &s.vms[0].socket)?;
+                let vm = ProfileVm::boot(vmm.profile(), tap.path())?;
+                vm.quit()?;
+                let got: Vec<String> = tap
+                    .finish()
+                    .iter()
+                    .map(|m| {
+                        let star = if m.flags & NEED_REPLY != 0 { "*" } else { "" };
+                        format!("{}{star}", request_name(m.request))
+                    })
+                    .collect();
+                let want = expected_wire(vmm);
+                ensure!(
+                    got == want,
+                    "{}: on the wire\n{got:?}\nwant\n{want:?}",
+                    vmm.profile().name
+                );
+            }
+            Ok(())
+        })(),
+        &s,
+    )
+}

@@ -18,6 +18,7 @@
 //!   crate's `Frontend`, which is what [`ProfileVmm`] uses too.
 
 mod dirty_log;
+pub mod tap;
 mod vmm;
 mod xfer;
 
