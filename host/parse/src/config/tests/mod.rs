@@ -100,7 +100,7 @@ fn flags_minimal_use_peer_defaults() {
     let cfg = ok(&["--socket", "/tmp/v.sock", "--uds-path", "/tmp/vm.vsock"]);
     assert_eq!(cfg.vms, vec![vm(3, "/tmp/v.sock", "/tmp/vm.vsock")]);
     assert_eq!(cfg.vms[0].tx_buffer_size, 262144);
-    assert_eq!(cfg.vms[0].queue_size, 1024);
+    assert_eq!(cfg.vms[0].queue_size, 32768);
     assert_eq!(cfg.vms[0].groups, vec!["default"]);
     assert_eq!(cfg.vms[0].max_connections, 16384);
     assert_eq!(cfg.log_format, LogFormat::Text);
@@ -350,6 +350,7 @@ fn vm_args_from_the_peer_tests() {
     v5.queue_size = 256;
     v5.groups = vec!["group2".into(), "group3".into()];
     let mut v4 = vm(4, "/t/vhost4.socket", "/t/vm4.vsock");
+    v4.queue_size = 1024;
     v4.groups = vec!["group1".into()];
     v4.tx_buffer_size = 65536;
     assert_eq!(
@@ -390,6 +391,7 @@ fn vm_args_from_the_peer_readme() {
     ]);
     let mut v4 = vm(4, "/tmp/vhost4.socket", "/tmp/vm4.vsock");
     v4.tx_buffer_size = 65536;
+    v4.queue_size = 1024;
     assert_eq!(cfg.vms, vec![v4]);
 }
 

@@ -8,6 +8,7 @@ fn yaml_peer_readme_example() {
         fixture("peer-readme-unix.yaml").to_str().unwrap(),
     ]);
     let mut v3 = vm(3, "/tmp/vhost3.socket", "/tmp/vm3.sock");
+    v3.queue_size = 1024;
     v3.groups = vec!["group1".into(), "groupA".into()];
     v3.tx_buffer_size = 65536;
     let mut v4 = vm(4, "/tmp/vhost4.socket", "/tmp/vm4.sock");
