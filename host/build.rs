@@ -59,6 +59,7 @@ const EXPECTED: &[&str] = &[
     "allow_group",
     "port_allowlist",
     "port_allowlist_v1",
+    "peer_allowlist",
     "tcp_bridge",
     "audit",
     "serializer_postcard",

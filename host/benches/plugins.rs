@@ -22,6 +22,27 @@ fn req(id: u64) -> ConnRequest {
         dst: Endpoint { cid: 2, port: 1234 },
         kind: SocketType::Stream,
         from_guest: true,
+        peer: None,
+    }
+}
+
+/// A host program's CONNECT with its identity, as the gate builds it.
+fn host_req(id: u64) -> ConnRequest {
+    ConnRequest {
+        src: Endpoint {
+            cid: 2,
+            port: 1024,
+        },
+        dst: Endpoint { cid: 3, port: 1234 },
+        from_guest: false,
+        peer: Some(PeerIdentity {
+            pid: 4242,
+            uid: 1000,
+            gid: 1000,
+            cgroup: Some("/system.slice/agent.service".into()),
+            security_label: None,
+        }),
+        ..req(id)
     }
 }
 
@@ -67,6 +88,12 @@ fn main() {
     let allow = load(&rt, "allow-group", "");
     let ports = load(&rt, "port-allowlist", "allow=2:1234,3:*;rate=1000000000");
     let audit = load(&rt, "audit", "");
+    let peers = load(
+        &rt,
+        "peer-allowlist",
+        "allow=uid=0:*,gid=5:22,cgroup=/system.slice/agent.service:1234",
+    );
+    let ports_v1 = load(&rt, "port-allowlist-v1", "allow=2:1234,3:*");
 
     println!("pooling allocator: {}", rt.pooling());
     println!("| {:<52} | {:>10} |", "operation", "us/op");
@@ -86,6 +113,40 @@ fn main() {
             label,
             bench(n, |_| {
                 black_box(c.decide(black_box(&r)));
+            }),
+        );
+    }
+    for (label, plugins) in [
+        (
+            "decide host CONNECT with identity, 1 plugin (peer-allowlist)",
+            vec![peers.clone()],
+        ),
+        (
+            "decide host CONNECT with identity, 1 plugin (audit)",
+            vec![audit.clone()],
+        ),
+        (
+            "decide host CONNECT, 1 WIT 0.1.0 plugin (port-allowlist-v1)",
+            vec![ports_v1.clone()],
+        ),
+    ] {
+        let mut c = PolicyChain::new(&rt, "vm3", &plugins).unwrap();
+        let r = host_req(1);
+        assert_eq!(c.decide(&r), vhost_plug::plugin::Decision::Allow, "{label}");
+        row(
+            label,
+            bench(n, |_| {
+                black_box(c.decide(black_box(&r)));
+            }),
+        );
+    }
+    {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&a);
+        row(
+            "read a host peer's identity at accept (cred, pidfd, cgroup)",
+            bench(20_000, |_| {
+                black_box(vhost_plug::peer::PeerIdentity::of_socket(fd));
             }),
         );
     }

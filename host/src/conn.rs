@@ -220,6 +220,9 @@ pub struct Conn {
     /// Ended by RST rather than an orderly shutdown.
     pub was_reset: bool,
     pub initiator: Initiator,
+    /// The host program's identity, read at accept and handed to the gate with the CONNECT
+    /// line (then gone: `None` for every established connection).
+    pub peer: Option<Box<crate::peer::PeerIdentity>>,
     /// Entered while the device handles this connection, so log lines carry its address
     /// (`Span::none()` until the device names it, and when logging is off). In an `Arc`:
     /// handlers clone it to enter it while they borrow the device mutably, and an `Arc` clone
@@ -298,6 +301,7 @@ impl Conn {
             bytes_from_guest: 0,
             was_reset: false,
             initiator: Initiator::Guest,
+            peer: None,
             span: std::sync::Arc::new(tracing::Span::none()),
             rx_cnt: 0,
             fwd_cnt: 0,

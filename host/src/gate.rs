@@ -13,12 +13,14 @@ use tracing::{info, warn};
 use crate::config::RouteSpec;
 use crate::plugin::cache::CacheDir;
 use crate::plugin::types::{ConnRequest, ConnStats, Endpoint, NamedPluginState, Route, SocketType};
+use crate::peer::PeerIdentity;
+use crate::plugin::types as wit;
 use crate::plugin::{
     Bridge, Decision, Plugin, PluginError, PluginKind, PluginRuntime, PluginSpec, PolicyChain,
     RouteAllowlist, RoutePolicy, RuntimeConfig, Serializer,
 };
 use crate::siblings::Registry;
-use crate::stats::{Verdict, VmStats};
+use crate::stats::{Outcome, Verdict, VmStats};
 use crate::vsock::header::SockType;
 
 static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
@@ -51,6 +53,8 @@ pub struct Request {
     pub dst: (u64, u32),
     pub kind: SockType,
     pub from_guest: bool,
+    /// The host program behind a host-initiated connection (`None` for guest connections).
+    pub peer: Option<PeerIdentity>,
 }
 
 pub struct Gate {
@@ -84,9 +88,16 @@ impl Gate {
         self.stats = Some(stats);
     }
 
-    fn count(&self, v: Verdict) {
+    fn count(&self, from_guest: bool, d: &Decision) {
         if let Some(s) = &self.stats {
+            let (v, o) = match d {
+                Decision::Allow => (Verdict::Allow, Outcome::Allow),
+                Decision::Deny { failure: false, .. } => (Verdict::Deny, Outcome::Deny),
+                Decision::Deny { failure: true, .. } => (Verdict::Deny, Outcome::Failure),
+                Decision::Redirect { .. } => (Verdict::Redirect, Outcome::Redirect),
+            };
             s.counters.verdict(v);
+            s.counters.decision(from_guest, o);
         }
     }
 
@@ -166,7 +177,7 @@ impl Gate {
     }
 
     /// Asks the plugins about a new connection.
-    pub fn admit(&mut self, r: &Request) -> Admission {
+    pub fn admit(&mut self, r: Request) -> Admission {
         let id = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
         let req = ConnRequest {
             id,
@@ -184,13 +195,16 @@ impl Gate {
                 SockType::Seqpacket => SocketType::Seqpacket,
             },
             from_guest: r.from_guest,
+            peer: r.peer.map(|p| wit::PeerIdentity {
+                pid: p.pid,
+                uid: p.uid,
+                gid: p.gid,
+                cgroup: p.cgroup,
+                security_label: p.security_label,
+            }),
         };
         let decision = self.chain.decide(&req);
-        self.count(match &decision {
-            Decision::Allow => Verdict::Allow,
-            Decision::Deny { .. } => Verdict::Deny,
-            Decision::Redirect { .. } => Verdict::Redirect,
-        });
+        self.count(req.from_guest, &decision);
         let route = match decision {
             Decision::Deny {
                 plugin,

@@ -19,6 +19,7 @@ pub mod handover;
 pub mod inspect;
 pub mod metrics;
 pub mod migration;
+pub mod peer;
 pub mod plugin;
 pub mod residency;
 pub mod sandbox;

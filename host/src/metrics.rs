@@ -282,6 +282,8 @@ const INITIATORS: [(Initiator, &str); 3] = [
     (Initiator::Sibling, "sibling"),
 ];
 const VERDICTS: [&str; 3] = ["allow", "deny", "redirect"];
+const OUTCOMES: [&str; 4] = ["allow", "deny", "redirect", "failure"];
+const DECIDED_FOR: [&str; 2] = ["guest", "host"];
 const QUEUES: [&str; 3] = ["rx", "tx", "event"];
 const TRANSFER_DIRS: [&str; 2] = ["save", "load"];
 const RESULTS: [&str; 2] = ["ok", "failed"];
@@ -354,6 +356,26 @@ impl Collector for VmCollector {
                         vec![("cid", v.cid.as_str()), ("verdict", *name)],
                         v.stats.counters.verdicts[i].load(r),
                     )
+                })
+            }),
+        )?;
+        family(
+            &mut enc,
+            "policy_decisions",
+            "Decisions of the VM's policy-plugin chain by who opened the connection (guest, host program) and outcome (failure: a plugin failed, the connection was refused).",
+            MetricType::Counter,
+            vms.iter().flat_map(|v| {
+                DECIDED_FOR.iter().enumerate().flat_map(move |(w, who)| {
+                    OUTCOMES.iter().enumerate().map(move |(o, name)| {
+                        (
+                            vec![
+                                ("cid", v.cid.as_str()),
+                                ("initiator", *who),
+                                ("outcome", *name),
+                            ],
+                            v.stats.counters.decisions[w][o].load(r),
+                        )
+                    })
                 })
             }),
         )?;

@@ -35,6 +35,17 @@ pub enum Verdict {
     Redirect = 2,
 }
 
+/// Outcomes of one policy-chain decision, as counted by [`VmCounters::decisions`]. Unlike
+/// [`Verdict`], a deny is split into the plugins' own answer and a plugin failure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Allow = 0,
+    Deny = 1,
+    Redirect = 2,
+    /// A plugin failed (trap, deadline, bad answer, quarantine): refused, fail closed.
+    Failure = 3,
+}
+
 /// State-transfer directions, as counted by [`VmCounters::transfers`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TransferDir {
@@ -56,6 +67,8 @@ pub struct VmCounters {
     pub bytes_to_guest: AtomicU64,
     /// Policy-chain decisions ([`Verdict`] as index).
     pub verdicts: [AtomicU64; 3],
+    /// Policy-chain decisions by initiator (0 = guest, 1 = host program) and [`Outcome`].
+    pub decisions: [[AtomicU64; 4]; 2],
     /// `GET_VRING_BASE` requests, by queue (rx, tx, event).
     pub ring_stops: [AtomicU64; 3],
     /// Device-state transfers: `[direction][0 = ok, 1 = failed]`.
@@ -73,6 +86,11 @@ impl VmCounters {
 
     pub fn verdict(&self, v: Verdict) {
         self.verdicts[v as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a decision on a connection the guest (`from_guest`) or a host program opened.
+    pub fn decision(&self, from_guest: bool, o: Outcome) {
+        self.decisions[usize::from(!from_guest)][o as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn ring_stop(&self, queue: u32) {

@@ -102,7 +102,7 @@ fn port_allowlist_allows_and_denies() -> Result<()> {
     Ok(())
 }
 
-/// One closed connection in the audit plugin's state (schema 1).
+/// One closed connection in the audit plugin's state (schema 2).
 #[derive(Debug)]
 struct AuditRecord {
     dst_port: u32,
@@ -119,7 +119,7 @@ fn audit_state(blob: &[u8]) -> Result<(u64, u64, u64, u64, Vec<AuditRecord>)> {
         .iter()
         .find(|p| p.name == "audit")
         .with_context(|| format!("no audit state among {states:?}"))?;
-    ensure!(st.schema == 1, "audit state schema {}", st.schema);
+    ensure!(st.schema == 2, "audit state schema {}", st.schema);
     let mut r = StateReader::new(&st.data);
     let totals = (r.u64()?, r.u64()?, r.u64()?, r.u64()?);
     let n = r.u32()?;
@@ -127,6 +127,8 @@ fn audit_state(blob: &[u8]) -> Result<(u64, u64, u64, u64, Vec<AuditRecord>)> {
     for _ in 0..n {
         let (_id, _dst_cid, dst_port) = (r.u64()?, r.u64()?, r.u32()?);
         let (to_guest, from_guest, _ms, reset) = (r.u64()?, r.u64()?, r.u64()?, r.u32()?);
+        // Guest-initiated connections carry no host-program identity.
+        ensure!(r.u32()? == 0, "a guest connection with a host identity");
         last.push(AuditRecord {
             dst_port,
             to_guest,

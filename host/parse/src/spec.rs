@@ -16,11 +16,30 @@ pub const BUILTIN_NAMES: &[&str] = &[
     "allow-group",
     "port-allowlist",
     "port-allowlist-v1",
+    "peer-allowlist",
     "tcp-bridge",
     "audit",
     "serializer-postcard",
     "serializer-json",
 ];
+
+/// The versions of the WIT package `vhost-plug:plugin` the daemon loads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WitVersion {
+    /// `vhost-plug:plugin@0.1.0`: no peer identity in `conn-request`.
+    V0_1,
+    /// `vhost-plug:plugin@0.2.0` (current).
+    V0_2,
+}
+
+impl WitVersion {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WitVersion::V0_1 => "0.1.0",
+            WitVersion::V0_2 => "0.2.0",
+        }
+    }
+}
 
 /// The three plugin worlds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
@@ -31,12 +50,19 @@ pub enum PluginKind {
 }
 
 impl PluginKind {
-    /// Fully qualified WIT world name.
-    pub fn world(self) -> &'static str {
-        match self {
-            PluginKind::Policy => "vhost-plug:plugin/policy-plugin@0.1.0",
-            PluginKind::Bridge => "vhost-plug:plugin/bridge-plugin@0.1.0",
-            PluginKind::Serializer => "vhost-plug:plugin/serializer-plugin@0.1.0",
+    /// Fully qualified WIT world name in package version `v`.
+    pub fn world(self, v: WitVersion) -> &'static str {
+        match (self, v) {
+            (PluginKind::Policy, WitVersion::V0_2) => "vhost-plug:plugin/policy-plugin@0.2.0",
+            (PluginKind::Bridge, WitVersion::V0_2) => "vhost-plug:plugin/bridge-plugin@0.2.0",
+            (PluginKind::Serializer, WitVersion::V0_2) => {
+                "vhost-plug:plugin/serializer-plugin@0.2.0"
+            }
+            (PluginKind::Policy, WitVersion::V0_1) => "vhost-plug:plugin/policy-plugin@0.1.0",
+            (PluginKind::Bridge, WitVersion::V0_1) => "vhost-plug:plugin/bridge-plugin@0.1.0",
+            (PluginKind::Serializer, WitVersion::V0_1) => {
+                "vhost-plug:plugin/serializer-plugin@0.1.0"
+            }
         }
     }
 }

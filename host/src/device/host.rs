@@ -82,8 +82,10 @@ impl Device {
             local_port: 0,
             peer_port: 0,
         };
+        let peer = crate::peer::PeerIdentity::of_socket(sock.as_raw_fd()).map(Box::new);
         let mut conn = Conn::new(0, key, kind, sock, State::AwaitConnectLine);
         conn.initiator = Initiator::Host;
+        conn.peer = peer;
         match self.insert(conn, false) {
             Ok(idx) => {
                 self.handshakes += 1;
@@ -137,11 +139,13 @@ impl Device {
         };
         let local_port = self.alloc_host_port(asked);
         let kind = self.conns[idx].kind;
-        let (id, port) = match self.admit(&Request {
+        let peer = self.conns[idx].peer.take().map(|p| *p);
+        let (id, port) = match self.admit(Request {
             src: (HOST_CID, local_port),
             dst: (self.cfg.guest_cid, asked),
             kind,
             from_guest: false,
+            peer,
         }) {
             Admission::Admit {
                 id,

@@ -303,7 +303,7 @@ impl Device {
     }
 
     /// Asks the gate about a new connection; without one, everything is admitted as is.
-    fn admit(&self, r: &Request) -> Admission {
+    fn admit(&self, r: Request) -> Admission {
         match &self.gate {
             None => Admission::Admit {
                 id: 0,

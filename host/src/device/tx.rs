@@ -205,11 +205,12 @@ impl Device {
         if self.at_capacity() {
             return self.reply_rst(h, "connection limit reached");
         }
-        let (id, target) = match self.admit(&Request {
+        let (id, target) = match self.admit(Request {
             src: (h.src_cid, h.src_port),
             dst: (h.dst_cid, h.dst_port),
             kind,
             from_guest: true,
+            peer: None,
         }) {
             Admission::Admit { id, target } => (id, target),
             Admission::Refuse(why) => return self.reply_rst(h, &why),

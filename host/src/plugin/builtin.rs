@@ -10,7 +10,10 @@ macro_rules! wasm {
 pub const ALLOW_GROUP: &[u8] = wasm!("allow_group");
 pub const PORT_ALLOWLIST: &[u8] = wasm!("port_allowlist");
 /// The previous version, kept so an upgrade from it can be rehearsed and saved states of it read.
+/// Built against the frozen `vhost-plug:plugin@0.1.0`, so it also shows plugins of that version
+/// loading and deciding.
 pub const PORT_ALLOWLIST_V1: &[u8] = wasm!("port_allowlist_v1");
+pub const PEER_ALLOWLIST: &[u8] = wasm!("peer_allowlist");
 pub const TCP_BRIDGE: &[u8] = wasm!("tcp_bridge");
 pub const AUDIT: &[u8] = wasm!("audit");
 pub const SERIALIZER_POSTCARD: &[u8] = wasm!("serializer_postcard");
@@ -24,6 +27,7 @@ pub fn get(name: &str) -> Option<&'static [u8]> {
         "allow-group" => ALLOW_GROUP,
         "port-allowlist" => PORT_ALLOWLIST,
         "port-allowlist-v1" => PORT_ALLOWLIST_V1,
+        "peer-allowlist" => PEER_ALLOWLIST,
         "tcp-bridge" => TCP_BRIDGE,
         "audit" => AUDIT,
         "serializer-postcard" => SERIALIZER_POSTCARD,

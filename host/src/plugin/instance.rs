@@ -6,8 +6,8 @@ use std::time::Instant;
 
 use wasmtime::Store;
 
-use super::bindings::{bridge_world, policy_world, serializer_world};
-use super::runtime::{KindPre, RuntimeShared};
+use super::dispatch::World;
+use super::runtime::RuntimeShared;
 use super::store::HostState;
 use super::{FailureKind, Plugin, PluginError, PluginRuntime};
 
@@ -60,42 +60,6 @@ impl PluginCounters {
             total_call_ns: self.total_call_ns.load(r),
             max_call_ns: self.max_call_ns.load(r),
             quarantined: self.quarantined.load(r),
-        }
-    }
-}
-
-pub(crate) trait World: Sized + Send {
-    /// Call budgets (fuel and wall clock) one call of this world gets.
-    const CALL_BUDGETS: u64 = 1;
-    fn instantiate(pre: &KindPre, store: &mut Store<HostState>) -> wasmtime::Result<Self>;
-}
-
-impl World for policy_world::PolicyPlugin {
-    fn instantiate(pre: &KindPre, store: &mut Store<HostState>) -> wasmtime::Result<Self> {
-        match pre {
-            KindPre::Policy(p) => p.instantiate(store),
-            _ => wasmtime::bail!("not a policy plugin"),
-        }
-    }
-}
-
-impl World for bridge_world::BridgePlugin {
-    fn instantiate(pre: &KindPre, store: &mut Store<HostState>) -> wasmtime::Result<Self> {
-        match pre {
-            KindPre::Bridge(p) => p.instantiate(store),
-            _ => wasmtime::bail!("not a bridge plugin"),
-        }
-    }
-}
-
-impl World for serializer_world::SerializerPlugin {
-    /// A serializer walks the whole connection table (16,384 connections by default: about
-    /// 50 million fuel to decode with serializer-postcard), on the save/load thread.
-    const CALL_BUDGETS: u64 = 20;
-    fn instantiate(pre: &KindPre, store: &mut Store<HostState>) -> wasmtime::Result<Self> {
-        match pre {
-            KindPre::Serializer(p) => p.instantiate(store),
-            _ => wasmtime::bail!("not a serializer plugin"),
         }
     }
 }

@@ -1,8 +1,10 @@
 //! WebAssembly plugin runtime (wasmtime component model).
 //!
-//! Plugins implement one of three WIT worlds of `vhost-plug:plugin@0.1.0` (see `wit/`):
+//! Plugins implement one of three WIT worlds of `vhost-plug:plugin@0.2.0` (see `wit/`):
 //! `policy-plugin` (allow / deny / redirect connection requests), `bridge-plugin` (choose a
-//! route) and `serializer-plugin` (device state <-> bytes).
+//! route) and `serializer-plugin` (device state <-> bytes). Plugins built against the frozen
+//! `vhost-plug:plugin@0.1.0` (`wit/0.1.0/`) load and run too: they get the same requests
+//! without the host peer's identity ([`compat`], [`dispatch`]).
 //!
 //! ```text
 //! let rt = PluginRuntime::new(RuntimeConfig::default())?;           // one per daemon
@@ -27,6 +29,9 @@
 mod bindings;
 pub mod builtin;
 pub mod cache;
+mod compat;
+mod detect;
+mod dispatch;
 mod error;
 mod instance;
 pub mod route;
@@ -36,9 +41,12 @@ pub mod validate;
 mod worlds;
 
 #[cfg(test)]
+mod peer_tests;
+#[cfg(test)]
 mod tests;
 
 pub use crate::spec::{PluginKind, PluginSource, PluginSpec, SpecError};
+pub use dispatch::WitVersion;
 pub use error::{FailureKind, PluginError};
 pub use instance::{PluginCounters, PluginStats, LATENCY_BUCKETS_NS};
 pub use route::{tcp_route_port, NoSiblings, RouteAllowlist, RouteCheck, RouteError, SiblingCheck};
@@ -53,8 +61,8 @@ pub mod types {
     pub use super::bindings::host::LogLevel;
     pub use super::bindings::types::{
         ConnRequest, ConnState, ConnStats, Connection, Credit, DeviceState, Endpoint,
-        EventQueueOwner, EventQueueState, NamedPluginState, OwedOps, PluginState, Route,
-        ShutdownFlags, SocketType, Verdict,
+        EventQueueOwner, EventQueueState, NamedPluginState, OwedOps, PeerIdentity, PluginState,
+        Route, ShutdownFlags, SocketType, Verdict,
     };
 }
 

@@ -11,8 +11,10 @@ use wasmtime::{
     Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreLimitsBuilder,
 };
 
-use super::bindings::{bridge_world, policy_world, serializer_world};
-use super::cache::{hex, ArtifactCache, CacheDir};
+use super::bindings::{policy_world, v0_1};
+use super::cache::{ArtifactCache, CacheDir};
+use super::detect::KindPre;
+use super::dispatch::WitVersion;
 use super::store::HostState;
 use super::{PluginError, PluginKind, PluginSource, PluginSpec};
 
@@ -109,7 +111,9 @@ impl Default for RuntimeConfig {
 #[derive(Debug, Clone)]
 pub struct PluginInfo {
     pub kind: PluginKind,
-    /// WIT world name, e.g. `vhost-plug:plugin/policy-plugin@0.1.0`.
+    /// The WIT package version the component was built against.
+    pub version: WitVersion,
+    /// WIT world name, e.g. `vhost-plug:plugin/policy-plugin@0.2.0`.
     pub world: &'static str,
     /// Component imports (interface names).
     pub imports: Vec<String>,
@@ -316,6 +320,11 @@ impl PluginRuntime {
             |s| s,
         )
         .map_err(|e| PluginError::Engine(format!("host functions: {e}")))?;
+        v0_1::policy_world::PolicyPlugin::add_to_linker::<HostState, HasSelf<HostState>>(
+            &mut linker,
+            |s| s,
+        )
+        .map_err(|e| PluginError::Engine(format!("host functions (0.1.0): {e}")))?;
 
         let stop = Arc::new(AtomicBool::new(false));
         let ctl = Arc::new(TickerCtl::default());
@@ -476,109 +485,8 @@ impl PluginRuntime {
         }
         Ok(component)
     }
-
-    fn inspect(
-        &self,
-        component: &Component,
-        bytes: &[u8],
-    ) -> Result<(PluginInfo, KindPre), PluginError> {
-        let engine = &self.shared.engine;
-        let ty = component.component_type();
-        let imports: Vec<String> = ty.imports(engine).map(|(n, _)| n.to_string()).collect();
-        let exports: Vec<String> = ty.exports(engine).map(|(n, _)| n.to_string()).collect();
-        let has = |iface: &str| exports.iter().any(|e| iface_matches(e, iface));
-        let candidates = [
-            (PluginKind::Policy, &["policy", "stateful"][..]),
-            (PluginKind::Bridge, &["bridge", "stateful"][..]),
-            (PluginKind::Serializer, &["serializer"][..]),
-        ];
-        let mut problems = Vec::new();
-        // The world whose distinguishing export is present decides; otherwise report for all.
-        let matching: Vec<_> = candidates.iter().filter(|(_, ifs)| has(ifs[0])).collect();
-        if matching.is_empty() {
-            problems.push(format!(
-                "exports none of `{p}policy{v}`, `{p}bridge{v}`, `{p}serializer{v}` (exports: [{}])",
-                exports.join(", "),
-                p = "vhost-plug:plugin/",
-                v = "@0.1.0",
-            ));
-        }
-        if matching.len() > 1 {
-            problems.push(format!(
-                "exports more than one plugin interface: [{}]",
-                exports.join(", ")
-            ));
-        }
-        if matching.len() == 1 {
-            let (kind, ifs) = matching[0];
-            for i in ifs.iter().filter(|i| !has(i)) {
-                problems.push(format!(
-                    "{} world: missing export `vhost-plug:plugin/{i}@0.1.0`",
-                    kind.world()
-                ));
-            }
-            if problems.is_empty() {
-                match self.pre(component, *kind) {
-                    Ok(pre) => {
-                        let wasi_imports = imports
-                            .iter()
-                            .filter(|i| i.starts_with("wasi:"))
-                            .cloned()
-                            .collect();
-                        let info = PluginInfo {
-                            kind: *kind,
-                            world: kind.world(),
-                            imports,
-                            exports,
-                            wasi_imports,
-                            size: bytes.len(),
-                            sha256: hex(&Sha256::digest(bytes)),
-                        };
-                        return Ok((info, pre));
-                    }
-                    Err(e) => problems.push(format!("{} world: {e}", kind.world())),
-                }
-            }
-        }
-        Err(PluginError::NotAPlugin { problems })
-    }
-
-    /// Link imports and type-check exports for one world. Errors name the unsatisfied import or
-    /// the export whose type does not match.
-    fn pre(&self, component: &Component, kind: PluginKind) -> Result<KindPre, String> {
-        let ipre = self
-            .shared
-            .linker
-            .instantiate_pre(component)
-            .map_err(|e| format!("{e:#}"))?;
-        Ok(match kind {
-            PluginKind::Policy => KindPre::Policy(
-                policy_world::PolicyPluginPre::new(ipre).map_err(|e| format!("{e:#}"))?,
-            ),
-            PluginKind::Bridge => KindPre::Bridge(
-                bridge_world::BridgePluginPre::new(ipre).map_err(|e| format!("{e:#}"))?,
-            ),
-            PluginKind::Serializer => KindPre::Serializer(
-                serializer_world::SerializerPluginPre::new(ipre).map_err(|e| format!("{e:#}"))?,
-            ),
-        })
-    }
 }
 
-/// `vhost-plug:plugin/policy@0.1.x` matches `policy` (any 0.1 patch version).
-fn iface_matches(export: &str, iface: &str) -> bool {
-    let Some(rest) = export.strip_prefix("vhost-plug:plugin/") else {
-        return false;
-    };
-    let (name, version) = rest.split_once('@').unwrap_or((rest, ""));
-    name == iface && (version.is_empty() || version.starts_with("0.1."))
-}
-
-pub(crate) enum KindPre {
-    Policy(policy_world::PolicyPluginPre<HostState>),
-    Bridge(bridge_world::BridgePluginPre<HostState>),
-    Serializer(serializer_world::SerializerPluginPre<HostState>),
-}
 
 pub(crate) struct PluginInner {
     pub(crate) name: Arc<str>,

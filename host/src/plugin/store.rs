@@ -8,7 +8,8 @@ use wasmtime::component::ResourceTable;
 use wasmtime::{ResourceLimiter, StoreLimits};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use super::bindings::{host, policy_world};
+use super::bindings::{host, policy_world, v0_1};
+use super::compat;
 
 /// Per-store host data: WASI context with nothing granted, limits and the plugin's identity.
 pub(crate) struct HostState {
@@ -72,6 +73,22 @@ impl WasiView for HostState {
 }
 
 impl policy_world::vhost_plug::plugin::types::Host for HostState {}
+impl v0_1::types::Host for HostState {}
+
+/// A 0.1.0 plugin gets the same host functions.
+impl v0_1::host::Host for HostState {
+    fn log(&mut self, level: v0_1::host::LogLevel, msg: String) {
+        host::Host::log(self, compat::log_level(level), msg)
+    }
+
+    fn now_ns(&mut self) -> u64 {
+        host::Host::now_ns(self)
+    }
+
+    fn config(&mut self) -> String {
+        host::Host::config(self)
+    }
+}
 
 impl host::Host for HostState {
     fn log(&mut self, level: host::LogLevel, msg: String) {

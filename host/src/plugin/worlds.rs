@@ -1,9 +1,7 @@
 //! Per-VM plugin instances: the policy chain, a bridge and a serializer.
 use std::sync::Arc;
 
-use wasmtime::Store;
-
-use super::bindings::{bridge_world, policy_world, serializer_world};
+use super::dispatch::{BridgeImpl, PolicyImpl, SerializerImpl, Stateful, World};
 use super::instance::{PluginCounters, PluginStats, Slot};
 use super::route::{NoSiblings, RouteAllowlist, RouteCheck, SiblingCheck};
 use super::store::HostState;
@@ -62,43 +60,7 @@ impl RoutePolicy {
     }
 }
 
-/// Worlds that export `stateful`.
-pub(crate) trait Stateful {
-    fn export(&self, s: &mut Store<HostState>) -> wasmtime::Result<PluginState>;
-    fn import(
-        &self,
-        s: &mut Store<HostState>,
-        st: &PluginState,
-    ) -> wasmtime::Result<Result<(), String>>;
-}
-
-impl Stateful for policy_world::PolicyPlugin {
-    fn export(&self, s: &mut Store<HostState>) -> wasmtime::Result<PluginState> {
-        self.vhost_plug_plugin_stateful().call_export_state(s)
-    }
-    fn import(
-        &self,
-        s: &mut Store<HostState>,
-        st: &PluginState,
-    ) -> wasmtime::Result<Result<(), String>> {
-        self.vhost_plug_plugin_stateful().call_import_state(s, st)
-    }
-}
-
-impl Stateful for bridge_world::BridgePlugin {
-    fn export(&self, s: &mut Store<HostState>) -> wasmtime::Result<PluginState> {
-        self.vhost_plug_plugin_stateful().call_export_state(s)
-    }
-    fn import(
-        &self,
-        s: &mut Store<HostState>,
-        st: &PluginState,
-    ) -> wasmtime::Result<Result<(), String>> {
-        self.vhost_plug_plugin_stateful().call_import_state(s, st)
-    }
-}
-
-impl<W: super::instance::World + Stateful> Slot<W> {
+impl<W: World + Stateful> Slot<W> {
     fn export_state(&mut self, limits: &super::ReturnLimits) -> Result<PluginState, PluginError> {
         self.call(
             "export-state",
@@ -135,7 +97,7 @@ fn expect_kind(p: &Plugin, kind: PluginKind) -> Result<(), PluginError> {
 pub struct PolicyChain {
     rt: PluginRuntime,
     vm: String,
-    slots: Vec<Slot<policy_world::PolicyPlugin>>,
+    slots: Vec<Slot<PolicyImpl>>,
     routes: RoutePolicy,
 }
 
@@ -196,7 +158,7 @@ impl PolicyChain {
         for slot in &mut self.slots {
             let r = slot.call(
                 "on-connect",
-                |s, w| w.vhost_plug_plugin_policy().call_on_connect(s, req),
+                |s, w| w.on_connect(s, req),
                 |v| {
                     match &v {
                         Verdict::Allow => {}
@@ -236,9 +198,7 @@ impl PolicyChain {
     /// Report a closed connection to every plugin (failures are counted, nothing else).
     pub fn on_close(&mut self, id: u64, stats: &ConnStats) {
         for slot in &mut self.slots {
-            let _ = slot.notify("on-close", |s, w| {
-                w.vhost_plug_plugin_policy().call_on_close(s, id, *stats)
-            });
+            let _ = slot.notify("on-close", |s, w| w.on_close(s, id, *stats));
         }
     }
 
@@ -312,7 +272,7 @@ impl PolicyChain {
 /// A bridge plugin instance of one VM.
 pub struct Bridge {
     rt: PluginRuntime,
-    slot: Slot<bridge_world::BridgePlugin>,
+    slot: Slot<BridgeImpl>,
     routes: RoutePolicy,
 }
 
@@ -358,7 +318,7 @@ impl Bridge {
         let routes = &self.routes;
         let r = self.slot.call(
             "route",
-            |s, w| w.vhost_plug_plugin_bridge().call_route(s, req),
+            |s, w| w.route(s, req),
             |r| {
                 match &r {
                     Ok(route) => routes.check(req, route)?,
@@ -414,7 +374,7 @@ impl Bridge {
 /// A serializer plugin instance (one per VM is enough; save/restore is rare).
 pub struct Serializer {
     rt: PluginRuntime,
-    slot: Slot<serializer_world::SerializerPlugin>,
+    slot: Slot<SerializerImpl>,
 }
 
 impl Serializer {
@@ -440,7 +400,7 @@ impl Serializer {
         let limits = &self.rt.shared.cfg.returns;
         let r = self.slot.call(
             "encode",
-            |s, w| w.vhost_plug_plugin_serializer().call_encode(s, state),
+            |s, w| w.encode(s, state),
             |r| {
                 if let Ok(b) = &r {
                     if b.len() > limits.max_blob {
@@ -473,7 +433,7 @@ impl Serializer {
         }
         let r = self.slot.call(
             "decode",
-            |s, w| w.vhost_plug_plugin_serializer().call_decode(s, blob),
+            |s, w| w.decode(s, blob),
             Ok,
         )?;
         let state = r.map_err(|m| PluginError::Refused {

@@ -1,8 +1,10 @@
 //! audit: allow every connection and keep an audit trail of closed connections.
 //!
-//! State (schema 1): totals (connections, resets, bytes each way) and the last 64 closed
-//! connections (id, destination, bytes, duration, reset). Exported with the device state, so the
-//! trail survives plugin swaps, handover and migration. Config: none.
+//! State (schema 2): totals (connections, resets, bytes each way) and the last 64 closed
+//! connections (id, destination, bytes, duration, reset, and for a connection a host program
+//! opened its identity: pid, uid, gid, cgroup). Exported with the device state, so the trail
+//! survives plugin swaps, handover and migration. Reads schema 1 (no identities). Each host
+//! program's connect is also logged with its identity. Config: none.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, VecDeque};
@@ -11,6 +13,44 @@ use vhost_plug_sdk_policy::*;
 const KEEP: usize = 64;
 /// Open connections remembered (for their destination); beyond this the oldest are forgotten.
 const MAX_OPEN: usize = 65_536;
+/// Longest cgroup path kept per record (longer ones are cut), so the trail stays small.
+const MAX_CGROUP: usize = 128;
+
+/// A host program's identity as recorded.
+#[derive(Clone, Default)]
+struct Peer {
+    pid: u32,
+    uid: u32,
+    gid: u32,
+    /// Empty when unknown.
+    cgroup: String,
+}
+
+impl Peer {
+    fn of(p: &PeerIdentity) -> Self {
+        let mut cgroup = p.cgroup.clone().unwrap_or_default();
+        if cgroup.len() > MAX_CGROUP {
+            let mut end = MAX_CGROUP;
+            while !cgroup.is_char_boundary(end) {
+                end -= 1;
+            }
+            cgroup.truncate(end);
+        }
+        Peer {
+            pid: p.pid,
+            uid: p.uid,
+            gid: p.gid,
+            cgroup,
+        }
+    }
+}
+
+/// What is remembered of an open connection until it closes.
+struct Open {
+    dst_cid: u64,
+    dst_port: u32,
+    peer: Option<Peer>,
+}
 
 #[derive(Clone)]
 struct Record {
@@ -21,6 +61,7 @@ struct Record {
     from_guest: u64,
     duration_ms: u64,
     reset: bool,
+    peer: Option<Peer>,
 }
 
 #[derive(Default)]
@@ -29,7 +70,7 @@ struct Audit {
     resets: u64,
     bytes_to_guest: u64,
     bytes_from_guest: u64,
-    open: BTreeMap<u64, (u64, u32)>,
+    open: BTreeMap<u64, Open>,
     last: VecDeque<Record>,
 }
 
@@ -46,7 +87,30 @@ impl PolicyPlugin for AuditPolicy {
             if a.open.len() >= MAX_OPEN {
                 a.open.pop_first();
             }
-            a.open.insert(req.id, (req.dst.cid, req.dst.port));
+            let peer = req.peer.as_ref().map(Peer::of);
+            if let Some(p) = &peer {
+                log(
+                    LogLevel::Info,
+                    &format!(
+                        "audit: host program pid {} uid {} gid {} cgroup {} connects to {}:{} (id {})",
+                        p.pid,
+                        p.uid,
+                        p.gid,
+                        if p.cgroup.is_empty() { "(unknown)" } else { &p.cgroup },
+                        req.dst.cid,
+                        req.dst.port,
+                        req.id
+                    ),
+                );
+            }
+            a.open.insert(
+                req.id,
+                Open {
+                    dst_cid: req.dst.cid,
+                    dst_port: req.dst.port,
+                    peer,
+                },
+            );
         });
         Verdict::Allow
     }
@@ -54,7 +118,10 @@ impl PolicyPlugin for AuditPolicy {
     fn on_close(id: u64, stats: ConnStats) {
         AUDIT.with(|a| {
             let mut a = a.borrow_mut();
-            let (dst_cid, dst_port) = a.open.remove(&id).unwrap_or((0, 0));
+            let (dst_cid, dst_port, peer) = match a.open.remove(&id) {
+                Some(o) => (o.dst_cid, o.dst_port, o.peer),
+                None => (0, 0, None),
+            };
             a.connections += 1;
             a.resets += stats.reset as u64;
             a.bytes_to_guest = a.bytes_to_guest.wrapping_add(stats.bytes_to_guest);
@@ -70,6 +137,7 @@ impl PolicyPlugin for AuditPolicy {
                 from_guest: stats.bytes_from_guest,
                 duration_ms: stats.duration_ms,
                 reset: stats.reset,
+                peer,
             });
         });
     }
@@ -89,17 +157,25 @@ impl PolicyPlugin for AuditPolicy {
                     .u64(r.from_guest)
                     .u64(r.duration_ms)
                     .u32(r.reset as u32);
+                match &r.peer {
+                    None => {
+                        w.u32(0);
+                    }
+                    Some(p) => {
+                        w.u32(1).u32(p.pid).u32(p.uid).u32(p.gid).str(&p.cgroup);
+                    }
+                }
             }
             PluginState {
-                schema: 1,
+                schema: 2,
                 data: w.finish(),
             }
         })
     }
 
     fn import_state(s: PluginState) -> Result<(), String> {
-        if s.schema != 1 {
-            return Err(format!("audit reads state schema 1, got {}", s.schema));
+        if s.schema != 1 && s.schema != 2 {
+            return Err(format!("audit reads state schemas 1-2, got {}", s.schema));
         }
         let mut r = StateReader::new(&s.data);
         let mut a = Audit {
@@ -119,6 +195,22 @@ impl PolicyPlugin for AuditPolicy {
                 from_guest: r.u64()?,
                 duration_ms: r.u64()?,
                 reset: r.u32()? != 0,
+                peer: None,
+            };
+            let rec = if s.schema == 2 && r.u32()? != 0 {
+                let peer = Peer::of(&PeerIdentity {
+                    pid: r.u32()?,
+                    uid: r.u32()?,
+                    gid: r.u32()?,
+                    cgroup: Some(r.str()?.to_string()),
+                    security_label: None,
+                });
+                Record {
+                    peer: Some(peer),
+                    ..rec
+                }
+            } else {
+                rec
             };
             if a.last.len() == KEEP {
                 a.last.pop_front();

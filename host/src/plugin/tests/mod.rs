@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use super::types::*;
 use super::*;
 
-fn wasm(name: &str) -> Vec<u8> {
+pub(super) fn wasm(name: &str) -> Vec<u8> {
     let p = PathBuf::from(builtin::BUILD_DIR).join(format!("{name}.wasm"));
     std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
@@ -14,7 +14,7 @@ fn wasm(name: &str) -> Vec<u8> {
 /// Shared runtime. Its deadline is generous so that a test thread descheduled on a loaded CI
 /// machine does not turn a legitimate call into a deadline failure; `deadline_is_near_configured`
 /// checks a short deadline on its own runtime.
-fn rt() -> &'static PluginRuntime {
+pub(super) fn rt() -> &'static PluginRuntime {
     static RT: OnceLock<PluginRuntime> = OnceLock::new();
     RT.get_or_init(|| {
         PluginRuntime::new(RuntimeConfig {
@@ -25,16 +25,16 @@ fn rt() -> &'static PluginRuntime {
     })
 }
 
-fn load(name: &str, config: &str) -> Plugin {
+pub(super) fn load(name: &str, config: &str) -> Plugin {
     rt().load_bytes(name, &wasm(name), config).expect("load")
 }
 
-fn chain(names: &[(&str, &str)]) -> PolicyChain {
+pub(super) fn chain(names: &[(&str, &str)]) -> PolicyChain {
     let plugins: Vec<Plugin> = names.iter().map(|(n, c)| load(n, c)).collect();
     PolicyChain::new(rt(), "vm3", &plugins).expect("chain")
 }
 
-fn req(id: u64, cid: u64, port: u32) -> ConnRequest {
+pub(super) fn req(id: u64, cid: u64, port: u32) -> ConnRequest {
     ConnRequest {
         id,
         vm: "vm3".into(),
@@ -45,10 +45,11 @@ fn req(id: u64, cid: u64, port: u32) -> ConnRequest {
         dst: Endpoint { cid, port },
         kind: SocketType::Stream,
         from_guest: true,
+        peer: None,
     }
 }
 
-fn denied(d: &Decision) -> (String, bool) {
+pub(super) fn denied(d: &Decision) -> (String, bool) {
     match d {
         Decision::Deny {
             reason, failure, ..
@@ -280,7 +281,7 @@ fn audit_records_closes() {
         },
     );
     let st = c.export_state().unwrap().remove(0).state;
-    assert_eq!(st.schema, 1);
+    assert_eq!(st.schema, 2);
     let u64_at = |i: usize| u64::from_le_bytes(st.data[i * 8..i * 8 + 8].try_into().unwrap());
     assert_eq!((u64_at(0), u64_at(1), u64_at(2), u64_at(3)), (2, 1, 101, 7));
     // Carried into a new instance (e.g. after migration).

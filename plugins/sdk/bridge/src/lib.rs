@@ -35,7 +35,7 @@ pub fn config() -> String {
 
 pub use crate::world::vhost_plug::plugin::host::LogLevel;
 pub use crate::world::vhost_plug::plugin::types::{
-    ConnRequest, Endpoint, PluginState, Route, SocketType,
+    ConnRequest, Endpoint, PeerIdentity, PluginState, Route, SocketType,
 };
 pub use vhost_plug_sdk::{config_items, StateReader, StateWriter};
 
