@@ -61,6 +61,7 @@ const EXPECTED: &[&str] = &[
     "port_allowlist_v1",
     "peer_allowlist",
     "tcp_bridge",
+    "proxy_bridge",
     "audit",
     "serializer_postcard",
     "serializer_json",

@@ -29,10 +29,7 @@ fn req(id: u64) -> ConnRequest {
 /// A host program's CONNECT with its identity, as the gate builds it.
 fn host_req(id: u64) -> ConnRequest {
     ConnRequest {
-        src: Endpoint {
-            cid: 2,
-            port: 1024,
-        },
+        src: Endpoint { cid: 2, port: 1024 },
         dst: Endpoint { cid: 3, port: 1234 },
         from_guest: false,
         peer: Some(PeerIdentity {

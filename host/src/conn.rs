@@ -66,8 +66,11 @@ pub enum State {
     Requesting(AcceptReply),
     /// Guest connected to a sibling VM; waiting for that VM's guest to accept.
     SiblingConnecting,
-    /// Guest connected to a TCP route; the non-blocking connect has not finished.
-    TcpConnecting,
+    /// Guest connected to a TCP route; the non-blocking connect has not finished. `proxy`:
+    /// the route wants a PROXY protocol v2 header first ([`crate::proxy`]).
+    TcpConnecting {
+        proxy: bool,
+    },
     Established,
 }
 

@@ -39,6 +39,10 @@ pub enum Target {
         cid: u64,
         port: u32,
     },
+    /// Like `Unix` and `Tcp`, but the connection starts with a PROXY protocol v2 header
+    /// naming the guest ([`crate::proxy`]). Guest-initiated connections only.
+    ProxyUnix(PathBuf),
+    ProxyTcp(SocketAddr),
 }
 
 /// The gate's answer for one connection.
@@ -211,10 +215,12 @@ impl Gate {
                 reason,
                 failure,
             } => {
+                // A host program is named by its credentials (the reason may not say).
+                let peer = req.peer.as_ref().map(|p| (p.pid, p.uid, p.gid));
                 if failure {
-                    warn!(vm = %self.vm, %plugin, %reason, "plugin failed; connection refused");
+                    warn!(vm = %self.vm, %plugin, %reason, ?peer, "plugin failed; connection refused");
                 } else {
-                    info!(vm = %self.vm, %plugin, %reason, "connection denied by policy");
+                    info!(vm = %self.vm, %plugin, %reason, ?peer, "connection denied by policy");
                 }
                 return self.refuse(id, reason);
             }
@@ -280,6 +286,8 @@ fn target_of(route: Route) -> Result<Target, String> {
             cid: e.cid,
             port: e.port,
         },
+        Route::ProxyUnix(p) => Target::ProxyUnix(PathBuf::from(p)),
+        Route::ProxyTcp(t) => Target::ProxyTcp(parse_tcp_target(&t)?),
     })
 }
 

@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod migration;
 pub mod peer;
 pub mod plugin;
+pub mod proxy;
 pub mod residency;
 pub mod sandbox;
 pub mod scaffold;

@@ -139,7 +139,9 @@ fn host_peer_identity_decides() -> Result<()> {
     loop {
         let blob = snapshot(&mut vm, HOST_TIMEOUT)?;
         let ids = audit_identities(&blob)?;
-        let ours = ids.iter().filter(|i| **i == (pid, uid, gid, cgroup.clone()));
+        let ours = ids
+            .iter()
+            .filter(|i| **i == (pid, uid, gid, cgroup.clone()));
         if ours.count() >= 3 {
             ensure!(
                 ids.iter().all(|i| *i == (pid, uid, gid, cgroup.clone())),

@@ -18,6 +18,7 @@ pub const BUILTIN_NAMES: &[&str] = &[
     "port-allowlist-v1",
     "peer-allowlist",
     "tcp-bridge",
+    "proxy-bridge",
     "audit",
     "serializer-postcard",
     "serializer-json",

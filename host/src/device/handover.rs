@@ -59,7 +59,7 @@ fn record(c: &Conn, fd_index: Option<u32>) -> Connection {
         }
         State::Established => ConnState::Established,
         State::Requesting(_) | State::AwaitConnectLine => ConnState::Connecting,
-        State::SiblingConnecting | State::TcpConnecting => ConnState::Closing,
+        State::SiblingConnecting | State::TcpConnecting { .. } => ConnState::Closing,
     };
     let movable = state != ConnState::Closing;
     let mut owed = OwedOps::empty();

@@ -13,6 +13,7 @@ use super::{
 use crate::conn::{pending, AcceptReply, Conn, ConnKey, Initiator, State};
 use crate::connect::{parse_connect_line, MAX_CONNECT_LINE};
 use crate::gate::{Admission, Request, Target};
+use crate::proxy::VsockAddrs;
 use crate::siblings::SiblingConnect;
 use crate::sys;
 use crate::vsock::header::{SockType, HOST_CID};
@@ -268,7 +269,7 @@ impl Device {
         match c.state {
             State::AwaitConnectLine => self.read_connect_line(idx),
             State::SiblingConnecting => self.sibling_answer(idx),
-            State::TcpConnecting => self.tcp_connected(idx, ev),
+            State::TcpConnecting { proxy } => self.tcp_connected(idx, ev, proxy),
             State::Requesting(_) | State::Established => self.wake_rx(idx),
         }
     }
@@ -305,19 +306,39 @@ impl Device {
     }
 
     /// A TCP route's non-blocking connect finished, one way or the other.
-    fn tcp_connected(&mut self, idx: usize, ev: EventSet) {
+    fn tcp_connected(&mut self, idx: usize, ev: EventSet, proxy: bool) {
         if !ev.intersects(EventSet::OUT | EventSet::ERROR | EventSet::HANG_UP) {
             return;
         }
+        let c = &self.conns[idx];
+        let fd = c.fd.as_raw_fd();
+        let addrs = self.proxy_addrs(c.id, c.key.peer_port, c.key.local_cid, c.key.local_port);
+        let connected = sys::take_error(fd).and_then(|e| match e {
+            Some(e) => Err(e),
+            None if proxy => send_proxy_header(fd, &addrs),
+            None => Ok(()),
+        });
         let c = &mut self.conns[idx];
-        match sys::take_error(c.fd.as_raw_fd()) {
-            Ok(None) => {
+        match connected {
+            Ok(()) => {
                 c.set_state(State::Established);
                 c.pending |= pending::RESPONSE;
                 self.sense_peer_shutdown(idx, EventSet::empty());
                 self.wake_rx(idx);
             }
-            Ok(Some(e)) | Err(e) => self.reset(idx, &format!("tcp connect failed: {e}")),
+            Err(e) => self.reset(idx, &format!("tcp connect failed: {e}")),
+        }
+    }
+
+    /// The addresses a PROXY header names for a guest connection from `guest_port` to
+    /// `(cid, port)`.
+    pub(super) fn proxy_addrs(&self, id: u64, guest_port: u32, cid: u64, port: u32) -> VsockAddrs {
+        VsockAddrs {
+            src_cid: u32::try_from(self.cfg.guest_cid).unwrap_or(u32::MAX),
+            src_port: guest_port,
+            dst_cid: u32::try_from(cid).unwrap_or(u32::MAX),
+            dst_port: port,
+            id,
         }
     }
 
@@ -335,5 +356,18 @@ impl Device {
             Err(e) if sys::would_block(&e) => c.readable = false,
             _ => self.reset(idx, "sibling refused the connection"),
         }
+    }
+}
+
+/// Writes the PROXY v2 header on a just-connected socket. It is the first thing written, so
+/// the socket buffer is empty and it goes out whole; anything else is an error.
+pub(super) fn send_proxy_header(fd: std::os::fd::RawFd, a: &VsockAddrs) -> std::io::Result<()> {
+    let h = crate::proxy::header_v2(a);
+    match sys::send(fd, &h)? {
+        n if n == h.len() => Ok(()),
+        n => Err(std::io::Error::other(format!(
+            "PROXY header cut short ({n} of {} bytes sent)",
+            h.len()
+        ))),
     }
 }

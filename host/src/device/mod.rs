@@ -131,7 +131,7 @@ fn state_name(c: &Conn) -> &'static str {
         State::AwaitConnectLine => "await-connect-line",
         State::Requesting(_) => "requesting",
         State::SiblingConnecting => "sibling-connecting",
-        State::TcpConnecting => "tcp-connecting",
+        State::TcpConnecting { .. } => "tcp-connecting",
         State::Established if c.guest_shut_send || c.host_eof => "half-closed",
         State::Established => "established",
     }

@@ -10,6 +10,7 @@ use virtio_queue::QueueT;
 use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::EventSet;
 
+use super::host::send_proxy_header;
 use super::{Device, MAX_PKT_PAYLOAD};
 use crate::conn::{pending, AcceptReply, Conn, ConnKey, State};
 use crate::frame::{self, FrameHeader};
@@ -238,12 +239,32 @@ impl Device {
                         if done {
                             State::Established
                         } else {
-                            State::TcpConnecting
+                            State::TcpConnecting { proxy: false }
                         },
                     )
                 })
             }
-            Target::Tcp(_) => Err(std::io::Error::other("SEQPACKET cannot go over TCP")),
+            Target::ProxyUnix(path) => {
+                let a = self.proxy_addrs(id, h.src_port, h.dst_cid, h.dst_port);
+                sys::connect(&path, ukind).and_then(|fd| {
+                    send_proxy_header(fd.as_raw_fd(), &a)?;
+                    Ok((fd, State::Established))
+                })
+            }
+            Target::ProxyTcp(addr) if kind == SockType::Stream => {
+                let a = self.proxy_addrs(id, h.src_port, h.dst_cid, h.dst_port);
+                sys::tcp_connect(&addr).and_then(|(fd, done)| {
+                    if done {
+                        send_proxy_header(fd.as_raw_fd(), &a)?;
+                        Ok((fd, State::Established))
+                    } else {
+                        Ok((fd, State::TcpConnecting { proxy: true }))
+                    }
+                })
+            }
+            Target::Tcp(_) | Target::ProxyTcp(_) => {
+                Err(std::io::Error::other("SEQPACKET cannot go over TCP"))
+            }
         };
         let (fd, state) = match opened {
             Ok(o) => o,

@@ -15,6 +15,7 @@ pub const PORT_ALLOWLIST: &[u8] = wasm!("port_allowlist");
 pub const PORT_ALLOWLIST_V1: &[u8] = wasm!("port_allowlist_v1");
 pub const PEER_ALLOWLIST: &[u8] = wasm!("peer_allowlist");
 pub const TCP_BRIDGE: &[u8] = wasm!("tcp_bridge");
+pub const PROXY_BRIDGE: &[u8] = wasm!("proxy_bridge");
 pub const AUDIT: &[u8] = wasm!("audit");
 pub const SERIALIZER_POSTCARD: &[u8] = wasm!("serializer_postcard");
 pub const SERIALIZER_JSON: &[u8] = wasm!("serializer_json");
@@ -29,6 +30,7 @@ pub fn get(name: &str) -> Option<&'static [u8]> {
         "port-allowlist-v1" => PORT_ALLOWLIST_V1,
         "peer-allowlist" => PEER_ALLOWLIST,
         "tcp-bridge" => TCP_BRIDGE,
+        "proxy-bridge" => PROXY_BRIDGE,
         "audit" => AUDIT,
         "serializer-postcard" => SERIALIZER_POSTCARD,
         "serializer-json" => SERIALIZER_JSON,

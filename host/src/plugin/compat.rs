@@ -1,8 +1,10 @@
 //! Conversions between the types of `vhost-plug:plugin@0.1.0` and the current package.
 //!
-//! The two packages differ only in `conn-request` (0.2.0 added `peer`), but the component model
+//! The two packages differ only in `conn-request` (0.2.0 added `peer`) and `route` (0.2.0 added
+//! `proxy-unix` and `proxy-tcp`), but the component model
 //! names every type by its package version, so each version has Rust types of its own. Requests
-//! go down (the 0.1.0 plugin does not see `peer`); answers come up unchanged.
+//! go down (the 0.1.0 plugin does not see `peer`); answers come up unchanged (0.2.0's `route`
+//! is a superset: it added the proxied routes).
 
 use super::bindings::v0_1::{host as old_host, types as old};
 use super::bindings::{host, types as new};

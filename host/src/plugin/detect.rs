@@ -175,7 +175,8 @@ mod tests {
 
     #[test]
     fn export_names() {
-        let v = |e| our_export(e).map(|(n, v)| (n.to_string(), v.map(|r| r.map_err(str::to_string))));
+        let v =
+            |e| our_export(e).map(|(n, v)| (n.to_string(), v.map(|r| r.map_err(str::to_string))));
         assert_eq!(
             v("vhost-plug:plugin/policy@0.1.0"),
             Some(("policy".into(), Some(Ok(WitVersion::V0_1))))

@@ -17,10 +17,7 @@ fn peer(uid: u32, gid: u32, cgroup: Option<&str>) -> PeerIdentity {
 /// A host program's `CONNECT port` to guest 3.
 fn host_req(id: u64, port: u32, p: Option<PeerIdentity>) -> ConnRequest {
     ConnRequest {
-        src: Endpoint {
-            cid: 2,
-            port: 1024,
-        },
+        src: Endpoint { cid: 2, port: 1024 },
         dst: Endpoint { cid: 3, port },
         from_guest: false,
         peer: p,
@@ -58,7 +55,11 @@ fn v0_1_plugin_decides_unchanged() {
         host_req(5, 5000, None),
     ];
     for r in &reqs {
-        assert_eq!(old.decide(r).is_allowed(), new.decide(r).is_allowed(), "{r:?}");
+        assert_eq!(
+            old.decide(r).is_allowed(),
+            new.decide(r).is_allowed(),
+            "{r:?}"
+        );
     }
     assert!(old.decide(&reqs[0]).is_allowed());
     let (reason, failure) = denied(&old.decide(&reqs[1]));
@@ -88,8 +89,16 @@ fn peer_allowlist_rules() {
     // cgroup prefix, whole components only; an unknown cgroup matches no cgroup rule.
     let agent = "/system.slice/agent.service";
     assert!(ok(&mut c, 6000, Some(peer(5, 5, Some(agent)))));
-    assert!(ok(&mut c, 6000, Some(peer(5, 5, Some("/system.slice/agent.service/sub")))));
-    assert!(!ok(&mut c, 6000, Some(peer(5, 5, Some("/system.slice/agent.services")))));
+    assert!(ok(
+        &mut c,
+        6000,
+        Some(peer(5, 5, Some("/system.slice/agent.service/sub")))
+    ));
+    assert!(!ok(
+        &mut c,
+        6000,
+        Some(peer(5, 5, Some("/system.slice/agent.services")))
+    ));
     assert!(!ok(&mut c, 6000, Some(peer(5, 5, None))));
     assert!(!ok(&mut c, 6001, Some(peer(5, 5, Some(agent)))));
     // No identity: denied. Guest connections: not this plugin's business.
@@ -109,8 +118,12 @@ fn peer_allowlist_rules() {
         .is_allowed());
     // A root-wide cgroup prefix and a path containing `:` (the port is after the last one).
     let mut cg = chain(&[("peer_allowlist", "allow=cgroup=/:1,cgroup=/a:b/:2")]);
-    assert!(cg.decide(&host_req(1, 1, Some(peer(1, 1, Some("/x"))))).is_allowed());
-    assert!(cg.decide(&host_req(2, 2, Some(peer(1, 1, Some("/a:b/c"))))).is_allowed());
+    assert!(cg
+        .decide(&host_req(1, 1, Some(peer(1, 1, Some("/x")))))
+        .is_allowed());
+    assert!(cg
+        .decide(&host_req(2, 2, Some(peer(1, 1, Some("/a:b/c")))))
+        .is_allowed());
 }
 
 #[test]
@@ -126,7 +139,10 @@ fn peer_allowlist_bad_config_denies() {
     ] {
         let mut c = chain(&[("peer_allowlist", cfg)]);
         let (reason, _) = denied(&c.decide(&host_req(1, 1, Some(peer(1, 1, None)))));
-        assert!(reason.starts_with("peer-allowlist: bad config: "), "{cfg}: {reason}");
+        assert!(
+            reason.starts_with("peer-allowlist: bad config: "),
+            "{cfg}: {reason}"
+        );
     }
 }
 
@@ -157,14 +173,25 @@ fn audit_records_identity() {
     let peer_at = rec + 8 + 8 + 4 + 8 + 8 + 8 + 4;
     assert_eq!(u32_at(peer_at), 1);
     assert_eq!(
-        (u32_at(peer_at + 4), u32_at(peer_at + 8), u32_at(peer_at + 12)),
+        (
+            u32_at(peer_at + 4),
+            u32_at(peer_at + 8),
+            u32_at(peer_at + 12)
+        ),
         (4242, 1000, 100)
     );
     let len = u32_at(peer_at + 16) as usize;
     assert_eq!(len, 128, "cgroup cut to 128 bytes");
-    assert_eq!(&d[peer_at + 20..peer_at + 20 + len], &long.as_bytes()[..128]);
+    assert_eq!(
+        &d[peer_at + 20..peer_at + 20 + len],
+        &long.as_bytes()[..128]
+    );
     let second = peer_at + 20 + len;
-    assert_eq!(u32_at(second + 8 + 8 + 4 + 8 + 8 + 8 + 4), 0, "guest: no identity");
+    assert_eq!(
+        u32_at(second + 8 + 8 + 4 + 8 + 8 + 8 + 4),
+        0,
+        "guest: no identity"
+    );
 
     // Round trip, and a schema 1 state (no identities) still loads.
     let mut c2 = chain(&[("audit", "")]);

@@ -43,8 +43,8 @@ impl RouteCheck for RouteAllowlist {
     ) -> Result<(), RouteError> {
         match route {
             Route::Default => Ok(()),
-            Route::UnixSocket(p) => self.allows_unix(p),
-            Route::Tcp(t) => self.allows_tcp(t),
+            Route::UnixSocket(p) | Route::ProxyUnix(p) => self.allows_unix(p),
+            Route::Tcp(t) | Route::ProxyTcp(t) => self.allows_tcp(t),
             Route::Vsock(ep) => {
                 // 0 hypervisor, 1 local, 2 host, u32::MAX = VMADDR_CID_ANY.
                 if ep.cid <= 2 || ep.cid >= u64::from(u32::MAX) {

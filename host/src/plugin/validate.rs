@@ -17,11 +17,11 @@ pub(crate) fn reason(s: &str, limits: &ReturnLimits) -> Result<(), String> {
 /// Shape only; the allowlist check is separate.
 pub(crate) fn route_shape(r: &Route) -> Result<(), String> {
     match r {
-        Route::UnixSocket(p) if p.len() > MAX_UNIX_PATH => Err(format!(
+        Route::UnixSocket(p) | Route::ProxyUnix(p) if p.len() > MAX_UNIX_PATH => Err(format!(
             "unix socket path is {} bytes (max {MAX_UNIX_PATH})",
             p.len()
         )),
-        Route::Tcp(t) if t.len() > MAX_TCP_TARGET => Err(format!(
+        Route::Tcp(t) | Route::ProxyTcp(t) if t.len() > MAX_TCP_TARGET => Err(format!(
             "tcp target is {} bytes (max {MAX_TCP_TARGET})",
             t.len()
         )),

@@ -431,11 +431,7 @@ impl Serializer {
                 limits.max_blob
             )));
         }
-        let r = self.slot.call(
-            "decode",
-            |s, w| w.decode(s, blob),
-            Ok,
-        )?;
+        let r = self.slot.call("decode", |s, w| w.decode(s, blob), Ok)?;
         let state = r.map_err(|m| PluginError::Refused {
             plugin: self.slot.name().into(),
             message: validate::truncate(m, 1024),

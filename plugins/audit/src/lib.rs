@@ -3,8 +3,8 @@
 //! State (schema 2): totals (connections, resets, bytes each way) and the last 64 closed
 //! connections (id, destination, bytes, duration, reset, and for a connection a host program
 //! opened its identity: pid, uid, gid, cgroup). Exported with the device state, so the trail
-//! survives plugin swaps, handover and migration. Reads schema 1 (no identities). Each host
-//! program's connect is also logged with its identity. Config: none.
+//! survives plugin swaps, handover and migration. Reads schema 1 (no identities). Config:
+//! none.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, VecDeque};
@@ -88,21 +88,6 @@ impl PolicyPlugin for AuditPolicy {
                 a.open.pop_first();
             }
             let peer = req.peer.as_ref().map(Peer::of);
-            if let Some(p) = &peer {
-                log(
-                    LogLevel::Info,
-                    &format!(
-                        "audit: host program pid {} uid {} gid {} cgroup {} connects to {}:{} (id {})",
-                        p.pid,
-                        p.uid,
-                        p.gid,
-                        if p.cgroup.is_empty() { "(unknown)" } else { &p.cgroup },
-                        req.dst.cid,
-                        req.dst.port,
-                        req.id
-                    ),
-                );
-            }
             a.open.insert(
                 req.id,
                 Open {
