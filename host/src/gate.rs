@@ -11,10 +11,10 @@ use std::time::Instant;
 use tracing::{info, warn};
 
 use crate::config::RouteSpec;
-use crate::plugin::cache::CacheDir;
-use crate::plugin::types::{ConnRequest, ConnStats, Endpoint, NamedPluginState, Route, SocketType};
 use crate::peer::PeerIdentity;
+use crate::plugin::cache::CacheDir;
 use crate::plugin::types as wit;
+use crate::plugin::types::{ConnRequest, ConnStats, Endpoint, NamedPluginState, Route, SocketType};
 use crate::plugin::{
     Bridge, Decision, Plugin, PluginError, PluginKind, PluginRuntime, PluginSpec, PolicyChain,
     RouteAllowlist, RoutePolicy, RuntimeConfig, Serializer,

@@ -220,9 +220,9 @@ impl Device {
         let sibling = match target {
             Target::Vsock { .. } => true,
             Target::Default => h.dst_cid != HOST_CID,
-            Target::Unix(_) | Target::Tcp(_) => false,
+            Target::Unix(_) | Target::Tcp(_) | Target::ProxyUnix(_) | Target::ProxyTcp(_) => false,
         };
-        let tcp = matches!(target, Target::Tcp(_));
+        let tcp = matches!(target, Target::Tcp(_) | Target::ProxyTcp(_));
         let opened = match target {
             Target::Default if h.dst_cid == HOST_CID => {
                 let mut path = self.cfg.uds_path.clone().into_os_string();

@@ -5,8 +5,8 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::Component;
 
 use super::bindings::{bridge_world, policy_world, serializer_world, v0_1};
-use super::dispatch::WitVersion;
 use super::cache::hex;
+use super::dispatch::WitVersion;
 use super::runtime::PluginInfo;
 use super::store::HostState;
 use super::{PluginError, PluginKind, PluginRuntime};

@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{
     Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreLimitsBuilder,
@@ -486,7 +485,6 @@ impl PluginRuntime {
         Ok(component)
     }
 }
-
 
 pub(crate) struct PluginInner {
     pub(crate) name: Arc<str>,

@@ -4,7 +4,6 @@ use std::sync::Arc;
 use super::dispatch::{BridgeImpl, PolicyImpl, SerializerImpl, Stateful, World};
 use super::instance::{PluginCounters, PluginStats, Slot};
 use super::route::{NoSiblings, RouteAllowlist, RouteCheck, SiblingCheck};
-use super::store::HostState;
 use super::types::{
     ConnRequest, ConnStats, DeviceState, NamedPluginState, PluginState, Route, Verdict,
 };
