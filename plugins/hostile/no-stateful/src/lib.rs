@@ -1,8 +1,9 @@
 //! Hostile test plugin: a correct `policy` export and the `host` import, but no `stateful`
-//! export, so `check` must name the missing interface.
+//! export, so `check` must name the missing interface. Built against the 0.1.0 interfaces
+//! (wit/0.1.0), which the daemon still loads.
 
 wit_bindgen::generate!({
-    path: "../../../wit",
+    path: "../../../wit/0.1.0",
     inline: r#"
         package vhost-plug:fixture;
         world no-stateful {
