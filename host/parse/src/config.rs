@@ -13,7 +13,9 @@
 //!
 //! Ours on top: `--max-buffered BYTES` (daemon-wide cap on held guest data),
 //! `--max-connections N` (default for every VM), the per-VM key
-//! `max-connections`/`max_connections`, and `--log-format text|json`.
+//! `max-connections`/`max_connections`, the per-VM key `connect-wait`/`connect_wait` (a
+//! host `CONNECT` the guest refuses is retried until then, [`wait`]), and
+//! `--log-format text|json`.
 //!
 //! What the peer accepts but is unusable (CID below 3, a zero TX buffer, a queue size that is
 //! not a power of two, two VMs on one CID or one socket path) is rejected here with a message
@@ -28,6 +30,7 @@
 mod cli;
 mod metrics_addr;
 mod toml;
+mod wait;
 mod yaml;
 
 use std::ffi::OsString;
@@ -37,6 +40,7 @@ use std::process::ExitCode;
 
 pub use cli::{Command, CtlCommand, PluginCommand, StateCommand};
 pub use metrics_addr::MetricsAddr;
+pub use wait::{parse_connect_wait, MAX_CONNECT_WAIT};
 
 /// Guest CID when none is given (same as the peer).
 pub const DEFAULT_GUEST_CID: u64 = 3;
@@ -89,6 +93,9 @@ pub struct VmConfig {
     /// Routes this VM's plugins may use on top of the daemon's `allow_routes` (TOML
     /// `[vm.routes]`).
     pub allow_routes: Vec<RouteSpec>,
+    /// How long a host `CONNECT` the guest refuses is retried (`connect-wait`, [`wait`]);
+    /// `None`: refused at once, as vhost-device-vsock does.
+    pub connect_wait: Option<std::time::Duration>,
 }
 
 impl VmConfig {
@@ -104,6 +111,7 @@ impl VmConfig {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             plugins: Vec::new(),
             allow_routes: Vec::new(),
+            connect_wait: None,
         }
     }
 }
@@ -348,6 +356,7 @@ struct VmSpec {
     max_connections: Option<usize>,
     plugins: Option<Vec<crate::spec::PluginSpec>>,
     allow_routes: Vec<RouteSpec>,
+    connect_wait: Option<std::time::Duration>,
     warnings: Vec<String>,
 }
 
@@ -366,6 +375,7 @@ impl VmSpec {
             max_connections: self.max_connections.unwrap_or(max_connections),
             plugins: self.plugins.unwrap_or_default(),
             allow_routes: self.allow_routes,
+            connect_wait: self.connect_wait,
         };
         (vm, self.warnings)
     }

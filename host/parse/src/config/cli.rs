@@ -157,7 +157,8 @@ struct Cli {
     /// One VM as comma-separated key=value pairs; repeat for more VMs.
     ///
     /// Keys (`-` or `_`): guest-cid, socket, uds-path, tx-buffer-size, queue-size,
-    /// groups (names joined by '+'), max-connections. socket and uds-path are required.
+    /// groups (names joined by '+'), max-connections, connect-wait (e.g. 5s: a CONNECT the
+    /// guest refuses is retried until then). socket and uds-path are required.
     ///
     /// Example:
     ///   --vm guest-cid=3,socket=/tmp/vhost3.socket,uds-path=/tmp/vm3.vsock,
@@ -340,6 +341,7 @@ impl SingleVm {
             max_connections: None,
             plugins: None,
             allow_routes: Vec::new(),
+            connect_wait: None,
             warnings: Vec::new(),
         })
     }
@@ -525,12 +527,15 @@ pub(super) fn parse_vm_arg(arg: &str) -> Result<VmSpec, String> {
             "max_connections" | "max-connections" => {
                 spec.max_connections = Some(in_key(key, max_connections_value(value))?)
             }
+            "connect_wait" | "connect-wait" => {
+                spec.connect_wait = in_key(key, super::parse_connect_wait(value))?
+            }
             "forward_cid" | "forward-cid" => return Err(format!("{key}: {UNSUPPORTED_FORWARD}")),
             "forward_listen" | "forward-listen" => forward_listen = true,
             _ => {
                 return Err(format!(
                     "unknown key `{key}` (known keys: guest-cid, socket, uds-path, \
-                     tx-buffer-size, queue-size, groups, max-connections)"
+                     tx-buffer-size, queue-size, groups, max-connections, connect-wait)"
                 ))
             }
         }

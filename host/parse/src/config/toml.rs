@@ -32,6 +32,7 @@
 //! queue-size = 1024                # optional
 //! groups = ["default"]             # optional
 //! max-connections = 1024           # optional
+//! connect-wait = "5s"              # optional: retry a host CONNECT the guest refuses
 //! routes = { unix = ["/run/vm3-services"] }   # optional: on top of [routes], this VM only
 //! plugins = { policy = [{ builtin = "port-allowlist", config = "allow=2:22" }] }
 //! ```
@@ -204,6 +205,7 @@ struct Vm {
     queue_size: Option<Spanned<u64>>,
     groups: Option<Vec<String>>,
     max_connections: Option<Spanned<u64>>,
+    connect_wait: Option<Spanned<String>>,
     routes: Option<Routes>,
     plugins: Option<Spanned<Plugins>>,
 }
@@ -549,6 +551,12 @@ impl File<'_> {
                 )?,
                 plugins,
                 allow_routes: routes,
+                connect_wait: match &vm.connect_wait {
+                    Some(v) => super::parse_connect_wait(v.get_ref()).map_err(|m| {
+                        self.error(v.span(), format!("{p}.connect-wait"), m)
+                    })?,
+                    None => None,
+                },
                 warnings: Vec::new(),
             });
         }

@@ -11,6 +11,7 @@
 //!     queue_size: 1024        # optional
 //!     groups: group1+groupA   # optional, '+'-joined (ours: a YAML list also works)
 //!     max_connections: 16384  # optional, ours
+//!     connect_wait: 5s        # optional, ours: retry a refused host CONNECT until then
 //! ```
 //!
 //! Compatibility: like the peer, unknown fields are ignored and `null` means "not given".
@@ -266,6 +267,7 @@ impl<'de> Visitor<'de> for VmSeed<'_> {
         let mut groups = Slot::default();
         let mut max_connections = Slot::default();
         let mut plugins = Slot::default();
+        let mut connect_wait = Slot::default();
         let mut forward_listen = false;
         loop {
             ctx.at(Some(prefix.clone()));
@@ -306,6 +308,13 @@ impl<'de> Visitor<'de> for VmSeed<'_> {
                     let v = map.next_value_seed(PluginsSeed)?;
                     plugins.put(ctx, &prefix, &key, v);
                 }
+                "connect_wait" | "connect-wait" => {
+                    let v = match map.next_value::<Option<String>>()? {
+                        Some(t) => super::parse_connect_wait(&t).map_err(de::Error::custom)?,
+                        None => None,
+                    };
+                    connect_wait.put(ctx, &prefix, &key, v);
+                }
                 "forward_cid" | "forward-cid" => map.next_value_seed(RefuseSeed)?,
                 "forward_listen" | "forward-listen" => {
                     forward_listen |= map.next_value::<Option<IgnoredAny>>()?.is_some();
@@ -338,6 +347,7 @@ impl<'de> Visitor<'de> for VmSeed<'_> {
             max_connections: max_connections.value,
             plugins: plugins.value,
             allow_routes: Vec::new(),
+            connect_wait: connect_wait.value,
             warnings: Vec::new(),
         })
     }

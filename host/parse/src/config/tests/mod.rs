@@ -119,6 +119,7 @@ fn flags_all_in_both_forms() {
         max_connections: 10,
         plugins: Vec::new(),
         allow_routes: Vec::new(),
+        connect_wait: None,
     };
     let spaced = ok(&[
         "--guest-cid",
@@ -415,6 +416,31 @@ fn vm_arg_details() {
 }
 
 #[test]
+fn connect_wait_per_vm() {
+    // Off by default (drop-in); `0` is off too.
+    let cfg = ok(&[
+        "--vm",
+        "socket=/a,uds-path=/b,connect-wait=5s",
+        "--vm",
+        "guest-cid=4,socket=/c,uds-path=/d,connect_wait=250ms",
+        "--vm",
+        "guest-cid=5,socket=/e,uds-path=/f,connect-wait=0",
+        "--vm",
+        "guest-cid=6,socket=/g,uds-path=/h",
+    ]);
+    let waits: Vec<_> = cfg.vms.iter().map(|v| v.connect_wait).collect();
+    assert_eq!(
+        waits,
+        [
+            Some(std::time::Duration::from_secs(5)),
+            Some(std::time::Duration::from_millis(250)),
+            None,
+            None
+        ]
+    );
+}
+
+#[test]
 fn vm_arg_errors() {
     let cases = [
         ("", "expected key=value, found ``"),
@@ -422,7 +448,7 @@ fn vm_arg_errors() {
         ("socket=/a,uds-path", "expected key=value, found `uds-path`"),
         (
             "socket=/a,uds-path=/b,group=x",
-            "unknown key `group` (known keys: guest-cid, socket, uds-path, tx-buffer-size, queue-size, groups, max-connections)",
+            "unknown key `group` (known keys: guest-cid, socket, uds-path, tx-buffer-size, queue-size, groups, max-connections, connect-wait)",
         ),
         ("uds-path=/b", "missing required key `socket`"),
         ("socket=/a", "missing required key `uds-path`"),
@@ -434,6 +460,8 @@ fn vm_arg_errors() {
         ("socket=/a,uds-path=/b,tx-buffer-size=0", "tx-buffer-size: TX buffer size must be greater than 0"),
         ("socket=/a,uds-path=/b,queue_size=48", "queue_size: queue size 48 is not a power of two"),
         ("socket=/a,uds-path=/b,max-connections=0", "max-connections: max connections must be at least 1"),
+        ("socket=/a,uds-path=/b,connect-wait=5", "connect-wait: `5` needs a unit: ms, s or m (e.g. 5s)"),
+        ("socket=/a,uds-path=/b,connect_wait=1h", "connect_wait: `1h`: unknown unit `h` (ms, s or m)"),
         (
             "socket=/a,uds-path=/b,forward_cid=1",
             "forward_cid: vhost-device-vsock's vsock forwarding backend (forward-cid / forward-listen) is not supported by vhost-plug; use uds-path",

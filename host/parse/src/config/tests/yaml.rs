@@ -613,3 +613,23 @@ fn landlock_flags() {
     assert_eq!(kind, ErrorKind::MissingRequiredArgument, "{text}");
     assert!(text.contains("--landlock"), "{text}");
 }
+
+#[test]
+fn yaml_connect_wait() {
+    let f = TempYaml::new(
+        "connwait",
+        "vms:\n  - {socket: /a, uds_path: /b, connect_wait: 3s}\n  - {guest_cid: 4, socket: /c, uds_path: /d, connect_wait: null}\n",
+    );
+    let cfg = ok(&["--config", f.arg()]);
+    assert_eq!(
+        cfg.vms[0].connect_wait,
+        Some(std::time::Duration::from_secs(3))
+    );
+    assert_eq!(cfg.vms[1].connect_wait, None);
+    let bad = TempYaml::new(
+        "connwait-bad",
+        "vms:\n  - {socket: /a, uds_path: /b, connect_wait: 3}\n",
+    );
+    let e = parse_from(["vhost-plug", "--config", bad.arg()]).expect_err("no unit");
+    assert!(e.to_string().contains("needs a unit"), "{e}");
+}

@@ -590,3 +590,19 @@ fn sandbox_table() {
     assert!(cfg.landlock);
     assert_eq!(cfg.landlock_rw, [PathBuf::from("/b")]);
 }
+
+#[test]
+fn connect_wait_per_vm() {
+    let l = parse(&format!("{ONE_VM}connect-wait = '5s'\n")).expect("parses");
+    assert_eq!(
+        l.specs[0].connect_wait,
+        Some(std::time::Duration::from_secs(5))
+    );
+    assert_eq!(parse(ONE_VM).expect("parses").specs[0].connect_wait, None);
+    assert_err(
+        &format!("{ONE_VM}connect-wait = '5 s'\n"),
+        "vm[0].connect-wait",
+        4,
+        "unknown unit",
+    );
+}
