@@ -71,6 +71,9 @@ pub enum State {
     TcpConnecting {
         proxy: bool,
     },
+    /// A host connect the guest refused, to be requested again (`connect-wait`,
+    /// [`crate::connwait`]); nothing is owed to the guest meanwhile.
+    Waiting,
     Established,
 }
 
@@ -226,6 +229,10 @@ pub struct Conn {
     /// The host program's identity, read at accept and handed to the gate with the CONNECT
     /// line (then gone: `None` for every established connection).
     pub peer: Option<Box<crate::peer::PeerIdentity>>,
+    /// A host connect that waits for the guest to listen (`connect-wait`): set from the
+    /// CONNECT line until the guest accepts; it holds one of the device's handshake slots
+    /// all that time. Boxed: one pointer in every connection, the clock only in waiting ones.
+    pub wait: Option<Box<crate::connwait::ConnectWait>>,
     /// Entered while the device handles this connection, so log lines carry its address
     /// (`Span::none()` until the device names it, and when logging is off). In an `Arc`:
     /// handlers clone it to enter it while they borrow the device mutably, and an `Arc` clone
@@ -298,6 +305,7 @@ impl Conn {
             fd,
             state,
             since: Instant::now(),
+            wait: None,
             id: 0,
             opened: Instant::now(),
             bytes_to_guest: 0,
@@ -399,6 +407,12 @@ impl Conn {
     pub fn set_state(&mut self, state: State) {
         self.state = state;
         self.since = Instant::now();
+    }
+
+    /// Holds one of the device's handshake slots: its CONNECT line is incomplete, or it
+    /// waits for the guest to listen.
+    pub fn holds_handshake(&self) -> bool {
+        self.state == State::AwaitConnectLine || self.wait.is_some()
     }
 
     /// Still waiting for the other side to accept or to finish its CONNECT line.

@@ -9,6 +9,7 @@ pub mod backend;
 pub mod budget;
 pub mod conn;
 pub mod connlist;
+pub mod connwait;
 pub mod control;
 pub mod ctlproto;
 pub mod daemon;

@@ -211,6 +211,7 @@ impl Vm {
                 buf_alloc: self.cfg.tx_buffer_size,
                 max_connections: self.cfg.max_connections,
                 budget: self.budget.clone(),
+                connect_wait: self.cfg.connect_wait,
             },
             self.registry.clone(),
         )?;

@@ -83,6 +83,8 @@ pub struct VmSpec {
     pub queue_size: Option<u16>,
     /// Sibling groups (`groups=a+b`); empty means the daemon's default.
     pub groups: Vec<String>,
+    /// `connect-wait=` (vhost-plug only), e.g. `5s`.
+    pub connect_wait: Option<String>,
 }
 
 impl VmSpec {
@@ -95,7 +97,14 @@ impl VmSpec {
             tx_buffer_size: None,
             queue_size: None,
             groups: Vec::new(),
+            connect_wait: None,
         }
+    }
+
+    /// A host CONNECT the guest refuses is retried until `wait` (e.g. `5s`).
+    pub fn connect_wait(mut self, wait: &str) -> Self {
+        self.connect_wait = Some(wait.to_string());
+        self
     }
 
     pub fn groups(mut self, groups: &[&str]) -> Self {
@@ -124,6 +133,9 @@ impl VmSpec {
         }
         if !self.groups.is_empty() {
             s.push_str(&format!(",groups={}", self.groups.join("+")));
+        }
+        if let Some(w) = &self.connect_wait {
+            s.push_str(&format!(",connect-wait={w}"));
         }
         s
     }

@@ -58,7 +58,7 @@ fn record(c: &Conn, fd_index: Option<u32>) -> Connection {
             ConnState::Closing
         }
         State::Established => ConnState::Established,
-        State::Requesting(_) | State::AwaitConnectLine => ConnState::Connecting,
+        State::Requesting(_) | State::AwaitConnectLine | State::Waiting => ConnState::Connecting,
         State::SiblingConnecting | State::TcpConnecting { .. } => ConnState::Closing,
     };
     let movable = state != ConnState::Closing;
@@ -67,6 +67,10 @@ fn record(c: &Conn, fd_index: Option<u32>) -> Connection {
         if c.pending & bit != 0 {
             owed |= op;
         }
+    }
+    if c.state == State::Waiting {
+        // The guest refused the last request: the new daemon asks again.
+        owed |= OwedOps::REQUEST;
     }
     Connection {
         local_cid: c.key.local_cid,
@@ -143,6 +147,7 @@ impl Device {
         self.keys.clear();
         self.rx_list.clear();
         self.handshakes = 0;
+        self.retries.clear();
         self.publish_count();
         info!(
             cid = self.cfg.guest_cid,
@@ -182,11 +187,16 @@ impl Device {
     fn adopt(&mut self, c: Conn) {
         let awaiting = c.state == State::AwaitConnectLine;
         let handshake = c.in_handshake();
+        let slot = c.holds_handshake();
+        let waiting = c.state == State::Waiting;
         let key = c.key;
         match self.insert(c, !awaiting) {
             Ok(idx) => {
-                if awaiting {
+                if slot {
                     self.handshakes += 1;
+                }
+                if waiting {
+                    self.schedule_retry(idx, std::time::Instant::now());
                 }
                 if handshake {
                     self.arm_timer();
@@ -314,6 +324,15 @@ impl Device {
             }
             c.out_msg = r.pending_to_guest.clone();
             c.readable = true;
+            if let (State::Requesting(AcceptReply::HybridOk), Some(d)) =
+                (state, self.cfg.connect_wait)
+            {
+                // The old daemon's deadline is not in the record: this daemon's wait starts.
+                c.wait = Some(Box::new(crate::connwait::ConnectWait::new(
+                    std::time::Instant::now(),
+                    d,
+                )));
+            }
             self.adopt(c);
         }
         Gate::reserve_ids(max_id);

@@ -7,8 +7,8 @@ use tracing::{debug, warn};
 use vmm_sys_util::epoll::{EpollEvent, EventSet};
 
 use super::{
-    Device, MAX_HANDSHAKES, TOKEN_CONNS, TOKEN_LISTEN_SEQ, TOKEN_LISTEN_STREAM, TOKEN_SIBLING,
-    TOKEN_TIMER,
+    Device, MAX_HANDSHAKES, TOKEN_CONNS, TOKEN_LISTEN_SEQ, TOKEN_LISTEN_STREAM, TOKEN_RETRY,
+    TOKEN_SIBLING, TOKEN_TIMER,
 };
 use crate::conn::{pending, AcceptReply, Conn, ConnKey, Initiator, State};
 use crate::connect::{parse_connect_line, MAX_CONNECT_LINE};
@@ -42,6 +42,7 @@ impl Device {
                     TOKEN_SIBLING => self.sibling_requests(),
                     TOKEN_TIMER => self.expire_handshakes(),
                     TOKEN_CONNS => self.publish_conns(),
+                    TOKEN_RETRY => self.retry_due(),
                     tok => self.conn_event(tok, evset),
                 }
             }
@@ -182,7 +183,16 @@ impl Device {
         c.pending = pending::REQUEST;
         c.span.record("local_port", port);
         c.span.record("peer_port", local_port);
-        self.handshakes -= 1;
+        // A connect that may wait for the guest keeps its handshake slot until accepted.
+        match self.cfg.connect_wait {
+            Some(d) => {
+                c.wait = Some(Box::new(crate::connwait::ConnectWait::new(
+                    std::time::Instant::now(),
+                    d,
+                )))
+            }
+            None => self.handshakes -= 1,
+        }
         self.keys.insert(self.conns[idx].key, idx);
         self.publish_count();
         self.note_opened(Initiator::Host);
@@ -271,6 +281,13 @@ impl Device {
             State::SiblingConnecting => self.sibling_answer(idx),
             State::TcpConnecting { proxy } => self.tcp_connected(idx, ev, proxy),
             State::Requesting(_) | State::Established => self.wake_rx(idx),
+            // Only a full close ends the wait: a host that shut its write side after the
+            // CONNECT line still wants the answer.
+            State::Waiting if c.host_hup => {
+                debug!("host went away while waiting for the guest");
+                self.remove(idx)
+            }
+            State::Waiting => {}
         }
     }
 

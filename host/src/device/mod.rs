@@ -9,9 +9,10 @@ mod host;
 mod loglimit;
 mod rx;
 mod tx;
+mod wait;
 
 /// The CONNECT line parser, public for the fuzz targets (`host/fuzz`).
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -51,6 +52,8 @@ const TOKEN_SIBLING: u64 = (1 << 63) | 2;
 const TOKEN_TIMER: u64 = (1 << 63) | 3;
 /// `ctl conns` asks for a snapshot of the table ([`crate::connlist`]).
 const TOKEN_CONNS: u64 = (1 << 63) | 4;
+/// The next host connect waiting for the guest is due ([`wait`]).
+const TOKEN_RETRY: u64 = (1 << 63) | 5;
 
 /// How long a host program may take to send its CONNECT line, and a guest or sibling to
 /// answer a connection request, before the connection is dropped.
@@ -70,6 +73,9 @@ pub struct DeviceConfig {
     pub max_connections: usize,
     /// The daemon-wide budget every window is reserved from.
     pub budget: Arc<crate::budget::Budget>,
+    /// How long a host connect the guest refuses is requested again (`connect-wait`);
+    /// `None`: the host socket closes at the first refusal.
+    pub connect_wait: Option<Duration>,
 }
 
 /// Host-side listening sockets of a VM; they outlive frontend sessions.
@@ -106,6 +112,10 @@ pub struct Device {
     listeners: Option<Listeners>,
     timer: TimerFd,
     timer_armed: bool,
+    /// Host connects waiting for the guest, by when to ask again ([`wait`]); the timer
+    /// exists only for a VM with `connect-wait`.
+    retries: BinaryHeap<wait::Due>,
+    retry_timer: Option<TimerFd>,
     gate: Option<Arc<Mutex<Gate>>>,
     stats: Option<Arc<VmStats>>,
     /// Written by `ctl conns` to have the table copied out ([`crate::connlist`]).
@@ -132,6 +142,7 @@ fn state_name(c: &Conn) -> &'static str {
         State::Requesting(_) => "requesting",
         State::SiblingConnecting => "sibling-connecting",
         State::TcpConnecting { .. } => "tcp-connecting",
+        State::Waiting => "waiting",
         State::Established if c.guest_shut_send || c.host_eof => "half-closed",
         State::Established => "established",
     }
@@ -150,6 +161,18 @@ impl Device {
             timer.as_raw_fd(),
             EpollEvent::new(EventSet::IN, TOKEN_TIMER),
         )?;
+        let retry_timer = match cfg.connect_wait {
+            Some(_) => {
+                let t = TimerFd::new()?;
+                epoll.ctl(
+                    ControlOperation::Add,
+                    t.as_raw_fd(),
+                    EpollEvent::new(EventSet::IN, TOKEN_RETRY),
+                )?;
+                Some(t)
+            }
+            None => None,
+        };
         let conns_wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
         epoll.ctl(
             ControlOperation::Add,
@@ -177,6 +200,8 @@ impl Device {
             listeners: None,
             timer,
             timer_armed: false,
+            retries: BinaryHeap::new(),
+            retry_timer,
             gate: None,
             stats: None,
             conns_wake,
@@ -489,6 +514,7 @@ impl Device {
         self.stray_rst.clear();
         self.tx_stalled = false;
         self.handshakes = 0;
+        self.retries.clear();
         self.forget_detached();
         if n > 0 {
             debug!(cid = self.cfg.guest_cid, n, "dropped all connections");
@@ -543,7 +569,7 @@ impl Device {
                 self.keys.remove(&c.key);
                 self.publish_count();
             }
-            if c.state == crate::conn::State::AwaitConnectLine {
+            if c.holds_handshake() {
                 self.handshakes -= 1;
             }
             if c.id != 0 {

@@ -131,6 +131,13 @@ impl Device {
         if self.conns[idx].pending & pending::RST != 0 {
             return; // already being torn down
         }
+        if self.conns[idx].state == State::Waiting {
+            // The guest refused it and has no such connection; a late RST changes nothing.
+            if h.op != OP_RST {
+                self.reply_rst(&h, "no such connection (host connect waiting)");
+            }
+            return;
+        }
         self.check_credit(idx, &h);
         let c = &mut self.conns[idx];
         c.update_peer_credit(h.buf_alloc, h.fwd_cnt);
@@ -147,7 +154,9 @@ impl Device {
             OP_RST => {
                 debug!(cid = self.cfg.guest_cid, key = ?self.conns[idx].key, "guest reset");
                 self.conns[idx].was_reset = true;
-                self.remove(idx);
+                if !self.guest_refused(idx) {
+                    self.remove(idx);
+                }
                 return;
             }
             OP_CREDIT_UPDATE => {}
@@ -338,6 +347,10 @@ impl Device {
         match res {
             Ok(true) => {
                 c.set_state(State::Established);
+                if c.wait.take().is_some() {
+                    self.handshakes -= 1;
+                }
+                let c = &mut self.conns[idx];
                 // Bytes the host sent right after its CONNECT line are waiting.
                 c.readable = true;
                 self.sense_peer_shutdown(idx, EventSet::empty());

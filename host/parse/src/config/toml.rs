@@ -552,9 +552,8 @@ impl File<'_> {
                 plugins,
                 allow_routes: routes,
                 connect_wait: match &vm.connect_wait {
-                    Some(v) => super::parse_connect_wait(v.get_ref()).map_err(|m| {
-                        self.error(v.span(), format!("{p}.connect-wait"), m)
-                    })?,
+                    Some(v) => super::parse_connect_wait(v.get_ref())
+                        .map_err(|m| self.error(v.span(), format!("{p}.connect-wait"), m))?,
                     None => None,
                 },
                 warnings: Vec::new(),

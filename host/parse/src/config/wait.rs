@@ -52,7 +52,16 @@ mod tests {
 
     #[test]
     fn bad_values_say_why() {
-        for bad in ["", "s", "5", "5h", "-1s", "1.5s", "11m", "99999999999999999999s"] {
+        for bad in [
+            "",
+            "s",
+            "5",
+            "5h",
+            "-1s",
+            "1.5s",
+            "11m",
+            "99999999999999999999s",
+        ] {
             let e = parse_connect_wait(bad).expect_err(bad);
             assert!(e.contains(bad) || bad.is_empty(), "{bad}: {e}");
         }
