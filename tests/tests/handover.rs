@@ -24,6 +24,17 @@ const PROMPT: Duration = Duration::from_secs(10);
 
 /// A daemon serving CID 3 with a control socket; `uds` shares the old daemon's hybrid path.
 fn daemon(ctl_dir: &Path, name: &str, uds: Option<&Path>, extra: &[&str]) -> Result<Setup> {
+    daemon_waiting(ctl_dir, name, uds, extra, None)
+}
+
+/// [`daemon`] with the VM's `connect-wait`.
+fn daemon_waiting(
+    ctl_dir: &Path,
+    name: &str,
+    uds: Option<&Path>,
+    extra: &[&str],
+    wait: Option<&str>,
+) -> Result<Setup> {
     let control = ctl_dir.join(format!("{name}.ctl"));
     let control = control.display().to_string();
     let mut args = vec!["--control-socket", control.as_str()];
@@ -34,6 +45,9 @@ fn daemon(ctl_dir: &Path, name: &str, uds: Option<&Path>, extra: &[&str]) -> Res
             let mut spec = VmSpec::new(d, 3);
             if let Some(u) = uds {
                 spec.uds_path = u.to_path_buf();
+            }
+            if let Some(w) = wait {
+                spec = spec.connect_wait(w);
             }
             vec![spec]
         },
@@ -268,6 +282,66 @@ fn an_abandoned_handover_resumes_on_the_old_daemon() -> Result<()> {
     std::io::Read::read_exact(&mut &gs, &mut r)?;
     ensure!(&r == b"back");
     vm.guest.health()?;
+    drop(new);
+    Ok(())
+}
+
+/// A host connect waiting for the guest (`connect-wait`) moves as a connection request: the
+/// new daemon asks the guest again and waits by its own `connect-wait`; the host program
+/// keeps its socket and gets `OK` from the new daemon.
+#[test]
+fn a_waiting_host_connect_moves_in_a_handover() -> Result<()> {
+    use vhost_plug_tests::driver::Direction;
+    use vhost_plug_tests::packet::OP_RST;
+    let ctl_dir = tempfile::tempdir()?;
+    let old = daemon_waiting(ctl_dir.path(), "old", None, &[], Some("60s"))?;
+    let uds = old.vms[0].uds_path.clone();
+    let mut vm = old.boot_with(0, state_cfg(QueueSet::All), DriverConfig::default())?;
+    let refusals = |vm: &TestVm, since| {
+        vm.guest
+            .packets_since(since)
+            .iter()
+            .filter(|p| p.dir == Direction::ToDevice && p.hdr.op == OP_RST)
+            .filter(|p| p.hdr.src_port == 6300)
+            .count()
+    };
+    let wait_refusals = |vm: &TestVm, since| -> Result<()> {
+        let deadline = Instant::now() + PROMPT;
+        while refusals(vm, since) == 0 {
+            ensure!(Instant::now() < deadline, "the guest was not asked");
+            thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
+    };
+    let since = vm.guest.log_seq();
+    let host = thread::spawn({
+        let uds = uds.clone();
+        move || host_connect(&uds, 6300)
+    });
+    wait_refusals(&vm, since)?;
+
+    let new = daemon_waiting(ctl_dir.path(), "new", Some(&uds), &[], Some("60s"))?;
+    let since = vm.guest.log_seq();
+    let (target, _) = hand_over(
+        &mut vm,
+        &control(ctl_dir.path(), "old"),
+        &control(ctl_dir.path(), "new"),
+        &new.vms[0].socket,
+    )?;
+    vm.sim.disconnect();
+    // The new daemon asks and is refused too, then the guest starts listening.
+    wait_refusals(&vm, since)?;
+    let l = vm.guest.listen(6300, SockType::Stream)?;
+    let g = l.accept(PROMPT).context("the new daemon never asked again")?;
+    let (mut h, _) = host
+        .join()
+        .map_err(|_| anyhow::anyhow!("host thread panicked"))??;
+    std::io::Write::write_all(&mut h, b"moved")?;
+    let mut b = [0u8; 5];
+    std::io::Read::read_exact(&mut &g, &mut b)?;
+    ensure!(&b == b"moved");
+    vm.guest.health()?;
+    drop(target);
     drop(new);
     Ok(())
 }
