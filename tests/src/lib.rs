@@ -36,6 +36,7 @@ pub mod harness;
 pub mod host;
 pub mod mem;
 pub mod packet;
+pub mod proxy_header;
 pub mod qemu;
 pub mod qemu_console;
 pub mod qemu_pair;

@@ -259,12 +259,24 @@ impl QemuRig {
     /// Builds the guest image if needed and starts `kind` for guest CID `cid` with
     /// `extra_args`; `name` labels the kept serial logs.
     pub fn new(kind: DaemonKind, name: &str, cid: u64, extra_args: &[&str]) -> Result<QemuRig> {
+        Self::new_with(kind, name, cid, extra_args, |spec| spec)
+    }
+
+    /// [`QemuRig::new`] with the VM's `--vm` settings changed by `adjust` (e.g.
+    /// `connect-wait`).
+    pub fn new_with(
+        kind: DaemonKind,
+        name: &str,
+        cid: u64,
+        extra_args: &[&str],
+        adjust: impl FnOnce(VmSpec) -> VmSpec,
+    ) -> Result<QemuRig> {
         let image = guest_image()?;
         let dir = tempfile::Builder::new()
             .prefix("vhost-plug-guest")
             .tempdir()
             .context("creating temp dir")?;
-        let spec = VmSpec::new(dir.path(), cid);
+        let spec = adjust(VmSpec::new(dir.path(), cid));
         let daemon = Daemon::spawn(kind, dir.path(), std::slice::from_ref(&spec), extra_args)?;
         Ok(QemuRig {
             qemu: None,

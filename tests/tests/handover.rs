@@ -332,7 +332,9 @@ fn a_waiting_host_connect_moves_in_a_handover() -> Result<()> {
     // The new daemon asks and is refused too, then the guest starts listening.
     wait_refusals(&vm, since)?;
     let l = vm.guest.listen(6300, SockType::Stream)?;
-    let g = l.accept(PROMPT).context("the new daemon never asked again")?;
+    let g = l
+        .accept(PROMPT)
+        .context("the new daemon never asked again")?;
     let (mut h, _) = host
         .join()
         .map_err(|_| anyhow::anyhow!("host thread panicked"))??;

@@ -11,84 +11,14 @@ use std::net::TcpListener;
 use std::os::unix::net::UnixListener;
 use std::time::Duration;
 
-use anyhow::{bail, ensure, Context, Result};
-use ppp::v2::{AddressFamily, Addresses, Command, Header, Protocol};
+use anyhow::{ensure, Result};
 use vhost_plug_tests::harness::{recv_exact, Setup, TestVm};
 use vhost_plug_tests::host::{accept_timeout, host_connect, HOST_TIMEOUT};
 use vhost_plug_tests::packet::HOST_CID;
+use vhost_plug_tests::proxy_header::{read_header, Named};
 use vhost_plug_tests::{DaemonKind, SockType, VmSpec};
 
 const PROMPT: Duration = Duration::from_secs(10);
-
-/// What the header said about one connection.
-#[derive(Debug, PartialEq, Eq)]
-struct Named {
-    src_cid: u32,
-    dst_cid: u32,
-    src_port: u32,
-    dst_port: u32,
-    id: u64,
-}
-
-/// Reads exactly one PROXY v2 header from `s` (its fixed part tells the length) and parses it
-/// with `ppp`.
-fn read_header(s: &mut impl Read) -> Result<Named> {
-    let mut head = vec![0u8; 16];
-    s.read_exact(&mut head).context("PROXY header")?;
-    let len = u16::from_be_bytes([head[14], head[15]]) as usize;
-    head.resize(16 + len, 0);
-    s.read_exact(&mut head[16..]).context("PROXY header TLVs")?;
-    let h = Header::try_from(&head[..]).map_err(|e| anyhow::anyhow!("ppp: {e:?}"))?;
-    ensure!(h.command == Command::Proxy, "command {:?}", h.command);
-    ensure!(h.protocol == Protocol::Stream, "protocol {:?}", h.protocol);
-    ensure!(h.address_family() == AddressFamily::Unix);
-    ensure!(
-        h.as_bytes().len() == 262,
-        "header length {}",
-        h.as_bytes().len()
-    );
-    let Addresses::Unix(unix) = h.addresses else {
-        bail!("addresses {:?}", h.addresses);
-    };
-    let name = |a: &[u8; 108]| {
-        let end = a.iter().position(|b| *b == 0).unwrap_or(a.len());
-        String::from_utf8_lossy(&a[..end]).into_owned()
-    };
-    let names = (name(&unix.source), name(&unix.destination));
-    let (mut vsock, mut id) = (None, None);
-    for tlv in h.tlvs() {
-        let tlv = tlv.map_err(|e| anyhow::anyhow!("ppp tlv: {e:?}"))?;
-        let v = &tlv.value;
-        match tlv.kind {
-            0xE0 => {
-                ensure!(v.len() == 16, "vsock TLV of {} bytes", v.len());
-                let u = |i: usize| u32::from_be_bytes([v[i], v[i + 1], v[i + 2], v[i + 3]]);
-                vsock = Some((u(0), u(4), u(8), u(12)));
-            }
-            0x05 => {
-                ensure!(v.len() == 8, "unique id of {} bytes", v.len());
-                id = Some(u64::from_be_bytes(v[..8].try_into()?));
-            }
-            k => bail!("unexpected TLV {k:#x}"),
-        }
-    }
-    let (src_cid, dst_cid, src_port, dst_port) = vsock.context("no vsock TLV")?;
-    ensure!(
-        names
-            == (
-                format!("vsock:{src_cid}:{src_port}"),
-                format!("vsock:{dst_cid}:{dst_port}")
-            ),
-        "address names {names:?} against the TLV"
-    );
-    Ok(Named {
-        src_cid,
-        dst_cid,
-        src_port,
-        dst_port,
-        id: id.context("no unique id TLV")?,
-    })
-}
 
 /// Guest of `vm` connects to host port `port`; the connection arrives at `accept`, whose
 /// header must name this guest; bytes then flow both ways.
