@@ -65,6 +65,7 @@ const EXPECTED: &[&str] = &[
     "audit",
     "serializer_postcard",
     "serializer_json",
+    "serializer_postcard_v1",
     "hostile_loop",
     "hostile_trap",
     "hostile_alloc",

@@ -228,8 +228,8 @@ fn audit_records_identity() {
     assert_eq!(records, 1);
 }
 
-/// A 0.1.0 serializer is not among the first-party plugins; the conversions it would use
-/// must keep every field of a device state.
+/// The conversions a 0.1.0 serializer goes through keep every field of a device state (the
+/// fixture `serializer-postcard-v1` is run end to end in `plugin/tests`).
 #[test]
 fn device_state_conversion_round_trips() {
     let st = DeviceState {
