@@ -208,6 +208,7 @@ fn waiting_connections_hold_handshake_slots() -> Result<()> {
     let (s, vm) = setup(Some("60s"), &[])?;
     let since = vm.guest.log_seq();
     let uds = &s.vms[0].uds_path;
+    let rss_before = s.daemon.rss_kib()?;
     let mut waiting = Vec::with_capacity(MAX_HANDSHAKES);
     for _ in 0..MAX_HANDSHAKES {
         waiting.push(connect_line(uds, 7005)?);
@@ -216,6 +217,12 @@ fn waiting_connections_hold_handshake_slots() -> Result<()> {
     let mut extra = connect_line(uds, 7005)?;
     closed_without_reply(&mut extra).context("a connection past the handshake limit")?;
     wait_refusals(&vm, since, 7005, MAX_HANDSHAKES)?;
+    let rss_waiting = s.daemon.rss_kib()?;
+    eprintln!(
+        "[connect_wait] daemon VmRSS {rss_before} KiB idle, {rss_waiting} KiB with \
+         {MAX_HANDSHAKES} waiting connections ({:.2} KiB each)",
+        (rss_waiting as f64 - rss_before as f64) / MAX_HANDSHAKES as f64
+    );
     // The guest listens: every waiting connection gets its OK.
     let l = vm.guest.listen(7005, SockType::Stream)?;
     for (i, h) in waiting.iter_mut().enumerate() {
@@ -232,6 +239,10 @@ fn waiting_connections_hold_handshake_slots() -> Result<()> {
         }
     }
     ensure!(accepted == MAX_HANDSHAKES, "the guest accepted {accepted}");
+    eprintln!(
+        "[connect_wait] daemon VmRSS {} KiB once the same connections are established",
+        s.daemon.rss_kib()?
+    );
     // Accepted connections gave their slots back: a new one is taken and waits again.
     let since = vm.guest.log_seq();
     drop(l);
