@@ -348,6 +348,56 @@ fn a_waiting_host_connect_moves_in_a_handover() -> Result<()> {
     Ok(())
 }
 
+/// A handover abandoned while a host connect waits for the guest: the connection carries on
+/// waiting on the old daemon and gets `OK` once the guest listens.
+#[test]
+fn a_waiting_host_connect_survives_an_abandoned_handover() -> Result<()> {
+    use vhost_plug_tests::driver::Direction;
+    use vhost_plug_tests::packet::OP_RST;
+    let ctl_dir = tempfile::tempdir()?;
+    let old = daemon_waiting(ctl_dir.path(), "old", None, &[], Some("60s"))?;
+    let new = daemon(ctl_dir.path(), "new", None, &[])?;
+    let uds = old.vms[0].uds_path.clone();
+    let mut vm = old.boot_with(0, state_cfg(QueueSet::All), DriverConfig::default())?;
+    let refused = |vm: &TestVm, since| {
+        vm.guest
+            .packets_since(since)
+            .iter()
+            .any(|p| p.dir == Direction::ToDevice && p.hdr.op == OP_RST && p.hdr.src_port == 6400)
+    };
+    let since = vm.guest.log_seq();
+    let host = thread::spawn({
+        let uds = uds.clone();
+        move || host_connect(&uds, 6400)
+    });
+    let deadline = Instant::now() + PROMPT;
+    while !refused(&vm, since) {
+        ensure!(Instant::now() < deadline, "the guest was not asked");
+        thread::sleep(Duration::from_millis(5));
+    }
+    let to = control(ctl_dir.path(), "new").display().to_string();
+    let (ok, v) = ctl(&control(ctl_dir.path(), "old"), &["handover", "--to", &to])?;
+    ensure!(ok, "ctl handover: {v}");
+    vm.guest.pause_interrupts()?;
+    let (bases, _) = suspend_and_save(&mut vm, XFER)?;
+    vm.sim.resume_vrings(&bases)?;
+    vm.guest.resume_interrupts();
+    let l = vm.guest.listen(6400, SockType::Stream)?;
+    let g = l
+        .accept(PROMPT)
+        .context("not asked again after the abandoned handover")?;
+    let (mut h, _) = host
+        .join()
+        .map_err(|_| anyhow::anyhow!("host thread panicked"))??;
+    std::io::Write::write_all(&mut h, b"stayed")?;
+    let mut b = [0u8; 6];
+    std::io::Read::read_exact(&mut &g, &mut b)?;
+    ensure!(&b == b"stayed");
+    vm.guest.health()?;
+    drop(new);
+    Ok(())
+}
+
 fn raise_fd_limit() {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
