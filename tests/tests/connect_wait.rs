@@ -1,7 +1,8 @@
 //! `connect-wait`: a host program's `CONNECT` that the guest refuses is asked again with
 //! backoff until the VM's deadline; the program gets `OK` once the guest listens, or its
 //! socket closed at the deadline. Off (the default), a refusal closes the socket at once, as
-//! vhost-device-vsock does. Waiting connections hold handshake slots (1024 per VM) and are
+//! vhost-device-vsock does. Waiting connections hold handshake slots (1024 per VM) and table
+//! entries (`max-connections`), and are
 //! removed when the host program goes away. Driven by the simulated VMM, whose guest answers
 //! a REQUEST to a port without a listener with RST.
 //!
@@ -248,5 +249,28 @@ fn waiting_connections_hold_handshake_slots() -> Result<()> {
     drop(l);
     let _h = connect_line(uds, 7006)?;
     wait_refusals(&vm, since, 7006, 2)?;
+    Ok(())
+}
+
+#[test]
+fn waiting_connections_count_against_max_connections() -> Result<()> {
+    let (s, vm) = setup(Some("60s"), &["--max-connections", "4"])?;
+    let since = vm.guest.log_seq();
+    let uds = &s.vms[0].uds_path;
+    let mut waiting = Vec::new();
+    for _ in 0..4 {
+        waiting.push(connect_line(uds, 7007)?);
+    }
+    wait_refusals(&vm, since, 7007, 4)?;
+    let mut extra = connect_line(uds, 7007)?;
+    closed_without_reply(&mut extra).context("a fifth connection on a VM limited to 4")?;
+    let l = vm.guest.listen(7007, SockType::Stream)?;
+    for (i, h) in waiting.iter_mut().enumerate() {
+        let mut line = [0u8; 3];
+        h.read_exact(&mut line)
+            .with_context(|| format!("waiting connection {i}"))?;
+        ensure!(&line == b"OK ", "connection {i}: reply {line:?}");
+        l.accept(PROMPT)?;
+    }
     Ok(())
 }
