@@ -2,9 +2,8 @@
 //! backoff until the VM's deadline; the program gets `OK` once the guest listens, or its
 //! socket closed at the deadline. Off (the default), a refusal closes the socket at once, as
 //! vhost-device-vsock does. Waiting connections hold handshake slots (1024 per VM) and table
-//! entries (`max-connections`), and are
-//! removed when the host program goes away. Driven by the simulated VMM, whose guest answers
-//! a REQUEST to a port without a listener with RST.
+//! entries (`max-connections`), and are removed when the host program goes away. Driven by
+//! the simulated VMM, whose guest answers a REQUEST to a port without a listener with RST.
 //!
 //! Run: `cargo test -p vhost-plug-tests --release --test connect_wait -- --nocapture`.
 
