@@ -4,6 +4,7 @@
 //! is one more event source of that worker, so one thread owns all state of a VM and no lock
 //! is taken on the data path.
 
+mod batch;
 mod handover;
 mod host;
 mod loglimit;

@@ -5,11 +5,12 @@ use std::net::Shutdown;
 use std::os::fd::AsRawFd;
 
 use tracing::{debug, warn};
-use vhost_user_backend::{VringRwLock, VringT};
+use vhost_user_backend::{VringRwLock, VringState, VringT};
 use virtio_queue::QueueT;
 use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::EventSet;
 
+use super::batch::{SpareSegs, TxBatch};
 use super::host::send_proxy_header;
 use super::{Device, MAX_PKT_PAYLOAD};
 use crate::conn::{pending, AcceptReply, Conn, ConnKey, State};
@@ -23,6 +24,8 @@ use crate::vsock::header::*;
 
 impl Device {
     /// Consumes the tx queue. Stops early when too many RST replies wait for rx buffers.
+    /// Consecutive data packets of one connection leave in one `sendmsg` ([`super::batch`]);
+    /// their chains go to the used ring once that is done.
     pub fn process_tx(&mut self, vring: &VringRwLock<GuestMemAtomic>) {
         let Some(atomic) = self.mem.clone() else {
             return;
@@ -33,6 +36,8 @@ impl Device {
             return;
         }
         let mut used = false;
+        let mut batch = TxBatch::default();
+        let mut spare: SpareSegs<'_> = Vec::new();
         loop {
             if let Err(e) = vr.disable_notification() {
                 warn!(error = %e, "tx queue: cannot disable notifications");
@@ -42,19 +47,38 @@ impl Device {
                     break;
                 };
                 let head = chain.head_index();
-                match ChainBuf::new(&mem, chain, false, HDR_LEN + MAX_PKT_PAYLOAD) {
-                    Ok(buf) => self.handle_packet(&buf),
+                let segs = spare.pop().unwrap_or_default();
+                let max = HDR_LEN + MAX_PKT_PAYLOAD;
+                used = true;
+                let buf = match ChainBuf::with_segs(&mem, chain, false, max, segs) {
+                    Ok(buf) => buf,
                     Err(e) => {
                         if self.guest_log() {
                             warn!(cid = self.cfg.guest_cid, error = %e, "bad tx descriptor chain")
                         }
+                        self.finish_batch(&mut batch, &mut vr, &mut spare);
+                        if let Err(e) = vr.add_used(head, 0) {
+                            warn!(error = %e, "tx queue: add_used failed");
+                        }
+                        continue;
                     }
+                };
+                if let Some((idx, h)) = self.tx_batchable(&buf) {
+                    let window = self.window_bytes(idx);
+                    if !batch.fits(idx, h.len as usize, buf.segment_count(), window) {
+                        self.finish_batch(&mut batch, &mut vr, &mut spare);
+                    }
+                    self.batch_rw(&mut batch, idx, &h, head, buf);
+                    continue;
                 }
+                self.finish_batch(&mut batch, &mut vr, &mut spare);
+                self.handle_packet(&buf);
+                spare.push(buf.into_segs());
                 if let Err(e) = vr.add_used(head, 0) {
                     warn!(error = %e, "tx queue: add_used failed");
                 }
-                used = true;
             }
+            self.finish_batch(&mut batch, &mut vr, &mut spare);
             if self.tx_stalled {
                 break;
             }
@@ -71,6 +95,25 @@ impl Device {
             if let Err(e) = vr.signal_used_queue() {
                 debug!(error = %e, "tx queue: signal failed");
             }
+        }
+    }
+
+    /// Sends a batch and returns its chains to the used ring, their segment lists to `spare`.
+    fn finish_batch<'m>(
+        &mut self,
+        batch: &mut TxBatch<'m>,
+        vr: &mut VringState<GuestMemAtomic>,
+        spare: &mut SpareSegs<'m>,
+    ) {
+        if batch.is_empty() {
+            return;
+        }
+        self.send_batch(batch);
+        for p in batch.drain() {
+            if let Err(e) = vr.add_used(p.head, 0) {
+                warn!(error = %e, "tx queue: add_used failed");
+            }
+            spare.push(p.buf.into_segs());
         }
     }
 
@@ -168,7 +211,7 @@ impl Device {
     }
 
     /// Resets a connection whose guest broke the protocol, saying so in the log.
-    fn violation(&mut self, idx: usize, why: &str) {
+    pub(super) fn violation(&mut self, idx: usize, why: &str) {
         if self.conns.contains(idx) && self.guest_log() {
             let key = self.conns[idx].key;
             warn!(
@@ -183,7 +226,7 @@ impl Device {
 
     /// Logs a `fwd_cnt` that moved backwards or past the bytes sent: more bytes in flight
     /// than before. The connection simply gets no credit while the record says so.
-    fn check_credit(&mut self, idx: usize, h: &Header) {
+    pub(super) fn check_credit(&mut self, idx: usize, h: &Header) {
         let c = &self.conns[idx];
         let before = c.tx_cnt.wrapping_sub(c.peer_fwd_cnt);
         let now = c.tx_cnt.wrapping_sub(h.fwd_cnt);
@@ -200,7 +243,7 @@ impl Device {
         }
     }
 
-    fn lookup(&self, h: &Header) -> Option<usize> {
+    pub(super) fn lookup(&self, h: &Header) -> Option<usize> {
         self.keys
             .get(&ConnKey {
                 local_cid: h.dst_cid,

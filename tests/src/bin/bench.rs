@@ -76,6 +76,9 @@ struct Opts {
     qemu_mib: u64,
     qemu_rtts: usize,
     qemu_conns: usize,
+    /// Write sizes and directions of the throughput sweep (`--sizes`, `--dirs`).
+    sizes: Vec<usize>,
+    dirs: Vec<Dir>,
 }
 
 const GROUPS: [&str; 8] = [
@@ -110,6 +113,8 @@ fn parse_args() -> Result<Opts> {
         qemu_mib: 128,
         qemu_rtts: 2000,
         qemu_conns: 200,
+        sizes: SIZES.to_vec(),
+        dirs: Dir::BOTH.to_vec(),
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -136,6 +141,25 @@ fn parse_args() -> Result<Opts> {
             "--qemu-mib" => o.qemu_mib = val()?.parse().context("--qemu-mib")?,
             "--qemu-rtts" => o.qemu_rtts = val()?.parse().context("--qemu-rtts")?,
             "--qemu-conns" => o.qemu_conns = val()?.parse().context("--qemu-conns")?,
+            "--sizes" => {
+                o.sizes = val()?
+                    .split(',')
+                    .map(|s| s.parse::<usize>().context("--sizes"))
+                    .collect::<Result<_>>()?;
+                if o.sizes.iter().any(|&s| s == 0) {
+                    bail!("--sizes: write sizes must be positive");
+                }
+            }
+            "--dirs" => {
+                o.dirs = val()?
+                    .split(',')
+                    .map(|s| match s {
+                        "h2g" => Ok(Dir::HostToGuest),
+                        "g2h" => Ok(Dir::GuestToHost),
+                        other => bail!("--dirs: expected h2g or g2h, got {other}"),
+                    })
+                    .collect::<Result<_>>()?
+            }
             "--tx-buffer-size" => {
                 o.tx_buffer_size = Some(val()?.parse().context("--tx-buffer-size")?)
             }
@@ -162,8 +186,8 @@ fn parse_args() -> Result<Opts> {
                 println!(
                     "bench [--out DIR] [--reps N] [--scale F] [--rtts N] [--conns N] \
                      [--rss N,N..] [--quick] [--only GROUP,..] [--daemons both|plug|peer] \
-                     [--tx-buffer-size BYTES] [--qemu-rounds N] [--qemu-mib N] [--qemu-rtts N] \
-                     [--qemu-conns N]\n\
+                     [--tx-buffer-size BYTES] [--sizes B,B..] [--dirs h2g,g2h] [--qemu-rounds N] \
+                     [--qemu-mib N] [--qemu-rtts N] [--qemu-conns N]\n\
                      groups: {}",
                     GROUPS.join(",")
                 );
@@ -348,8 +372,8 @@ fn data_path(o: &Opts, t0: Instant, res: &mut Results) -> Result<()> {
         rigs.push(Rig::new(k, &[], o.tx_buffer_size)?);
     }
     for rep in (0..o.reps).filter(|_| o.runs("tput")) {
-        for write in SIZES {
-            for dir in Dir::BOTH {
+        for &write in &o.sizes {
+            for &dir in &o.dirs {
                 for rig in rigs.iter_mut() {
                     let who = rig.kind().name();
                     let key = tput_key(dir, write);

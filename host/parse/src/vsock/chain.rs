@@ -58,12 +58,28 @@ impl<'a> ChainBuf<'a> {
         M: Deref,
         M::Target: GuestMemory,
     {
+        Self::with_segs(mem, chain, write, max_len, Vec::new())
+    }
+
+    /// Like [`ChainBuf::new`], but collects the segments into `segs` (cleared first), so a
+    /// queue walk can reuse one allocation for every chain ([`ChainBuf::into_segs`]).
+    pub fn with_segs<M>(
+        mem: &'a GuestMem,
+        chain: DescriptorChain<M>,
+        write: bool,
+        max_len: usize,
+        mut segs: Vec<Slice<'a>>,
+    ) -> Result<Self, ChainError>
+    where
+        M: Deref,
+        M::Target: GuestMemory,
+    {
         let access = if write {
             Permissions::Write
         } else {
             Permissions::Read
         };
-        let mut segs = Vec::new();
+        segs.clear();
         let mut len = 0usize;
         // (descriptors seen, whether the last one had NEXT set): virtio-queue ends the walk
         // silently on a loop or a bad next index, which shows as a NEXT flag left unfollowed.
@@ -110,6 +126,13 @@ impl<'a> ChainBuf<'a> {
         }
     }
 
+    /// The segment list, emptied, for the next [`ChainBuf::with_segs`].
+    pub fn into_segs(self) -> Vec<Slice<'a>> {
+        let mut segs = self.segs;
+        segs.clear();
+        segs
+    }
+
     /// Total bytes in the chain.
     pub fn len(&self) -> usize {
         self.len
@@ -117,6 +140,12 @@ impl<'a> ChainBuf<'a> {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Guest-memory segments of the chain: an upper bound on the iovecs any byte range of it
+    /// takes.
+    pub fn segment_count(&self) -> usize {
+        self.segs.len()
     }
 
     /// Reads the packet header from the start of the chain, wherever it is split.
@@ -187,6 +216,12 @@ impl<'a> ChainBuf<'a> {
     /// memory and stay valid while `self` (and the memory guard it borrows) lives.
     pub fn iovecs(&self, offset: usize, len: usize, out: &mut Vec<libc::iovec>) {
         out.clear();
+        self.extend_iovecs(offset, len, out);
+    }
+
+    /// Like [`ChainBuf::iovecs`], but appends to `out`, so the payloads of several chains can
+    /// go out in one `sendmsg`.
+    pub fn extend_iovecs(&self, offset: usize, len: usize, out: &mut Vec<libc::iovec>) {
         self.walk(offset, len, |s, off, n| {
             let base = s.ptr_guard_mut().as_ptr();
             out.push(libc::iovec {
@@ -305,6 +340,29 @@ mod tests {
                     iov.iter().map(|v| v.iov_len).collect::<Vec<_>>(),
                     vec![2, 3]
                 );
+            },
+        );
+    }
+
+    #[test]
+    fn reused_segments_and_appended_iovecs() {
+        let m = mem();
+        with_chain(
+            &m,
+            &[(0x8000, 44, false), (0x9000, 3, false), (0xa000, 4, false)],
+            false,
+            |b| {
+                let b = b.expect("valid chain");
+                assert_eq!(b.segment_count(), 3);
+                let mut iov = Vec::new();
+                b.iovecs(HDR_LEN, 3, &mut iov);
+                b.extend_iovecs(HDR_LEN + 3, 4, &mut iov);
+                assert_eq!(
+                    iov.iter().map(|v| v.iov_len).collect::<Vec<_>>(),
+                    vec![3, 4]
+                );
+                let segs = b.into_segs();
+                assert!(segs.is_empty() && segs.capacity() >= 3);
             },
         );
     }
