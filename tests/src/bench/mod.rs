@@ -12,6 +12,7 @@
 //! Nothing here asserts on timing: a scenario fails only when data is lost or corrupted, or a
 //! bounded wait expires.
 
+pub mod aggregate;
 pub mod density;
 pub mod latency;
 pub mod qemu;
@@ -21,6 +22,7 @@ pub mod rss;
 pub mod setup;
 pub mod stats;
 pub mod stream;
+pub mod threads;
 
 pub use rig::Rig;
 

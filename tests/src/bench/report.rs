@@ -59,6 +59,8 @@ pub struct Row {
     pub theirs_label: Option<&'static str>,
     pub target: Option<Target>,
     pub note: String,
+    /// No ratio is claimed (e.g. the harness, not the daemon, set the pace); `note` says why.
+    pub withheld: bool,
 }
 
 impl Row {
@@ -71,6 +73,7 @@ impl Row {
             theirs_label: None,
             target: None,
             note: String::new(),
+            withheld: false,
         }
     }
 
@@ -95,7 +98,22 @@ impl Row {
         self
     }
 
+    /// Claims no ratio for this row, saying why.
+    pub fn withhold(mut self, why: impl Into<String>) -> Row {
+        self.withheld = true;
+        let why = why.into();
+        self.note = if self.note.is_empty() {
+            why
+        } else {
+            format!("{}; {why}", self.note)
+        };
+        self
+    }
+
     pub fn ratio(&self) -> Option<f64> {
+        if self.withheld {
+            return None;
+        }
         match (self.ours, self.theirs) {
             (Some(a), Some(b)) if b != 0.0 => Some(a / b),
             _ => None,
@@ -159,6 +177,10 @@ mod tests {
                 .values(Some(20.0), Some(10.0))
                 .target(Target::at_most(1.0)),
             Row::new("c", "KiB").values(None, Some(1.0)).note("n/a"),
+            Row::new("d", "MiB/s")
+                .values(Some(300.0), Some(100.0))
+                .target(Target::at_least(1.5))
+                .withhold("harness-limited"),
         ];
         let t = markdown(&rows);
         assert!(
@@ -170,5 +192,9 @@ mod tests {
             "{t}"
         );
         assert!(t.contains("| c (n/a) | KiB | - | 1.00 | - |  |  |"), "{t}");
+        assert!(
+            t.contains("| d (harness-limited) | MiB/s | 300 | 100 | - | >= 1.5 | ? |"),
+            "{t}"
+        );
     }
 }

@@ -12,8 +12,10 @@ pub const CID: u64 = 3;
 
 /// One daemon and one booted VM.
 pub struct Rig {
-    // Field order is drop order: the VM goes before its daemon.
+    // Field order is drop order: the VMs go before their daemon.
     pub vm: TestVm,
+    /// VMs beyond the first ([`Rig::with_vms`]), CIDs 4, 5, ...
+    pub more: Vec<TestVm>,
     pub setup: Setup,
     next_port: Cell<u32>,
 }
@@ -23,20 +25,42 @@ impl Rig {
     /// `tx_buffer_size` sets the VM's `tx-buffer-size` (the daemon's per-connection buffer,
     /// advertised to the guest as `buf_alloc`); `None` keeps the daemon's default (64 KiB).
     pub fn new(kind: DaemonKind, extra_args: &[&str], tx_buffer_size: Option<u32>) -> Result<Rig> {
+        Self::with_vms(kind, extra_args, tx_buffer_size, 1)
+    }
+
+    /// Like [`Rig::new`] with `vms` VMs (CIDs 3, 4, ...) served by the one daemon.
+    pub fn with_vms(
+        kind: DaemonKind,
+        extra_args: &[&str],
+        tx_buffer_size: Option<u32>,
+        vms: usize,
+    ) -> Result<Rig> {
         let spec = |dir: &std::path::Path| {
-            let s = VmSpec::new(dir, CID);
-            vec![match tx_buffer_size {
-                Some(n) => s.tx_buffer_size(n),
-                None => s,
-            }]
+            (0..vms.max(1) as u64)
+                .map(|i| {
+                    let s = VmSpec::new(dir, CID + i);
+                    match tx_buffer_size {
+                        Some(n) => s.tx_buffer_size(n),
+                        None => s,
+                    }
+                })
+                .collect()
         };
         let setup = Setup::with(kind, spec, extra_args)
             .with_context(|| format!("starting {}", kind.name()))?;
         let vm = setup
             .boot(0)
             .with_context(|| format!("booting a VM on {}", kind.name()))?;
+        let more = (1..vms)
+            .map(|i| {
+                setup
+                    .boot(i)
+                    .with_context(|| format!("booting VM {i} on {}", kind.name()))
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(Rig {
             vm,
+            more,
             setup,
             next_port: Cell::new(10_000),
         })
@@ -62,12 +86,21 @@ impl Rig {
                 self.setup.daemon.stderr()
             );
         }
-        let health = match self.kind() {
-            // vhost-device-vsock 0.3.0 returns rx buffers blank after removing a connection.
-            DaemonKind::Peer => self.vm.guest.health_tolerating_blank_rx(),
-            DaemonKind::VhostPlug => self.vm.guest.health(),
-        };
-        health.with_context(|| format!("guest driver on {}", self.kind().name()))
+        for vm in std::iter::once(&self.vm).chain(&self.more) {
+            let health = match self.kind() {
+                // vhost-device-vsock 0.3.0 returns rx buffers blank after removing a connection.
+                DaemonKind::Peer => vm.guest.health_tolerating_blank_rx(),
+                DaemonKind::VhostPlug => vm.guest.health(),
+            };
+            health.with_context(|| {
+                format!(
+                    "guest driver of CID {} on {}",
+                    vm.spec.guest_cid,
+                    self.kind().name()
+                )
+            })?;
+        }
+        Ok(())
     }
 
     /// CPU seconds the daemon process has used so far.

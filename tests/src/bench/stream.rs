@@ -9,14 +9,17 @@ use std::time::Instant;
 use anyhow::{anyhow, bail, Context, Result};
 
 use super::rig::cpu_secs;
+use super::threads::{busiest_delta, named_threads, this_thread_cpu, SATURATED_PCT};
 use super::{Dir, Rig};
 use crate::data::{Digest, Digester, Pattern};
 use crate::host::{accept_timeout, host_connect, host_listen, HOST_TIMEOUT};
 use crate::packet::HOST_CID;
 use crate::SockType;
 
-/// Bytes of pattern the sender cycles through (plus one write's worth of slack).
+/// Bytes of pattern the reference's sender cycles through (plus one write's worth of slack).
 const PATTERN_LEN: usize = 4 << 20;
+/// Name of the simulated guest driver's interrupt thread.
+pub(super) const GUEST_WORKER: &str = "guest-vsock";
 /// "Guest memory" of the reference: the reader's copies land here, cycling.
 const REFERENCE_REGION: usize = 64 << 20;
 
@@ -33,6 +36,9 @@ pub struct Transfer {
     pub interrupts: u64,
     /// Kicks (available-buffer notifications) the guest driver sent.
     pub kicks: u64,
+    /// CPU seconds of the busiest harness thread (sender, receiver or the guest driver's
+    /// interrupt thread).
+    pub busiest_cpu: f64,
 }
 
 impl Transfer {
@@ -59,48 +65,56 @@ impl Transfer {
     pub fn self_pct(&self) -> f64 {
         self.self_cpu / self.secs.max(1e-9) * 100.0
     }
-}
 
-/// Cycles through a precomputed pattern so producing the data costs (almost) nothing.
-struct Source {
-    buf: Vec<u8>,
-    off: usize,
-    digest: Digester,
-}
-
-impl Source {
-    fn new(seed: u64, write: usize) -> Self {
-        Source {
-            buf: Pattern::bytes(seed, PATTERN_LEN + write),
-            off: 0,
-            digest: Digester::default(),
-        }
+    /// The busiest harness thread's CPU use as a percentage of one core.
+    pub fn busiest_pct(&self) -> f64 {
+        self.busiest_cpu / self.secs.max(1e-9) * 100.0
     }
 
-    /// The next `n` bytes (n <= the write size given to `new`).
-    fn next(&mut self, n: usize) -> &[u8] {
-        let start = self.off;
-        self.off = (self.off + n) % PATTERN_LEN;
-        let s = &self.buf[start..start + n];
-        self.digest.update(s);
-        s
+    /// Whether a harness thread was busy for nearly the whole transfer, so the harness, not
+    /// the daemon, may have set the pace.
+    pub fn harness_saturated(&self) -> bool {
+        self.busiest_pct() >= SATURATED_PCT
     }
 }
 
-/// Writes `total` bytes in writes of `write` bytes through `w`.
-fn send_all(mut w: impl Write, seed: u64, total: u64, write: usize) -> std::io::Result<Digest> {
-    let mut src = Source::new(seed, write);
+/// Writes `total` bytes as repetitions of one prebuilt buffer of `write` bytes through
+/// `send` (the last write may be shorter). The sender digests the buffer once and combines
+/// CRCs, so producing the data costs nothing per byte. Returns the digest and the sending
+/// thread's CPU seconds.
+pub(super) fn send_all(
+    mut send: impl FnMut(&[u8]) -> std::io::Result<()>,
+    seed: u64,
+    total: u64,
+    write: usize,
+) -> std::io::Result<(Digest, f64)> {
+    let buf = Pattern::bytes(seed, write.max(1));
+    let mut whole = Digester::default();
+    whole.update(&buf);
+    let cpu0 = this_thread_cpu();
+    let mut d = Digester::default();
     let mut left = total;
-    while left > 0 {
-        let n = (write as u64).min(left) as usize;
-        w.write_all(src.next(n))?;
-        left -= n as u64;
+    while left >= buf.len() as u64 {
+        send(&buf)?;
+        d.append(&whole);
+        left -= buf.len() as u64;
     }
-    Ok(src.digest.finish())
+    if left > 0 {
+        let tail = &buf[..left as usize];
+        send(tail)?;
+        d.update(tail);
+    }
+    Ok((d.finish(), this_thread_cpu() - cpu0))
 }
 
 /// Reads exactly `total` bytes (reads of at most `read` bytes); fails on early end of stream.
-fn recv_all(mut r: impl Read, total: u64, read: usize) -> std::io::Result<Digest> {
+/// Returns the digest and the reading thread's CPU seconds.
+pub(super) fn recv_all(
+    mut r: impl Read,
+    total: u64,
+    read: usize,
+) -> std::io::Result<(Digest, f64)> {
+    let cpu0 = this_thread_cpu();
     let mut buf = vec![0u8; read.max(1)];
     let mut d = Digester::default();
     let mut got = 0u64;
@@ -120,16 +134,16 @@ fn recv_all(mut r: impl Read, total: u64, read: usize) -> std::io::Result<Digest
         d.update(&buf[..n]);
         got += n as u64;
     }
-    Ok(d.finish())
+    Ok((d.finish(), this_thread_cpu() - cpu0))
 }
 
-fn join<T>(h: thread::ScopedJoinHandle<'_, Result<T>>) -> Result<T> {
+pub(super) fn join<T>(h: thread::ScopedJoinHandle<'_, Result<T>>) -> Result<T> {
     h.join()
         .map_err(|_| anyhow!("sender thread panicked"))
         .and_then(|r| r)
 }
 
-fn verify(sent: Digest, got: Digest, what: &str) -> Result<()> {
+pub(super) fn verify(sent: Digest, got: Digest, what: &str) -> Result<()> {
     if sent != got {
         bail!("{what}: data corrupted: sent {sent:?}, received {got:?}");
     }
@@ -142,23 +156,27 @@ pub fn transfer(rig: &mut Rig, dir: Dir, total: u64, write: usize) -> Result<Tra
     let port = rig.port();
     let vm = &rig.vm;
     let seed = u64::from(port);
-    let cpu0 = (rig.cpu_secs()?, cpu_secs(std::process::id())?);
     let st0 = vm.guest.stats();
-    let (secs, sent, got) = match dir {
+    let (secs, sent, got, workers) = match dir {
         Dir::HostToGuest => {
             let l = vm.guest.listen(port, SockType::Stream)?;
             let (host, _) = host_connect(&vm.spec.uds_path, port)?;
             let gs = l
                 .accept(HOST_TIMEOUT)
                 .context("guest accept of the host's CONNECT")?;
-            let t0 = Instant::now();
-            let (sent, got) = thread::scope(|sc| {
-                let tx =
-                    sc.spawn(|| -> Result<Digest> { Ok(send_all(&host, seed, total, write)?) });
-                let got = recv_all(&gs, total, write).context("guest receive");
-                (join(tx).context("host send"), got)
-            });
-            (t0.elapsed().as_secs_f64(), sent?, got?)
+            timed(
+                || rig.cpu_secs(),
+                || {
+                    thread::scope(|sc| {
+                        let tx = sc.spawn(|| -> Result<(Digest, f64)> {
+                            let mut w = &host;
+                            Ok(send_all(|b| w.write_all(b), seed, total, write)?)
+                        });
+                        let got = recv_all(&gs, total, write).context("guest receive");
+                        (join(tx).context("host send"), got)
+                    })
+                },
+            )?
         }
         Dir::GuestToHost => {
             let l = host_listen(&vm.spec.uds_path, port)?;
@@ -167,27 +185,56 @@ pub fn transfer(rig: &mut Rig, dir: Dir, total: u64, write: usize) -> Result<Tra
                 .connect(HOST_CID, port, SockType::Stream)
                 .map_err(|e| anyhow!("guest connect to host port {port}: {e}"))?;
             let host = accept_timeout(&l, HOST_TIMEOUT)?;
-            let t0 = Instant::now();
-            let (sent, got) = thread::scope(|sc| {
-                let tx = sc.spawn(|| -> Result<Digest> { Ok(send_all(&gs, seed, total, write)?) });
-                let got = recv_all(&host, total, write).context("host receive");
-                (join(tx).context("guest send"), got)
-            });
-            (t0.elapsed().as_secs_f64(), sent?, got?)
+            timed(
+                || rig.cpu_secs(),
+                || {
+                    thread::scope(|sc| {
+                        let gs = &gs;
+                        let tx = sc.spawn(move || -> Result<(Digest, f64)> {
+                            Ok(send_all(|b| gs.send_prebuilt(b, seed), seed, total, write)?)
+                        });
+                        let got = recv_all(&host, total, write).context("host receive");
+                        (join(tx).context("guest send"), got)
+                    })
+                },
+            )?
         }
     };
-    let cpu1 = (rig.cpu_secs()?, cpu_secs(std::process::id())?);
+    let (daemon_cpu, self_cpu, worker_cpu) = workers;
     let st1 = rig.vm.guest.stats();
-    verify(sent, got, dir.label())?;
+    verify(sent.0, got.0, dir.label())?;
     rig.check()?;
     Ok(Transfer {
         bytes: total,
         secs,
-        daemon_cpu: cpu1.0 - cpu0.0,
-        self_cpu: cpu1.1 - cpu0.1,
+        daemon_cpu,
+        self_cpu,
         interrupts: st1.interrupts - st0.interrupts,
         kicks: st1.kicks - st0.kicks,
+        busiest_cpu: sent.1.max(got.1).max(worker_cpu),
     })
+}
+
+/// Sender and receiver results: (digest, thread CPU seconds).
+type Ends = (Result<(Digest, f64)>, Result<(Digest, f64)>);
+
+/// Runs `f` timed; returns the seconds, both ends' results, and (daemon CPU seconds, this
+/// process's CPU seconds, the busiest guest interrupt thread's CPU seconds) over the run.
+fn timed(
+    daemon_cpu: impl Fn() -> Result<f64>,
+    f: impl FnOnce() -> Ends,
+) -> Result<(f64, (Digest, f64), (Digest, f64), (f64, f64, f64))> {
+    let daemon0 = daemon_cpu()?;
+    let self0 = cpu_secs(std::process::id())?;
+    let w0 = named_threads(GUEST_WORKER)?;
+    let t0 = Instant::now();
+    let (sent, got) = f();
+    let secs = t0.elapsed().as_secs_f64();
+    let w1 = named_threads(GUEST_WORKER)?;
+    let self1 = cpu_secs(std::process::id())?;
+    let daemon1 = daemon_cpu()?;
+    let cpu = (daemon1 - daemon0, self1 - self0, busiest_delta(&w0, &w1));
+    Ok((secs, sent?, got?, cpu))
 }
 
 /// The reference limit: `total` bytes through a unix socketpair in writes of `write` bytes; the
@@ -247,6 +294,7 @@ pub fn reference(total: u64, write: usize) -> Result<Transfer> {
         self_cpu: 0.0,
         interrupts: 0,
         kicks: 0,
+        busiest_cpu: 0.0,
     })
 }
 
@@ -257,8 +305,10 @@ mod tests {
     #[test]
     fn source_cycles_and_digests_match() {
         let mut sink = Vec::new();
-        let sent = send_all(&mut sink, 3, (PATTERN_LEN as u64) * 2 + 100, 65536).unwrap();
-        let got = recv_all(&sink[..], sink.len() as u64, 1000).unwrap();
+        let total = (PATTERN_LEN as u64) * 2 + 100;
+        let (sent, _) = send_all(|b| sink.write_all(b), 3, total, 65536).unwrap();
+        assert_eq!(sink.len() as u64, total);
+        let (got, _) = recv_all(&sink[..], sink.len() as u64, 1000).unwrap();
         assert_eq!(sent, got);
         assert!(recv_all(&sink[..10], 11, 4).is_err());
     }

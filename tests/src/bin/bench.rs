@@ -26,7 +26,8 @@ use vhost_plug_tests::bench::qemu::GuestBench;
 use vhost_plug_tests::bench::report::{markdown, Row, Target};
 use vhost_plug_tests::bench::rss::{idle_connections, RssRun};
 use vhost_plug_tests::bench::stats::{median, Percentiles};
-use vhost_plug_tests::bench::{density, latency, setup, stream, Dir, Rig};
+use vhost_plug_tests::bench::threads::SATURATED_PCT;
+use vhost_plug_tests::bench::{aggregate, density, latency, setup, stream, Dir, Rig};
 use vhost_plug_tests::DaemonKind;
 
 const KINDS: [DaemonKind; 2] = [DaemonKind::VhostPlug, DaemonKind::Peer];
@@ -81,8 +82,9 @@ struct Opts {
     dirs: Vec<Dir>,
 }
 
-const GROUPS: [&str; 8] = [
+const GROUPS: [&str; 9] = [
     "tput",
+    "aggregate",
     "latency",
     "setup",
     "reference",
@@ -293,6 +295,9 @@ fn run() -> Result<()> {
     if o.runs("tput") || o.runs("latency") || o.runs("setup") {
         data_path(&o, t0, &mut res)?;
     }
+    if o.runs("aggregate") {
+        aggregates(&o, t0, &mut res)?;
+    }
     if o.runs("reference") {
         reference(&o, t0, &mut res);
     }
@@ -386,19 +391,22 @@ fn data_path(o: &Opts, t0: Instant, res: &mut Results) -> Result<()> {
                                 t0,
                                 format!(
                                     "rep {rep} {who} {} {} KiB writes: {:.0} MiB/s; daemon \
-                                     {:.0}% of a core, {:.0} ms CPU/GiB; bench process {:.0}%",
+                                     {:.0}% of a core, {:.0} ms CPU/GiB; bench process {:.0}%, \
+                                     busiest harness thread {:.0}%",
                                     dir.label(),
                                     write >> 10,
                                     t.mib_s(),
                                     t.daemon_pct(),
                                     t.daemon_ms_per_gib(),
-                                    t.self_pct()
+                                    t.self_pct(),
+                                    t.busiest_pct()
                                 ),
                             );
                             res.push(&key, who, t.mib_s());
                             res.push(&format!("cpu-{key}"), who, t.daemon_ms_per_gib());
                             res.push(&format!("dpct-{key}"), who, t.daemon_pct());
                             res.push(&format!("spct-{key}"), who, t.self_pct());
+                            res.push(&format!("bpct-{key}"), who, t.busiest_pct());
                             res.push(&format!("notif-{key}"), who, t.notifications_per_mib());
                         }
                         Err(e) => res.fail(t0, &key, who, &e),
@@ -450,6 +458,81 @@ fn data_path(o: &Opts, t0: Instant, res: &mut Results) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Aggregate guest->host scenarios: label, VMs, connections per VM.
+const AGGREGATES: [(&str, usize, usize); 4] = [
+    ("1 connection", 1, 1),
+    ("4 connections", 1, 4),
+    ("16 connections", 1, 16),
+    ("4 VMs, 1 connection each", 4, 1),
+];
+
+/// Aggregate guest->host throughput on a 4-VM rig per daemon, repetitions interleaved.
+fn aggregates(o: &Opts, t0: Instant, res: &mut Results) -> Result<()> {
+    let mut rigs = Vec::new();
+    for &k in &o.kinds {
+        rigs.push(Rig::with_vms(k, &[], o.tx_buffer_size, 4)?);
+    }
+    for rep in 0..o.reps {
+        for (label, vms, conns) in AGGREGATES {
+            for rig in rigs.iter_mut() {
+                let who = rig.kind().name();
+                let key = format!("agg-{vms}-{conns}");
+                if res.error(&key, who).is_some() {
+                    continue;
+                }
+                let total = bytes_for(o, MAIN_WRITE);
+                match aggregate::guest_to_host(rig, vms, conns, total, MAIN_WRITE) {
+                    Ok(t) => {
+                        log(
+                            t0,
+                            format!(
+                                "rep {rep} {who} guest->host {label}: {:.0} MiB/s; daemon {:.0}% \
+                                 of a core, {:.0} ms CPU/GiB; busiest harness thread {:.0}%",
+                                t.mib_s(),
+                                t.daemon_pct(),
+                                t.daemon_ms_per_gib(),
+                                t.busiest_pct()
+                            ),
+                        );
+                        res.push(&key, who, t.mib_s());
+                        res.push(&format!("cpu-{key}"), who, t.daemon_ms_per_gib());
+                        res.push(&format!("bpct-{key}"), who, t.busiest_pct());
+                    }
+                    Err(e) => res.fail(t0, &key, who, &e),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Rows of the aggregate scenarios.
+fn aggregate_rows(res: &Results) -> Vec<Row> {
+    let (plug, peer) = (DaemonKind::VhostPlug.name(), DaemonKind::Peer.name());
+    let mut rows = Vec::new();
+    for (label, vms, conns) in AGGREGATES {
+        let key = format!("agg-{vms}-{conns}");
+        let mut row = Row::new(
+            format!("aggregate guest->host, {label}, 64 KiB writes"),
+            "MiB/s",
+        )
+        .values(res.median(&key, plug), res.median(&key, peer));
+        if let Some(why) = harness_limited(res, &key) {
+            row = row.withhold(why);
+        }
+        rows.push(row);
+        let cpu = format!("cpu-{key}");
+        rows.push(
+            Row::new(
+                format!("daemon CPU per GiB, aggregate guest->host, {label}"),
+                "ms",
+            )
+            .values(res.median(&cpu, plug), res.median(&cpu, peer)),
+        );
+    }
+    rows
 }
 
 const REFERENCE: &str = "socketpair+memcpy";
@@ -743,6 +826,24 @@ fn qemu_rows(o: &Opts, res: &Results) -> Vec<Row> {
     rows
 }
 
+/// Why no throughput ratio is claimed for `key`: a harness thread was busy for nearly the
+/// whole transfer (median over the repetitions) with either daemon.
+fn harness_limited(res: &Results, key: &str) -> Option<String> {
+    let busy: Vec<String> = KINDS
+        .iter()
+        .filter_map(|k| {
+            let p = res.median(&format!("bpct-{key}"), k.name())?;
+            (p >= SATURATED_PCT).then(|| format!("{} {p:.0}%", k.name()))
+        })
+        .collect();
+    (!busy.is_empty()).then(|| {
+        format!(
+            "harness-limited: busiest harness thread at {} of a core, no ratio claimed",
+            busy.join(", ")
+        )
+    })
+}
+
 fn rows(o: &Opts, res: &Results) -> Vec<Row> {
     let plug = DaemonKind::VhostPlug.name();
     let peer = DaemonKind::Peer.name();
@@ -770,6 +871,10 @@ fn rows(o: &Opts, res: &Results) -> Vec<Row> {
             .target(Target::at_least(1.5))
             .note(err_note(&key)),
         );
+        if let Some(why) = harness_limited(res, &key) {
+            let row = rows.pop().map(|r| r.withhold(why));
+            rows.extend(row);
+        }
     }
     for dir in Dir::BOTH {
         rows.push(
@@ -824,6 +929,18 @@ fn rows(o: &Opts, res: &Results) -> Vec<Row> {
                 "% of a core",
             )
             .values(res.median(&spct, plug), res.median(&spct, peer)),
+        );
+        let bpct = format!("bpct-{key}");
+        rows.push(
+            Row::new(
+                format!(
+                    "busiest harness thread CPU use {}, 64 KiB writes (>= {SATURATED_PCT:.0}%: \
+                     the harness sets the pace)",
+                    dir.label()
+                ),
+                "% of a core",
+            )
+            .values(res.median(&bpct, plug), res.median(&bpct, peer)),
         );
     }
     for write in SIZES.iter().copied().filter(|w| *w != MAIN_WRITE) {
@@ -933,6 +1050,9 @@ fn rows(o: &Opts, res: &Results) -> Vec<Row> {
                 });
             }
         }
+    }
+    if o.runs("aggregate") {
+        rows.extend(aggregate_rows(res));
     }
     rows
 }

@@ -213,9 +213,23 @@ impl GuestSocket {
     /// Seqpacket: sends `data` as one message (same as `send_msg(data, false)`).
     pub fn send(&self, data: &[u8]) -> io::Result<()> {
         match self.ty {
-            SockType::Stream => self.send_inner(data, None),
-            SockType::Seqpacket => self.send_inner(data, Some(false)),
+            SockType::Stream => self.send_inner(data, None, None),
+            SockType::Seqpacket => self.send_inner(data, Some(false), None),
         }
+    }
+
+    /// Stream: like [`GuestSocket::send`] for a prebuilt buffer the caller never changes
+    /// while `tag` names it: tx slots that already hold a piece of it are posted again without
+    /// copying the piece (only the header is rewritten), as a benchmark's guest does so that
+    /// producing the bytes is not what limits it.
+    pub fn send_prebuilt(&self, data: &[u8], tag: u64) -> io::Result<()> {
+        if self.ty != SockType::Stream {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "send_prebuilt on a seqpacket socket",
+            ));
+        }
+        self.send_inner(data, None, Some(tag))
     }
 
     /// Seqpacket: sends one message; the last fragment carries EOM, and EOR if `eor`.
@@ -226,10 +240,10 @@ impl GuestSocket {
                 "send_msg on a stream socket",
             ));
         }
-        self.send_inner(data, Some(eor))
+        self.send_inner(data, Some(eor), None)
     }
 
-    fn send_inner(&self, data: &[u8], seq: Option<bool>) -> io::Result<()> {
+    fn send_inner(&self, data: &[u8], seq: Option<bool>, tag: Option<u64>) -> io::Result<()> {
         let key = self.key;
         let mut deadline = Instant::now() + self.timeout;
         let mut core = self.shared.lock();
@@ -273,8 +287,9 @@ impl GuestSocket {
                     ));
                 };
                 let layout = core.cfg.tx_layout;
+                let piece = tag.map(|t| (t, off));
                 if core
-                    .submit(&hdr, &data[off..off + n], layout)
+                    .submit_prefilled(&hdr, &data[off..off + n], layout, piece)
                     .map_err(io_err)?
                 {
                     if let Some(s) = core.sockets.get_mut(&key) {

@@ -135,6 +135,9 @@ pub(crate) struct Core {
     pub seqpacket: bool,
     rx: Queue,
     tx: Queue,
+    /// What each tx slot's payload area holds when it is a piece of a caller's prebuilt
+    /// buffer ([`Core::submit_prefilled`]); `None` once anything else was written there.
+    tx_content: Vec<Option<SlotContent>>,
     evt: Option<Queue>,
     pub sockets: HashMap<SockKey, Socket>,
     pub listeners: HashMap<u32, Listener>,
@@ -153,6 +156,16 @@ pub(crate) struct Core {
     pub parked: bool,
     pub(super) cid_source: Option<CidSource>,
     pub stats: DriverStats,
+}
+
+/// A tx slot's payload area holds bytes `[off, off + len)` of the prebuilt buffer `tag`,
+/// laid out for `layout`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct SlotContent {
+    tag: u64,
+    off: usize,
+    len: usize,
+    layout: TxLayout,
 }
 
 fn round_up(v: u64, a: u64) -> u64 {
@@ -200,6 +213,7 @@ impl Core {
             cid: parts.cid,
             seqpacket: parts.seqpacket,
             rx: Queue::new(parts.rx.0, parts.rx.1, rx_slots),
+            tx_content: vec![None; tx_slots.len()],
             tx: Queue::new(parts.tx.0, parts.tx.1, tx_slots),
             evt,
             sockets: HashMap::new(),
@@ -323,6 +337,20 @@ impl Core {
 
     /// Places one packet on the tx ring (no kick). Returns false if there is no room.
     pub fn submit(&mut self, hdr: &PacketHeader, payload: &[u8], layout: TxLayout) -> Result<bool> {
+        self.submit_prefilled(hdr, payload, layout, None)
+    }
+
+    /// Like [`Core::submit`]; with `piece = Some((tag, off))`, `payload` is bytes
+    /// `[off, off + payload.len())` of a buffer the caller never changes under that tag, and a
+    /// slot that already holds them is posted without copying them again (a benchmark's
+    /// prebuilt payload: only the header is written per packet).
+    pub fn submit_prefilled(
+        &mut self,
+        hdr: &PacketHeader,
+        payload: &[u8],
+        layout: TxLayout,
+        piece: Option<(u64, usize)>,
+    ) -> Result<bool> {
         if payload.len() as u64 > u64::from(self.cfg.max_pkt) {
             bail!(
                 "payload of {} bytes exceeds the tx buffer size {}",
@@ -337,6 +365,25 @@ impl Core {
             return Ok(false);
         };
         let addr = self.tx.slots[slot];
+        let held = self.tx_content.get(slot).copied().flatten();
+        let want = piece.map(|(tag, off)| SlotContent {
+            tag,
+            off,
+            len: payload.len(),
+            layout,
+        });
+        // The slot already holds these bytes (same piece of the same buffer, at least as long).
+        let prefilled = match (held, want) {
+            (Some(h), Some(w)) => {
+                h.tag == w.tag && h.off == w.off && h.layout == w.layout && h.len >= w.len
+            }
+            _ => false,
+        };
+        if !payload.is_empty() {
+            if let Some(c) = self.tx_content.get_mut(slot) {
+                *c = if prefilled { held } else { want };
+            }
+        }
         let res = (|| -> Result<()> {
             self.mem
                 .write_slice(&hdr.to_bytes(), addr)
@@ -344,28 +391,33 @@ impl Core {
             match layout {
                 TxLayout::Split => {
                     let data = GuestAddress(addr.0 + SPLIT_DATA_OFF);
-                    let mut descs = vec![Desc {
+                    let head = Desc {
                         addr,
                         len: HDR_LEN as u32,
                         write: false,
-                    }];
-                    if !payload.is_empty() {
+                    };
+                    if payload.is_empty() {
+                        return self.tx.post(slot, &[head]);
+                    }
+                    if !prefilled {
                         self.mem
                             .write_slice(payload, data)
                             .context("writing tx payload")?;
-                        descs.push(Desc {
-                            addr: data,
-                            len: payload.len() as u32,
-                            write: false,
-                        });
                     }
-                    self.tx.post(slot, &descs)
+                    let body = Desc {
+                        addr: data,
+                        len: payload.len() as u32,
+                        write: false,
+                    };
+                    self.tx.post(slot, &[head, body])
                 }
                 TxLayout::Single => {
                     let data = GuestAddress(addr.0 + HDR_LEN as u64);
-                    self.mem
-                        .write_slice(payload, data)
-                        .context("writing tx payload")?;
+                    if !prefilled {
+                        self.mem
+                            .write_slice(payload, data)
+                            .context("writing tx payload")?;
+                    }
                     self.tx.post(
                         slot,
                         &[Desc {
@@ -378,6 +430,9 @@ impl Core {
             }
         })();
         if let Err(e) = res {
+            if let Some(c) = self.tx_content.get_mut(slot) {
+                *c = None;
+            }
             self.tx.free.push(slot);
             return Err(e);
         }
