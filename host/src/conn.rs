@@ -77,6 +77,11 @@ pub enum State {
     Established,
 }
 
+/// Free space, as the guest believes it, at or below which it is sent our `fwd_cnt`: one full
+/// packet (Linux's `VIRTIO_VSOCK_MAX_PKT_BUF_SIZE`), so the update arrives while the guest can
+/// still send its last packet of credit.
+pub const CREDIT_UPDATE_FREE: u32 = 64 * 1024;
+
 /// Guest bytes waiting for the host socket: whole chunks for a stream, whole messages for
 /// SEQPACKET. Its payload never exceeds the window we advertised. A chunk of a framed
 /// connection starts with frame header bytes ([`crate::frame`]), which are not payload.
@@ -373,11 +378,15 @@ impl Conn {
         self.peer_buf_alloc.saturating_sub(in_flight)
     }
 
-    /// Whether the guest, judging by the last `fwd_cnt` we told it, may be about to stall:
-    /// more than half of our window looks used although we have forwarded more since.
+    /// Whether the guest, judging by the last `fwd_cnt` we told it, may be about to stall and
+    /// we have forwarded more since. Linux's rule (virtio_transport_common.c): the free space
+    /// the guest believes we have fell to one full packet ([`CREDIT_UPDATE_FREE`]), or to
+    /// half the window when that is less; a guest with more credit than that gets no update,
+    /// since every update costs an rx buffer and an interrupt.
     pub fn needs_credit_update(&self) -> bool {
-        self.fwd_cnt != self.last_fwd_sent
-            && self.rx_cnt.wrapping_sub(self.last_fwd_sent) >= self.window.size() / 2
+        let window = self.window.size();
+        let believed_free = window.saturating_sub(self.rx_cnt.wrapping_sub(self.last_fwd_sent));
+        self.fwd_cnt != self.last_fwd_sent && believed_free <= (window / 2).min(CREDIT_UPDATE_FREE)
     }
 
     /// Queues a SHUTDOWN to the guest carrying `flags` and every bit told before (Linux
@@ -502,6 +511,19 @@ mod tests {
         assert!(!c.needs_credit_update());
         c.rx_cnt = 50_000;
         assert!(!c.needs_credit_update(), "nothing new was forwarded");
+    }
+
+    #[test]
+    fn credit_update_for_a_large_window_once_one_packet_of_credit_is_left() {
+        let mut c = conn();
+        let budget = std::sync::Arc::new(crate::budget::Budget::new(1 << 20));
+        c.window = Window::reserve(&budget, 262_144);
+        c.rx_cnt = 150_000;
+        c.fwd_cnt = 150_000;
+        assert!(!c.needs_credit_update(), "112 KiB of credit left");
+        c.rx_cnt = 262_144 - 65_536;
+        c.fwd_cnt = c.rx_cnt;
+        assert!(c.needs_credit_update(), "one packet of credit left");
     }
 
     #[test]

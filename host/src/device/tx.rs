@@ -500,8 +500,9 @@ impl Device {
         }
         match flush_buf(c, &mut self.iov) {
             Ok(()) => {
-                // A drained buffer means the guest may be waiting on credit.
-                if (c.needs_credit_update() || c.buf.is_empty()) && c.fwd_cnt != c.last_fwd_sent {
+                // A guest left with little credit (a full buffer means none) learns what
+                // went out.
+                if c.needs_credit_update() {
                     c.pending |= pending::CREDIT_UPDATE;
                 }
                 self.finish_guest_shutdown(idx);
