@@ -10,7 +10,7 @@ use std::ops::Deref;
 use thiserror::Error;
 use virtio_queue::DescriptorChain;
 use vm_memory::bitmap::Bitmap as _;
-use vm_memory::{GuestAddress, GuestMemory, Permissions};
+use vm_memory::{GuestAddress, GuestMemory, Permissions, VolatileSlice};
 
 use super::header::{Header, HDR_LEN};
 use crate::mem::{GuestMem, Slice};
@@ -201,14 +201,26 @@ impl<'a> ChainBuf<'a> {
         })
     }
 
-    /// Appends `len` bytes from `offset` to `out` (the slow path, when a socket is full).
+    /// Appends `len` bytes from `offset` to `out` (the slow path, when a socket is full),
+    /// copying straight into `out`'s spare capacity rather than zero-filling it first.
     pub fn copy_out(&self, offset: usize, len: usize, out: &mut Vec<u8>) {
+        out.reserve(len);
         self.walk(offset, len, |s, off, n| {
             let start = out.len();
-            out.resize(start + n, 0);
-            if let Ok(sub) = s.subslice(off, n) {
-                sub.copy_to(&mut out[start..]);
-            }
+            let Ok(sub) = s.subslice(off, n) else {
+                out.resize(start + n, 0);
+                return;
+            };
+            // `walk` hands out at most `len` bytes in all, reserved above.
+            out.reserve(n);
+            // SAFETY: the `n` bytes after `out.len()` are allocated (reserved above) and
+            // nothing else refers to them while the slice lives; this function is their only
+            // user until `set_len`.
+            let dst = unsafe { VolatileSlice::new(out.as_mut_ptr().add(start), n) };
+            sub.copy_to_volatile_slice(dst);
+            // SAFETY: `copy_to_volatile_slice` wrote all `n` bytes (both slices are `n` long),
+            // so `start + n` bytes are initialised, within the capacity.
+            unsafe { out.set_len(start + n) };
         });
     }
 
