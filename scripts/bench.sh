@@ -9,7 +9,8 @@
 # under QEMU/TCG (tests/src/bench/qemu.rs), a few minutes.
 #
 # Output: target/bench/{table.md,sweep.csv,raw.csv,machine.txt,load.txt,vmstat.txt},
-# target/bench/txbuf-1m/ (throughput with a 1 MiB tx-buffer-size; BENCH_SKIP_WINDOW=1 skips it) and
+# target/bench/txbuf-256k/ (throughput with tx-buffer-size 256 KiB for both daemons; BENCH_WINDOW
+# sets another, BENCH_SKIP_WINDOW=1 skips it) and
 # docs/bench-throughput.png (throughput by write size, both daemons and the reference) and
 # docs/bench-density.png (start-up time, RSS and threads by number of VMs, both daemons).
 # Run it on a quiet machine: it has 2 cores and every scenario keeps both busy.
@@ -92,12 +93,15 @@ fi
 
 echo "== run"
 target/release/bench --out "$OUT" "$@"
-# Supplement: the same throughput sweep with a 1 MiB per-connection buffer (tx-buffer-size,
-# advertised to the guest as buf_alloc) for both daemons, to show how much of the
-# guest->host figure is the 64 KiB credit window of the default configuration.
+# Supplement: the same throughput sweep with one per-connection buffer for both daemons
+# (tx-buffer-size, advertised to the guest as buf_alloc; BENCH_WINDOW bytes, default 256 KiB,
+# Linux's default), so the daemons are compared at equal credit windows as well as at their
+# defaults (vhost-plug 256 KiB, vhost-device-vsock 64 KiB).
+WINDOW=${BENCH_WINDOW:-262144}
+WINDOW_OUT="$OUT/txbuf-$((WINDOW / 1024))k"
 if [ "${BENCH_SKIP_WINDOW:-0}" != 1 ]; then
-    echo "== run (tx-buffer-size 1 MiB)"
-    target/release/bench --out "$OUT/txbuf-1m" --only tput --tx-buffer-size 1048576 "$@"
+    echo "== run (tx-buffer-size $WINDOW for both)"
+    target/release/bench --out "$WINDOW_OUT" --only tput --tx-buffer-size "$WINDOW" "$@"
 fi
 
 kill "$VMSTAT" 2>/dev/null || true
@@ -110,62 +114,8 @@ echo "== plot"
 if ! python3 -c 'import matplotlib' 2>/dev/null; then
     python3 -m pip install --quiet matplotlib
 fi
-python3 - "$OUT/sweep.csv" "$PLOT" "$OUT/machine.txt" "$OUT/txbuf-1m/sweep.csv" <<'EOF'
-import csv, os, sys
-import matplotlib
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-
-src, dst, machine, window = sys.argv[1:5]
-rows = list(csv.DictReader(open(src)))
-wrows = list(csv.DictReader(open(window))) if os.path.exists(window) else []
-info = dict(l.split(": ", 1) for l in open(machine).read().splitlines() if ": " in l)
-styles = {
-    "vhost-plug": dict(color="tab:blue", marker="o"),
-    "vhost-device-vsock": dict(color="tab:orange", marker="s"),
-    "socketpair+memcpy": dict(color="gray", marker="", linestyle="--"),
-}
-titles = {"h2g": "host -> guest", "g2h": "guest -> host"}
-fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
-for ax, d in zip(axes, ["h2g", "g2h"]):
-    for who, st in styles.items():
-        pts = sorted((int(r["write_bytes"]), float(r["mib_s"]))
-                     for r in rows if r["daemon"] == who and r["direction"] == d)
-        if not pts:
-            continue
-        xs, ys = zip(*pts)
-        label = who if who != "socketpair+memcpy" else "reference: socketpair + 1 memcpy"
-        ax.plot(xs, ys, label=label, **st)
-        if who != "socketpair+memcpy":
-            below = who == "vhost-device-vsock"
-            for x, y in pts:
-                ax.annotate(f"{y:.0f}", (x, y), textcoords="offset points",
-                            xytext=(0, -13 if below else 6),
-                            ha="center", fontsize=8, color=st["color"])
-            wpts = sorted((int(r["write_bytes"]), float(r["mib_s"]))
-                          for r in wrows if r["daemon"] == who and r["direction"] == d)
-            if wpts:
-                xs, ys = zip(*wpts)
-                ax.plot(xs, ys, label=f"{who}, tx-buffer-size 1 MiB", color=st["color"],
-                        marker=st["marker"], linestyle=":", alpha=0.5, markersize=4)
-    ax.set_xscale("log", base=2)
-    xt = sorted({int(r["write_bytes"]) for r in rows})
-    ax.set_xticks(xt)
-    ax.set_xticklabels([f"{x // 1024} KiB" for x in xt])
-    ax.set_title(titles[d])
-    ax.set_xlabel("write size (one connection)")
-    ax.grid(True, alpha=0.3)
-# After all lines are drawn: the y axis is shared, so an earlier limit would cut them off.
-axes[0].set_ylim(bottom=0)
-axes[0].set_ylabel("MiB/s (median)")
-axes[1].legend(loc="upper left", fontsize=8)
-fig.suptitle("vhost-user vsock stream throughput, simulated VMM + guest driver, checksummed"
-             f"\n{info.get('nproc', '?')} cores, {info.get('cpu', '?')}, {info.get('date', '')}",
-             fontsize=10)
-fig.tight_layout()
-fig.savefig(dst, dpi=110)
-print(f"wrote {dst}")
-EOF
+python3 scripts/plot-throughput.py "$OUT/sweep.csv" "$PLOT" "$OUT/machine.txt" \
+    "$WINDOW_OUT/sweep.csv" "tx-buffer-size $((WINDOW / 1024)) KiB for both"
 
 if [ -f "$OUT/density.csv" ]; then
 python3 - "$OUT/density.csv" docs/bench-density.png "$OUT/machine.txt" <<'EOF'
