@@ -63,11 +63,17 @@ impl Device {
                         continue;
                     }
                 };
-                if let Some((idx, h)) = self.tx_batchable(&buf) {
+                let mut joinable = self.tx_batchable(&buf);
+                if let Some((idx, h)) = joinable {
                     let window = self.window_bytes(idx);
                     if !batch.fits(idx, h.len as usize, buf.segment_count(), window) {
                         self.finish_batch(&mut batch, &mut vr, &mut spare);
+                        // Sending may have left bytes buffered or reset the connection: then
+                        // this packet must queue behind them, or meet the reset, as usual.
+                        joinable = self.tx_batchable(&buf);
                     }
+                }
+                if let Some((idx, h)) = joinable {
                     self.batch_rw(&mut batch, idx, &h, head, buf);
                     continue;
                 }
