@@ -546,7 +546,7 @@ fn small_packets_round(
             got.extend_from_slice(&buf[..n]);
             reads += 1;
             // Pauses let the host socket fill, so that the device has to buffer.
-            if reads % 512 == 0 {
+            if reads.is_multiple_of(512) {
                 std::thread::sleep(Duration::from_micros(200));
             }
         }

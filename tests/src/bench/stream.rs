@@ -217,13 +217,13 @@ pub fn transfer(rig: &mut Rig, dir: Dir, total: u64, write: usize) -> Result<Tra
 
 /// Sender and receiver results: (digest, thread CPU seconds).
 type Ends = (Result<(Digest, f64)>, Result<(Digest, f64)>);
+/// A timed run: seconds, sender and receiver (digest, thread CPU seconds), and CPU seconds of
+/// (the daemon, this process, the busiest guest interrupt thread).
+type Timed = (f64, (Digest, f64), (Digest, f64), (f64, f64, f64));
 
 /// Runs `f` timed; returns the seconds, both ends' results, and (daemon CPU seconds, this
 /// process's CPU seconds, the busiest guest interrupt thread's CPU seconds) over the run.
-fn timed(
-    daemon_cpu: impl Fn() -> Result<f64>,
-    f: impl FnOnce() -> Ends,
-) -> Result<(f64, (Digest, f64), (Digest, f64), (f64, f64, f64))> {
+fn timed(daemon_cpu: impl Fn() -> Result<f64>, f: impl FnOnce() -> Ends) -> Result<Timed> {
     let daemon0 = daemon_cpu()?;
     let self0 = cpu_secs(std::process::id())?;
     let w0 = named_threads(GUEST_WORKER)?;

@@ -148,7 +148,7 @@ fn parse_args() -> Result<Opts> {
                     .split(',')
                     .map(|s| s.parse::<usize>().context("--sizes"))
                     .collect::<Result<_>>()?;
-                if o.sizes.iter().any(|&s| s == 0) {
+                if o.sizes.contains(&0) {
                     bail!("--sizes: write sizes must be positive");
                 }
             }
