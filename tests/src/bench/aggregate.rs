@@ -8,6 +8,9 @@ use std::time::Instant;
 
 use anyhow::{anyhow, Result};
 
+use super::opts::{bytes_for, Opts, MAIN_WRITE};
+use super::report::Row;
+use super::results::{harness_limited, log, Results};
 use super::rig::cpu_secs;
 use super::stream::{join, recv_all, send_all, verify, Transfer, GUEST_WORKER};
 use super::threads::{busiest_delta, named_threads};
@@ -17,7 +20,7 @@ use crate::driver::GuestSocket;
 use crate::harness::TestVm;
 use crate::host::{accept_timeout, host_listen, HOST_TIMEOUT};
 use crate::packet::HOST_CID;
-use crate::SockType;
+use crate::{DaemonKind, SockType};
 
 /// One open guest -> host connection of the run.
 struct Flow {
@@ -117,4 +120,79 @@ pub fn guest_to_host(
         kicks,
         busiest_cpu: busiest,
     })
+}
+
+/// Aggregate guest->host scenarios: label, VMs, connections per VM.
+pub const AGGREGATES: [(&str, usize, usize); 4] = [
+    ("1 connection", 1, 1),
+    ("4 connections", 1, 4),
+    ("16 connections", 1, 16),
+    ("4 VMs, 1 connection each", 4, 1),
+];
+
+/// Aggregate guest->host throughput on a 4-VM rig per daemon, repetitions interleaved.
+pub fn aggregates(o: &Opts, t0: Instant, res: &mut Results) -> Result<()> {
+    let mut rigs = Vec::new();
+    for &k in &o.kinds {
+        rigs.push(Rig::with_vms(k, &[], o.tx_buffer_size, 4)?);
+    }
+    for rep in 0..o.reps {
+        for (label, vms, conns) in AGGREGATES {
+            for rig in rigs.iter_mut() {
+                let who = rig.kind().name();
+                let key = format!("agg-{vms}-{conns}");
+                if res.error(&key, who).is_some() {
+                    continue;
+                }
+                let total = bytes_for(o, MAIN_WRITE);
+                match guest_to_host(rig, vms, conns, total, MAIN_WRITE) {
+                    Ok(t) => {
+                        log(
+                            t0,
+                            format!(
+                                "rep {rep} {who} guest->host {label}: {:.0} MiB/s; daemon {:.0}% \
+                                 of a core, {:.0} ms CPU/GiB; busiest harness thread {:.0}%",
+                                t.mib_s(),
+                                t.daemon_pct(),
+                                t.daemon_ms_per_gib(),
+                                t.busiest_pct()
+                            ),
+                        );
+                        res.push(&key, who, t.mib_s());
+                        res.push(&format!("cpu-{key}"), who, t.daemon_ms_per_gib());
+                        res.push(&format!("bpct-{key}"), who, t.busiest_pct());
+                    }
+                    Err(e) => res.fail(t0, &key, who, &e),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Rows of the aggregate scenarios.
+pub fn aggregate_rows(res: &Results) -> Vec<Row> {
+    let (plug, peer) = (DaemonKind::VhostPlug.name(), DaemonKind::Peer.name());
+    let mut rows = Vec::new();
+    for (label, vms, conns) in AGGREGATES {
+        let key = format!("agg-{vms}-{conns}");
+        let mut row = Row::new(
+            format!("aggregate guest->host, {label}, 64 KiB writes"),
+            "MiB/s",
+        )
+        .values(res.median(&key, plug), res.median(&key, peer));
+        if let Some(why) = harness_limited(res, &key) {
+            row = row.withhold(why);
+        }
+        rows.push(row);
+        let cpu = format!("cpu-{key}");
+        rows.push(
+            Row::new(
+                format!("daemon CPU per GiB, aggregate guest->host, {label}"),
+                "ms",
+            )
+            .values(res.median(&cpu, plug), res.median(&cpu, peer)),
+        );
+    }
+    rows
 }

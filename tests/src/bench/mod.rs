@@ -7,7 +7,10 @@
 //! request/response), [`setup`] (connection setup rate), [`rss`] (memory per idle connection),
 //! [`density`] (many idle VMs, cold start, many VMs attached at once), [`stats`] (medians,
 //! percentiles), [`report`] (table and CSV output), [`qemu`] (the same
-//! kinds of figures through a real Linux guest under QEMU/TCG).
+//! kinds of figures through a real Linux guest under QEMU/TCG), [`aggregate`] (guest -> host
+//! over 1, 4 or 16 connections or 4 VMs at once), [`threads`] (the harness's own threads' CPU,
+//! to tell when it sets the pace), [`opts`] (the binary's command line) and [`results`]
+//! (every measured value).
 //!
 //! Nothing here asserts on timing: a scenario fails only when data is lost or corrupted, or a
 //! bounded wait expires.
@@ -15,8 +18,10 @@
 pub mod aggregate;
 pub mod density;
 pub mod latency;
+pub mod opts;
 pub mod qemu;
 pub mod report;
+pub mod results;
 pub mod rig;
 pub mod rss;
 pub mod setup;

@@ -8,31 +8,29 @@
 //! (`tests/src/bench/qemu.rs`): throughput both ways, 1-byte round trips and connection setup.
 //!
 //! Usage: `bench [--out DIR] [--reps N] [--scale F] [--rtts N] [--conns N] [--rss N,N..]
-//! [--quick] [--only tput,latency,setup,reference,plugins,rss,density,qemu]
-//! [--daemons both|plug|peer]
-//! [--tx-buffer-size BYTES] [--qemu-rounds N] [--qemu-mib N] [--qemu-rtts N]
-//! [--qemu-conns N]`.
+//! [--quick] [--only tput,aggregate,latency,setup,reference,plugins,rss,density,qemu]
+//! [--daemons both|plug|peer] [--tx-buffer-size BYTES] [--sizes B,B..] [--dirs h2g,g2h]
+//! [--qemu-rounds N] [--qemu-mib N] [--qemu-rtts N] [--qemu-conns N]`.
 //! See scripts/bench.sh, which builds, installs the peer and plots.
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 
+use vhost_plug_tests::bench::aggregate::{aggregate_rows, aggregates};
+use vhost_plug_tests::bench::opts::{
+    bytes_for, parse_args, Opts, GROUPS, KINDS, MAIN_WRITE, SIZES,
+};
 use vhost_plug_tests::bench::qemu::GuestBench;
 use vhost_plug_tests::bench::report::{markdown, Row, Target};
-use vhost_plug_tests::bench::rss::{idle_connections, RssRun};
-use vhost_plug_tests::bench::stats::{median, Percentiles};
+use vhost_plug_tests::bench::results::{harness_limited, log, Results};
+use vhost_plug_tests::bench::rss::idle_connections;
 use vhost_plug_tests::bench::threads::SATURATED_PCT;
-use vhost_plug_tests::bench::{aggregate, density, latency, setup, stream, Dir, Rig};
+use vhost_plug_tests::bench::{density, latency, setup, stream, Dir, Rig};
 use vhost_plug_tests::DaemonKind;
-
-const KINDS: [DaemonKind; 2] = [DaemonKind::VhostPlug, DaemonKind::Peer];
-const MAIN_WRITE: usize = 64 << 10;
-const SIZES: [usize; 4] = [4 << 10, 16 << 10, 64 << 10, 256 << 10];
 
 /// Policy chains for the plugin scenario: label and daemon arguments. Any `--plugin` replaces
 /// the built-in defaults, so "0 plugins" names only the default serializer.
@@ -58,216 +56,12 @@ const PLUGIN_CHAINS: &[(&str, &[&str])] = &[
     ),
 ];
 
-struct Opts {
-    out: PathBuf,
-    reps: usize,
-    scale: f64,
-    rtts: usize,
-    conns: usize,
-    rss_steps: Vec<usize>,
-    /// Scenario groups to run: tput, latency, setup, reference, plugins, rss.
-    only: Vec<String>,
-    kinds: Vec<DaemonKind>,
-    /// `tx-buffer-size` of every VM (both daemons); `None` keeps their defaults (vhost-plug
-    /// 256 KiB, vhost-device-vsock 64 KiB).
-    tx_buffer_size: Option<u32>,
-    /// QEMU section: guest boots per daemon (interleaved between the daemons), MiB per
-    /// transfer, timed round trips and connections per boot.
-    qemu_rounds: usize,
-    qemu_mib: u64,
-    qemu_rtts: usize,
-    qemu_conns: usize,
-    /// Write sizes and directions of the throughput sweep (`--sizes`, `--dirs`).
-    sizes: Vec<usize>,
-    dirs: Vec<Dir>,
-}
-
-const GROUPS: [&str; 9] = [
-    "tput",
-    "aggregate",
-    "latency",
-    "setup",
-    "reference",
-    "plugins",
-    "rss",
-    "density",
-    "qemu",
-];
-
-impl Opts {
-    fn runs(&self, group: &str) -> bool {
-        self.only.iter().any(|g| g == group)
-    }
-}
-
-fn parse_args() -> Result<Opts> {
-    let mut o = Opts {
-        out: PathBuf::from("target/bench"),
-        reps: 5,
-        scale: 1.0,
-        rtts: 20_000,
-        conns: 1000,
-        rss_steps: vec![1000, 10_000],
-        only: GROUPS.iter().map(|g| g.to_string()).collect(),
-        kinds: KINDS.to_vec(),
-        tx_buffer_size: None,
-        qemu_rounds: 3,
-        qemu_mib: 128,
-        qemu_rtts: 2000,
-        qemu_conns: 200,
-        sizes: SIZES.to_vec(),
-        dirs: Dir::BOTH.to_vec(),
-    };
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        let mut val = || args.next().with_context(|| format!("{a} needs a value"));
-        match a.as_str() {
-            "--out" => o.out = PathBuf::from(val()?),
-            "--reps" => o.reps = val()?.parse().context("--reps")?,
-            "--scale" => o.scale = val()?.parse().context("--scale")?,
-            "--rtts" => o.rtts = val()?.parse().context("--rtts")?,
-            "--conns" => o.conns = val()?.parse().context("--conns")?,
-            "--rss" => {
-                o.rss_steps = val()?
-                    .split(',')
-                    .map(|s| s.parse::<usize>().context("--rss"))
-                    .collect::<Result<_>>()?
-            }
-            "--only" => {
-                o.only = val()?.split(',').map(str::to_string).collect();
-                if let Some(g) = o.only.iter().find(|g| !GROUPS.contains(&g.as_str())) {
-                    bail!("--only: unknown group {g} (groups: {})", GROUPS.join(","));
-                }
-            }
-            "--qemu-rounds" => o.qemu_rounds = val()?.parse().context("--qemu-rounds")?,
-            "--qemu-mib" => o.qemu_mib = val()?.parse().context("--qemu-mib")?,
-            "--qemu-rtts" => o.qemu_rtts = val()?.parse().context("--qemu-rtts")?,
-            "--qemu-conns" => o.qemu_conns = val()?.parse().context("--qemu-conns")?,
-            "--sizes" => {
-                o.sizes = val()?
-                    .split(',')
-                    .map(|s| s.parse::<usize>().context("--sizes"))
-                    .collect::<Result<_>>()?;
-                if o.sizes.contains(&0) {
-                    bail!("--sizes: write sizes must be positive");
-                }
-            }
-            "--dirs" => {
-                o.dirs = val()?
-                    .split(',')
-                    .map(|s| match s {
-                        "h2g" => Ok(Dir::HostToGuest),
-                        "g2h" => Ok(Dir::GuestToHost),
-                        other => bail!("--dirs: expected h2g or g2h, got {other}"),
-                    })
-                    .collect::<Result<_>>()?
-            }
-            "--tx-buffer-size" => {
-                o.tx_buffer_size = Some(val()?.parse().context("--tx-buffer-size")?)
-            }
-            "--daemons" => {
-                o.kinds = match val()?.as_str() {
-                    "both" => KINDS.to_vec(),
-                    "plug" => vec![DaemonKind::VhostPlug],
-                    "peer" => vec![DaemonKind::Peer],
-                    other => bail!("--daemons: expected both, plug or peer, got {other}"),
-                }
-            }
-            "--quick" => {
-                o.reps = 1;
-                o.scale = 0.125;
-                o.rtts = 2000;
-                o.conns = 200;
-                o.rss_steps = vec![1000];
-                o.qemu_rounds = 1;
-                o.qemu_mib = 16;
-                o.qemu_rtts = 300;
-                o.qemu_conns = 50;
-            }
-            "-h" | "--help" => {
-                println!(
-                    "bench [--out DIR] [--reps N] [--scale F] [--rtts N] [--conns N] \
-                     [--rss N,N..] [--quick] [--only GROUP,..] [--daemons both|plug|peer] \
-                     [--tx-buffer-size BYTES] [--sizes B,B..] [--dirs h2g,g2h] [--qemu-rounds N] \
-                     [--qemu-mib N] [--qemu-rtts N] [--qemu-conns N]\n\
-                     groups: {}",
-                    GROUPS.join(",")
-                );
-                std::process::exit(0);
-            }
-            other => bail!("unknown argument {other}"),
-        }
-    }
-    if o.reps == 0 || o.rtts == 0 || o.conns == 0 || o.scale.is_nan() || o.scale <= 0.0 {
-        bail!("--reps, --rtts, --conns and --scale must be positive");
-    }
-    if o.qemu_rounds == 0 || o.qemu_mib == 0 || o.qemu_rtts == 0 || o.qemu_conns == 0 {
-        bail!("--qemu-rounds, --qemu-mib, --qemu-rtts and --qemu-conns must be positive");
-    }
-    o.rss_steps.sort_unstable();
-    Ok(o)
-}
-
-fn log(t0: Instant, msg: impl AsRef<str>) {
-    eprintln!(
-        "[bench {:7.1}s] {}",
-        t0.elapsed().as_secs_f64(),
-        msg.as_ref()
-    );
-}
-
-/// Every measured value, keyed by scenario.
-#[derive(Default)]
-struct Results {
-    /// (scenario key, daemon) -> values of each repetition.
-    values: BTreeMap<(String, String), Vec<f64>>,
-    /// (scenario key, daemon) -> why it failed.
-    errors: BTreeMap<(String, String), String>,
-    latency: BTreeMap<(String, String), Percentiles>,
-    rss: BTreeMap<String, RssRun>,
-    policy_enforced: Option<Result<bool, String>>,
-}
-
-impl Results {
-    fn push(&mut self, key: &str, who: &str, v: f64) {
-        self.values
-            .entry((key.to_string(), who.to_string()))
-            .or_default()
-            .push(v);
-    }
-
-    fn fail(&mut self, t0: Instant, key: &str, who: &str, e: &anyhow::Error) {
-        log(t0, format!("FAILED {key} on {who}: {e:#}"));
-        self.errors
-            .entry((key.to_string(), who.to_string()))
-            .or_insert_with(|| format!("{e:#}"));
-    }
-
-    fn median(&self, key: &str, who: &str) -> Option<f64> {
-        median(self.values.get(&(key.to_string(), who.to_string()))?)
-    }
-
-    fn error(&self, key: &str, who: &str) -> Option<&String> {
-        self.errors.get(&(key.to_string(), who.to_string()))
-    }
-}
-
 fn tput_key(dir: Dir, write: usize) -> String {
     format!("tput-{}-{}", dir.tag(), write)
 }
 
 fn setup_key(dir: Dir) -> String {
     format!("setup-{}", dir.tag())
-}
-
-fn bytes_for(o: &Opts, write: usize) -> u64 {
-    let base: f64 = if write == MAIN_WRITE {
-        512.0 * 1048576.0
-    } else {
-        256.0 * 1048576.0
-    };
-    let b = (base * o.scale) as u64;
-    b.max(write as u64)
 }
 
 fn main() -> ExitCode {
@@ -458,81 +252,6 @@ fn data_path(o: &Opts, t0: Instant, res: &mut Results) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Aggregate guest->host scenarios: label, VMs, connections per VM.
-const AGGREGATES: [(&str, usize, usize); 4] = [
-    ("1 connection", 1, 1),
-    ("4 connections", 1, 4),
-    ("16 connections", 1, 16),
-    ("4 VMs, 1 connection each", 4, 1),
-];
-
-/// Aggregate guest->host throughput on a 4-VM rig per daemon, repetitions interleaved.
-fn aggregates(o: &Opts, t0: Instant, res: &mut Results) -> Result<()> {
-    let mut rigs = Vec::new();
-    for &k in &o.kinds {
-        rigs.push(Rig::with_vms(k, &[], o.tx_buffer_size, 4)?);
-    }
-    for rep in 0..o.reps {
-        for (label, vms, conns) in AGGREGATES {
-            for rig in rigs.iter_mut() {
-                let who = rig.kind().name();
-                let key = format!("agg-{vms}-{conns}");
-                if res.error(&key, who).is_some() {
-                    continue;
-                }
-                let total = bytes_for(o, MAIN_WRITE);
-                match aggregate::guest_to_host(rig, vms, conns, total, MAIN_WRITE) {
-                    Ok(t) => {
-                        log(
-                            t0,
-                            format!(
-                                "rep {rep} {who} guest->host {label}: {:.0} MiB/s; daemon {:.0}% \
-                                 of a core, {:.0} ms CPU/GiB; busiest harness thread {:.0}%",
-                                t.mib_s(),
-                                t.daemon_pct(),
-                                t.daemon_ms_per_gib(),
-                                t.busiest_pct()
-                            ),
-                        );
-                        res.push(&key, who, t.mib_s());
-                        res.push(&format!("cpu-{key}"), who, t.daemon_ms_per_gib());
-                        res.push(&format!("bpct-{key}"), who, t.busiest_pct());
-                    }
-                    Err(e) => res.fail(t0, &key, who, &e),
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Rows of the aggregate scenarios.
-fn aggregate_rows(res: &Results) -> Vec<Row> {
-    let (plug, peer) = (DaemonKind::VhostPlug.name(), DaemonKind::Peer.name());
-    let mut rows = Vec::new();
-    for (label, vms, conns) in AGGREGATES {
-        let key = format!("agg-{vms}-{conns}");
-        let mut row = Row::new(
-            format!("aggregate guest->host, {label}, 64 KiB writes"),
-            "MiB/s",
-        )
-        .values(res.median(&key, plug), res.median(&key, peer));
-        if let Some(why) = harness_limited(res, &key) {
-            row = row.withhold(why);
-        }
-        rows.push(row);
-        let cpu = format!("cpu-{key}");
-        rows.push(
-            Row::new(
-                format!("daemon CPU per GiB, aggregate guest->host, {label}"),
-                "ms",
-            )
-            .values(res.median(&cpu, plug), res.median(&cpu, peer)),
-        );
-    }
-    rows
 }
 
 const REFERENCE: &str = "socketpair+memcpy";
@@ -824,24 +543,6 @@ fn qemu_rows(o: &Opts, res: &Results) -> Vec<Row> {
         );
     }
     rows
-}
-
-/// Why no throughput ratio is claimed for `key`: a harness thread was busy for nearly the
-/// whole transfer (median over the repetitions) with either daemon.
-fn harness_limited(res: &Results, key: &str) -> Option<String> {
-    let busy: Vec<String> = KINDS
-        .iter()
-        .filter_map(|k| {
-            let p = res.median(&format!("bpct-{key}"), k.name())?;
-            (p >= SATURATED_PCT).then(|| format!("{} {p:.0}%", k.name()))
-        })
-        .collect();
-    (!busy.is_empty()).then(|| {
-        format!(
-            "harness-limited: busiest harness thread at {} of a core, no ratio claimed",
-            busy.join(", ")
-        )
-    })
 }
 
 fn rows(o: &Opts, res: &Results) -> Vec<Row> {
