@@ -10,7 +10,7 @@ use virtio_queue::QueueT;
 use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::EventSet;
 
-use super::batch::{SpareSegs, TxBatch};
+use super::batch::TxBatch;
 use super::host::send_proxy_header;
 use super::{Device, MAX_PKT_PAYLOAD};
 use crate::conn::{pending, AcceptReply, Conn, ConnKey, State};
@@ -37,7 +37,6 @@ impl Device {
         }
         let mut used = false;
         let mut batch = TxBatch::default();
-        let mut spare: SpareSegs<'_> = Vec::new();
         loop {
             if let Err(e) = vr.disable_notification() {
                 warn!(error = %e, "tx queue: cannot disable notifications");
@@ -47,16 +46,14 @@ impl Device {
                     break;
                 };
                 let head = chain.head_index();
-                let segs = spare.pop().unwrap_or_default();
-                let max = HDR_LEN + MAX_PKT_PAYLOAD;
                 used = true;
-                let buf = match ChainBuf::with_segs(&mem, chain, false, max, segs) {
+                let buf = match ChainBuf::new(&mem, chain, false, HDR_LEN + MAX_PKT_PAYLOAD) {
                     Ok(buf) => buf,
                     Err(e) => {
                         if self.guest_log() {
                             warn!(cid = self.cfg.guest_cid, error = %e, "bad tx descriptor chain")
                         }
-                        self.finish_batch(&mut batch, &mut vr, &mut spare);
+                        self.finish_batch(&mut batch, &mut vr);
                         if let Err(e) = vr.add_used(head, 0) {
                             warn!(error = %e, "tx queue: add_used failed");
                         }
@@ -67,7 +64,7 @@ impl Device {
                 if let Some((idx, h)) = joinable {
                     let window = self.window_bytes(idx);
                     if !batch.fits(idx, h.len as usize, buf.segment_count(), window) {
-                        self.finish_batch(&mut batch, &mut vr, &mut spare);
+                        self.finish_batch(&mut batch, &mut vr);
                         // Sending may have left bytes buffered or reset the connection: then
                         // this packet must queue behind them, or meet the reset, as usual.
                         joinable = self.tx_batchable(&buf);
@@ -77,14 +74,13 @@ impl Device {
                     self.batch_rw(&mut batch, idx, &h, head, buf);
                     continue;
                 }
-                self.finish_batch(&mut batch, &mut vr, &mut spare);
+                self.finish_batch(&mut batch, &mut vr);
                 self.handle_packet(&buf);
-                spare.push(buf.into_segs());
                 if let Err(e) = vr.add_used(head, 0) {
                     warn!(error = %e, "tx queue: add_used failed");
                 }
             }
-            self.finish_batch(&mut batch, &mut vr, &mut spare);
+            self.finish_batch(&mut batch, &mut vr);
             if self.tx_stalled {
                 break;
             }
@@ -104,13 +100,8 @@ impl Device {
         }
     }
 
-    /// Sends a batch and returns its chains to the used ring, their segment lists to `spare`.
-    fn finish_batch<'m>(
-        &mut self,
-        batch: &mut TxBatch<'m>,
-        vr: &mut VringState<GuestMemAtomic>,
-        spare: &mut SpareSegs<'m>,
-    ) {
+    /// Sends a batch and returns its chains to the used ring.
+    fn finish_batch(&mut self, batch: &mut TxBatch<'_>, vr: &mut VringState<GuestMemAtomic>) {
         if batch.is_empty() {
             return;
         }
@@ -119,7 +110,6 @@ impl Device {
             if let Err(e) = vr.add_used(p.head, 0) {
                 warn!(error = %e, "tx queue: add_used failed");
             }
-            spare.push(p.buf.into_segs());
         }
     }
 
