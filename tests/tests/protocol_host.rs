@@ -506,10 +506,10 @@ fn credit_request_once_when_the_guest_stalls() -> Result<()> {
     vm.guest.health()
 }
 
-/// Many small guest packets to a host program that reads in small pieces, pausing now and
-/// then: the host socket fills and drains over and over, the device sends runs of packets
-/// together and buffers what the socket does not take, and every byte still arrives once
-/// and in order.
+/// Many small guest packets, on one connection and on two at once, to a host program that
+/// reads in small pieces, pausing now and then: the host socket fills and drains over and
+/// over, the device sends runs of packets together and buffers what the socket does not
+/// take, and every byte still arrives once and in order.
 #[test]
 fn small_packets_to_a_slow_reader_arrive_in_order() -> Result<()> {
     let s = setup(None)?;
@@ -517,10 +517,17 @@ fn small_packets_to_a_slow_reader_arrive_in_order() -> Result<()> {
     let l = host_listen(&vm.spec.uds_path, 7070)?;
     let data = vhost_plug_tests::data::Pattern::bytes(11, 64 << 20);
     // A reordering needs the socket to take bytes again at just the wrong moment: a few
-    // rounds make it likely to show.
+    // rounds make it likely to show. Two connections at once interleave in the tx queue.
     for round in 0..3 {
-        let (gs, hs) = pair(&vm, &l, 7070)?;
-        small_packets_round(&gs, hs, &data).with_context(|| format!("round {round}"))?;
+        let (ga, ha) = pair(&vm, &l, 7070)?;
+        let (gb, hb) = pair(&vm, &l, 7070)?;
+        std::thread::scope(|sc| -> Result<()> {
+            let b = sc.spawn(|| small_packets_round(&gb, hb, &data[..16 << 20]));
+            small_packets_round(&ga, ha, &data).with_context(|| format!("round {round}, a"))?;
+            b.join()
+                .map_err(|_| anyhow::anyhow!("second connection panicked"))?
+                .with_context(|| format!("round {round}, b"))
+        })?;
     }
     vm.guest.health()
 }

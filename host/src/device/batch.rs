@@ -1,13 +1,15 @@
-//! Guest -> host coalescing. Consecutive RW packets of one stream connection, taken from the
-//! tx queue in one walk, leave for the host socket in one `sendmsg` over all their payload
-//! segments: one syscall, fewer and larger socket buffers, one wakeup of the host reader,
-//! where one packet at a time cost each of those per packet.
+//! Guest -> host coalescing. The data packets taken from the tx queue in one walk are held
+//! back, and each connection's run of them leaves for its host socket in one `sendmsg` over
+//! all their payload segments: one syscall, fewer and larger socket buffers and one wakeup of
+//! the host reader per connection and walk, where one packet at a time cost each of those per
+//! packet. Several connections interleaved in the queue each get their own `sendmsg`.
 //!
-//! Only packets the one-at-a-time path would send straight to the host socket are batched
+//! Only packets the one-at-a-time path would send straight to the host socket are held
 //! (stream, established, nothing buffered, host end still reading, guest still sending); any
-//! other packet first flushes the batch, so every connection's bytes and every control packet
-//! keep their order. A batch never holds more payload than the connection's window, so the
-//! unsent tail it leaves in the pending buffer stays within the credit the guest was given.
+//! other packet first sends the batch, so every connection's bytes and every control packet
+//! keep their order. A connection never has more payload in a batch than its window, so the
+//! unsent tail it may leave in the pending buffer stays within the credit the guest was
+//! given. The chains go back to the used ring in queue order once the batch is sent.
 
 use std::os::fd::AsRawFd;
 
@@ -27,19 +29,16 @@ const MAX_IOV: usize = 1024;
 /// One tx chain whose payload waits in a batch.
 pub(super) struct Batched<'m> {
     pub head: u16,
-    pub buf: ChainBuf<'m>,
+    buf: ChainBuf<'m>,
+    idx: usize,
     len: usize,
 }
 
-/// Packets of one connection waiting to be sent together; lives for one walk of the tx
-/// queue, because its chains borrow that walk's guest-memory guard. A 256 KiB window of
-/// 64 KiB packets fits inline.
+/// Data packets waiting to be sent; lives for one walk of the tx queue, because its chains
+/// borrow that walk's guest-memory guard. Eight 64 KiB packets fit inline.
 #[derive(Default)]
 pub(super) struct TxBatch<'m> {
-    idx: usize,
-    packets: SmallVec<[Batched<'m>; 4]>,
-    bytes: usize,
-    iovs: usize,
+    packets: SmallVec<[Batched<'m>; 8]>,
 }
 
 impl<'m> TxBatch<'m> {
@@ -48,26 +47,25 @@ impl<'m> TxBatch<'m> {
     }
 
     /// Whether `len` payload bytes in at most `segs` segments for connection `idx` can join,
-    /// given its window; otherwise the batch must be flushed first.
+    /// given its window; otherwise the batch must be sent first.
     pub fn fits(&self, idx: usize, len: usize, segs: usize, window: usize) -> bool {
-        self.packets.is_empty()
-            || (self.idx == idx
-                && self.packets.len() < MAX_PACKETS
-                && self.bytes + len <= window
-                && self.iovs + segs <= MAX_IOV)
+        if self.packets.len() >= MAX_PACKETS {
+            return false;
+        }
+        let (bytes, iovs) = self
+            .packets
+            .iter()
+            .filter(|p| p.idx == idx)
+            .fold((0, 0), |(b, i), p| (b + p.len, i + p.buf.segment_count()));
+        bytes + len <= window && iovs + segs <= MAX_IOV
     }
 
     fn push(&mut self, idx: usize, head: u16, buf: ChainBuf<'m>, len: usize) {
-        self.idx = idx;
-        self.bytes += len;
-        self.iovs += buf.segment_count();
-        self.packets.push(Batched { head, buf, len });
+        self.packets.push(Batched { head, buf, idx, len });
     }
 
-    /// The packets of a flushed batch, in queue order, for the used ring.
-    pub fn drain(&mut self) -> smallvec::Drain<'_, [Batched<'m>; 4]> {
-        self.bytes = 0;
-        self.iovs = 0;
+    /// The packets of a sent batch, in queue order, for the used ring.
+    pub fn drain(&mut self) -> smallvec::Drain<'_, [Batched<'m>; 8]> {
         self.packets.drain(..)
     }
 }
@@ -131,16 +129,27 @@ impl Device {
         batch.push(idx, head, buf, h.len as usize);
     }
 
-    /// Sends a batch's payload in one `sendmsg`; what the socket does not take goes to the
-    /// connection's pending buffer. The chains stay in the batch for the caller to return to
-    /// the used ring ([`TxBatch::drain`]).
+    /// Sends each connection's packets of the batch in one `sendmsg`, connections in the
+    /// order they first appear. The chains stay in the batch for the caller to return to the
+    /// used ring ([`TxBatch::drain`]).
     pub(super) fn send_batch(&mut self, batch: &TxBatch<'_>) {
-        let Some(first) = batch.packets.first() else {
+        for (i, p) in batch.packets.iter().enumerate() {
+            if !batch.packets[..i].iter().any(|q| q.idx == p.idx) {
+                self.send_run(batch, p.idx);
+            }
+        }
+    }
+
+    /// Sends connection `idx`'s packets of `batch` in one `sendmsg`; what the socket does not
+    /// take goes to the connection's pending buffer.
+    fn send_run(&mut self, batch: &TxBatch<'_>, idx: usize) {
+        let run = || batch.packets.iter().filter(|p| p.idx == idx);
+        let Some(first) = run().next() else {
             return;
         };
-        let idx = batch.idx;
+        let total: usize = run().map(|p| p.len).sum();
         self.iov.clear();
-        for p in &batch.packets {
+        for p in run() {
             p.buf.extend_iovecs(HDR_LEN, p.len, &mut self.iov);
         }
         let c = &mut self.conns[idx];
@@ -152,10 +161,10 @@ impl Device {
         match sent {
             Ok(sent) => {
                 c.fwd_cnt = c.fwd_cnt.wrapping_add(sent as u32);
-                if sent < batch.bytes {
-                    let mut rest = Vec::with_capacity(batch.bytes - sent);
+                if sent < total {
+                    let mut rest = Vec::with_capacity(total - sent);
                     let mut skip = sent;
-                    for p in &batch.packets {
+                    for p in run() {
                         if skip >= p.len {
                             skip -= p.len;
                             continue;
@@ -175,8 +184,7 @@ impl Device {
             // the later ones are counted as forwarded.
             Err(e) if sys::is_epipe(&e) => {
                 c.host_stopped_receiving();
-                let later: usize = batch.packets.iter().map(|p| p.len).sum::<usize>() - first.len;
-                c.fwd_cnt = c.fwd_cnt.wrapping_add(later as u32);
+                c.fwd_cnt = c.fwd_cnt.wrapping_add((total - first.len) as u32);
             }
             Err(e) => {
                 let why = format!("host socket write failed: {e}");

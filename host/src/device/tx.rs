@@ -24,7 +24,7 @@ use crate::vsock::header::*;
 
 impl Device {
     /// Consumes the tx queue. Stops early when too many RST replies wait for rx buffers.
-    /// Consecutive data packets of one connection leave in one `sendmsg` ([`super::batch`]);
+    /// The data packets of a walk leave in one `sendmsg` per connection ([`super::batch`]);
     /// their chains go to the used ring once that is done.
     pub fn process_tx(&mut self, vring: &VringRwLock<GuestMemAtomic>) {
         let Some(atomic) = self.mem.clone() else {
