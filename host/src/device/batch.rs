@@ -61,7 +61,12 @@ impl<'m> TxBatch<'m> {
     }
 
     fn push(&mut self, idx: usize, head: u16, buf: ChainBuf<'m>, len: usize) {
-        self.packets.push(Batched { head, buf, idx, len });
+        self.packets.push(Batched {
+            head,
+            buf,
+            idx,
+            len,
+        });
     }
 
     /// The packets of a sent batch, in queue order, for the used ring.
@@ -150,7 +155,7 @@ impl Device {
         let total: usize = run().map(|p| p.len).sum();
         self.iov.clear();
         for p in run() {
-            p.buf.extend_iovecs(HDR_LEN, p.len, &mut self.iov);
+            p.buf.extend_send_iovecs(HDR_LEN, p.len, &mut self.iov);
         }
         let c = &mut self.conns[idx];
         let sent = match sys::send_iov(c.fd.as_raw_fd(), &self.iov) {

@@ -530,7 +530,7 @@ fn framed_from_guest(
     let total = frame::HEADER_LEN + len;
     let mut sent = 0;
     if c.buf.is_empty() {
-        buf.iovecs(HDR_LEN, len, iov);
+        buf.send_iovecs(HDR_LEN, len, iov);
         iov.insert(
             0,
             libc::iovec {
@@ -569,7 +569,7 @@ fn stream_from_guest(
     }
     let mut sent = 0;
     if c.buf.is_empty() {
-        buf.iovecs(HDR_LEN, len, iov);
+        buf.send_iovecs(HDR_LEN, len, iov);
         sent = match sys::send_iov(c.fd.as_raw_fd(), iov) {
             Ok(n) => n,
             Err(e) if sys::would_block(&e) => 0,
@@ -595,7 +595,7 @@ fn seq_from_guest(
     iov: &mut Vec<libc::iovec>,
 ) -> std::io::Result<()> {
     if eom && c.partial_msg.is_empty() && c.buf.is_empty() {
-        buf.iovecs(HDR_LEN, len, iov);
+        buf.send_iovecs(HDR_LEN, len, iov);
         match sys::send_iov(c.fd.as_raw_fd(), iov) {
             Ok(_) => {
                 c.fwd_cnt = c.fwd_cnt.wrapping_add(len as u32);

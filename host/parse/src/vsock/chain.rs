@@ -209,21 +209,37 @@ impl<'a> ChainBuf<'a> {
         });
     }
 
-    /// Builds the iovecs for `len` bytes starting at `offset`. The iovecs point into guest
-    /// memory and stay valid while `self` (and the memory guard it borrows) lives.
+    /// Builds the iovecs for `len` bytes starting at `offset`, for the kernel to write into
+    /// (recvmsg). The iovecs point into guest memory and stay valid while `self` (and the
+    /// memory guard it borrows) lives.
     pub fn iovecs(&self, offset: usize, len: usize, out: &mut Vec<libc::iovec>) {
         out.clear();
-        self.extend_iovecs(offset, len, out);
-    }
-
-    /// Like [`ChainBuf::iovecs`], but appends to `out`, so the payloads of several chains can
-    /// go out in one `sendmsg`.
-    pub fn extend_iovecs(&self, offset: usize, len: usize, out: &mut Vec<libc::iovec>) {
         self.walk(offset, len, |s, off, n| {
             let base = s.ptr_guard_mut().as_ptr();
             out.push(libc::iovec {
                 // SAFETY: `off < s.len()`, so the pointer stays inside the segment.
                 iov_base: unsafe { base.add(off) }.cast(),
+                iov_len: n,
+            });
+        });
+    }
+
+    /// Builds the iovecs for `len` bytes starting at `offset`, for the kernel to read from
+    /// (sendmsg): taken through a read guard, so the guest pages are not marked dirty.
+    pub fn send_iovecs(&self, offset: usize, len: usize, out: &mut Vec<libc::iovec>) {
+        out.clear();
+        self.extend_send_iovecs(offset, len, out);
+    }
+
+    /// Like [`ChainBuf::send_iovecs`], but appends to `out`, so the payloads of several
+    /// chains can go out in one `sendmsg`.
+    pub fn extend_send_iovecs(&self, offset: usize, len: usize, out: &mut Vec<libc::iovec>) {
+        self.walk(offset, len, |s, off, n| {
+            let base = s.ptr_guard().as_ptr();
+            out.push(libc::iovec {
+                // SAFETY: `off < s.len()`, so the pointer stays inside the segment. The
+                // kernel only reads through it (iovec has no const variant).
+                iov_base: unsafe { base.add(off) }.cast_mut().cast(),
                 iov_len: n,
             });
         });
@@ -352,8 +368,8 @@ mod tests {
                 let b = b.expect("valid chain");
                 assert_eq!(b.segment_count(), 3);
                 let mut iov = Vec::new();
-                b.iovecs(HDR_LEN, 3, &mut iov);
-                b.extend_iovecs(HDR_LEN + 3, 4, &mut iov);
+                b.send_iovecs(HDR_LEN, 3, &mut iov);
+                b.extend_send_iovecs(HDR_LEN + 3, 4, &mut iov);
                 assert_eq!(
                     iov.iter().map(|v| v.iov_len).collect::<Vec<_>>(),
                     vec![3, 4]
