@@ -131,12 +131,14 @@ fn guest_shut_rd_stops_delivery_from_tcp() -> Result<()> {
     let vm = s.boot(0)?;
     let (gs, mut ts) = pair(&vm, &l)?;
     gs.shutdown(true, false)?;
-    let seq = vm.guest.log_seq();
-    ts.write_all(b"unread")?;
+    // The device takes the tx queue in order: once "up" reached the TCP end, the SHUTDOWN
+    // before it was applied, so bytes the TCP end writes from now on must stay there.
     gs.send(b"up")?;
     let mut b = [0u8; 2];
     ts.read_exact(&mut b)?;
     ensure!(&b == b"up");
+    let seq = vm.guest.log_seq();
+    ts.write_all(b"unread")?;
     let rw = vm.guest.wait_packet(seq, Duration::from_millis(300), |h| {
         h.op == OP_RW && h.dst_port == gs.local_port()
     });
