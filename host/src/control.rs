@@ -123,6 +123,11 @@ fn serve(conn: UnixStream, vms: &[VmHandle], plugins: &PluginSet) {
     };
     let mut conn = conn;
     let _ = writeln!(conn, "{answer}");
+    if crate::upgrade::completed() {
+        // Every VM and socket belongs to the new daemon now.
+        let _ = conn.flush();
+        std::process::exit(0);
+    }
 }
 
 /// Takes the sockets of a handover for VM `vm` and parks them until the LOAD of the blob with
@@ -239,6 +244,14 @@ pub fn handle(req: Request, vms: &[VmHandle], plugins: &PluginSet) -> Value {
             json!({"ok": false, "error": "handover-fds needs the socket it arrives on"})
         }
         Request::Conns { vm } => conns(vm, vms),
+        Request::Upgrade { binary } => match crate::upgrade::run_old(binary, vms) {
+            Ok(r) => json!({"ok": true, "pid": r.pid, "vms": r.vms, "pause_us": r.pause_us,
+                            "total_ms": r.total_ms}),
+            Err(e) => {
+                warn!(error = %e, "live upgrade failed; this daemon keeps serving");
+                json!({"ok": false, "error": e.to_string()})
+            }
+        },
     }
 }
 

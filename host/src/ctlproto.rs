@@ -36,6 +36,9 @@ pub enum Request {
         digest: String,
         count: usize,
     },
+    /// Live upgrade to a new daemon process started from `binary` (default: this daemon's
+    /// own executable path), with this daemon's arguments.
+    Upgrade { binary: Option<PathBuf> },
     /// Open connections with their byte counts and credit.
     Conns {
         /// Only this VM (default: every VM).

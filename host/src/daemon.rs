@@ -14,7 +14,7 @@ use crate::gate::PluginSet;
 use crate::metrics::MetricsServer;
 use crate::plugin::cache::CacheDir;
 use crate::siblings::Registry;
-use crate::vm::Vm;
+use crate::vm::{Sockets, Vm};
 
 /// Runs until SIGINT or SIGTERM; then removes the sockets it created and returns.
 pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
@@ -27,16 +27,35 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         sandbox(&cfg, cache.as_ref())?;
     }
     let mut signals = Signals::new([SIGINT, SIGTERM]).context("installing signal handlers")?;
+    crate::upgrade::remember_exe();
+    let chan = crate::upgrade::inherited_channel();
     let registry = Arc::new(Registry::default());
     let budget = Arc::new(crate::budget::Budget::new(cfg.max_buffered));
     let plugins = Arc::new(
         PluginSet::load(&cfg.plugins, &cfg.allow_routes, cache, registry.clone())
             .context("loading plugins")?,
     );
+    // Started by a live upgrade: the listening sockets come from the old daemon (once the
+    // plugins are ready, so a plugin that fails here fails before anything moved).
+    let mut adopted_sockets = match &chan {
+        Some(c) => {
+            let cids: Vec<u64> = cfg.vms.iter().map(|v| v.guest_cid).collect();
+            crate::upgrade::receive_listeners(c, &cids)
+                .context("live upgrade")?
+                .into_iter()
+                .map(Some)
+                .collect()
+        }
+        None => Vec::new(),
+    };
     let mut paths: Vec<OwnedPath> = Vec::new();
     let mut vms = Vec::new();
-    for vm_cfg in cfg.vms {
+    for (i, vm_cfg) in cfg.vms.into_iter().enumerate() {
         let cid = vm_cfg.guest_cid;
+        let sockets = match adopted_sockets.get_mut(i).and_then(Option::take) {
+            Some(fds) => Sockets::Adopted(fds),
+            None => Sockets::Bind,
+        };
         // A VM with its own plugins or routes gets its own plugin set; the others share one.
         let own = if vm_cfg.plugins.is_empty() && vm_cfg.allow_routes.is_empty() {
             None
@@ -65,6 +84,7 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
             registry.clone(),
             budget.clone(),
             own.as_ref().unwrap_or(&plugins),
+            sockets,
         );
         let vm = match vm {
             Ok(vm) => vm,
@@ -73,11 +93,22 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
                 return Err(e).with_context(|| format!("VM with CID {cid}"));
             }
         };
-        paths.extend(vm.socket_paths().into_iter().map(OwnedPath::new));
+        // Sockets handed over are the old daemon's until the upgrade is done.
+        if chan.is_none() {
+            paths.extend(vm.socket_paths().into_iter().map(OwnedPath::new));
+        }
         vms.push(vm);
     }
+    let ctl_handles: Vec<_> = vms.iter().map(Vm::handle).collect();
+    let metrics_handles: Vec<_> = vms.iter().map(Vm::handle).collect();
+    if let Some(c) = &chan {
+        let vm_paths: Vec<_> = vms.iter().flat_map(Vm::socket_paths).collect();
+        adopt(c, std::mem::take(&mut vms))?;
+        crate::upgrade::wait_old_exit(c);
+        paths.extend(vm_paths.into_iter().map(OwnedPath::new));
+    }
     if let Some(path) = &cfg.control_socket {
-        let handles = vms.iter().map(Vm::handle).collect();
+        let handles = ctl_handles;
         let server = ControlServer::bind(path, handles, plugins.clone())
             .with_context(|| format!("control socket {}", path.display()))?;
         paths.push(OwnedPath::new(server.path().to_path_buf()));
@@ -87,8 +118,7 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
             .context("spawning control thread")?;
     }
     if let Some(addr) = &cfg.metrics {
-        let handles = vms.iter().map(Vm::handle).collect();
-        let server = match MetricsServer::bind(addr, handles) {
+        let server = match MetricsServer::bind(addr, metrics_handles) {
             Ok(s) => s,
             Err(e) => {
                 remove_all(&paths);
@@ -101,7 +131,11 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
             .spawn(move || server.run())
             .context("spawning metrics thread")?;
     }
-    let count = vms.len();
+    let count = if chan.is_some() {
+        adopted_count()
+    } else {
+        vms.len()
+    };
     for vm in vms {
         std::thread::Builder::new()
             .name("vm".into())
@@ -118,6 +152,7 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         Err(e) => warn!(error = %e, "cannot release start-up memory"),
     }
     notify_systemd(&[
+        sd_notify::NotifyState::MainPid(std::process::id()),
         sd_notify::NotifyState::Ready,
         sd_notify::NotifyState::Status(&format!("serving {count} VM(s)")),
     ]);
@@ -126,6 +161,46 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     }
     notify_systemd(&[sd_notify::NotifyState::Stopping]);
     remove_all(&paths);
+    Ok(())
+}
+
+static ADOPTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+fn adopted_count() -> usize {
+    ADOPTED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// New daemon of a live upgrade: starts every VM's thread waiting for its session, then
+/// adopts what the old daemon hands over. VMs it never gets end their threads.
+fn adopt(chan: &std::os::unix::net::UnixStream, vms: Vec<Vm>) -> anyhow::Result<()> {
+    let mut queues = std::collections::BTreeMap::new();
+    let mut threads = Vec::new();
+    for vm in vms {
+        let (tx, rx) = std::sync::mpsc::channel();
+        queues.insert(vm.cid(), tx);
+        threads.push(
+            std::thread::Builder::new()
+                .name("vm".into())
+                .spawn(move || {
+                    if let Err(e) = vm.run_adopting(rx) {
+                        error!(error = %e, "VM stopped");
+                    }
+                })
+                .context("spawning VM thread")?,
+        );
+    }
+    crate::upgrade::send_ready(chan).context("live upgrade")?;
+    let (n, done) = crate::upgrade::adopt_all(chan, queues);
+    ADOPTED.store(n, std::sync::atomic::Ordering::Relaxed);
+    if n == 0 {
+        anyhow::bail!("live upgrade: no VM was handed over");
+    }
+    if !done {
+        warn!(
+            adopted = n,
+            "live upgrade incomplete: the old daemon keeps or lost the rest"
+        );
+    }
     Ok(())
 }
 

@@ -63,6 +63,9 @@ fn run_command(cmd: Command) -> ExitCode {
                     vm,
                 },
                 CtlCommand::Conns { vm } => Request::Conns { vm },
+                CtlCommand::Upgrade { binary } => Request::Upgrade {
+                    binary: binary.map(|b| std::path::absolute(&b).unwrap_or(b)),
+                },
             };
             match control::request(&socket, &req) {
                 Ok(answer) => {

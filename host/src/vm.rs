@@ -1,24 +1,21 @@
 //! One VM: its listening sockets and the loop that serves one frontend after another.
 
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 
 use thiserror::Error;
 use tracing::{error, info, warn};
 use vhost::vhost_user::Listener;
-use vhost_user_backend::VhostUserDaemon;
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
-use vmm_sys_util::epoll::EventSet;
 
-use crate::backend::{VsockBackend, EXIT_EVENT, HOST_EVENT};
 use crate::config::VmConfig;
-use crate::device::{Device, DeviceConfig, Listeners};
+use crate::device::{DeviceConfig, Listeners};
 use crate::gate::{Gate, PluginSet};
 use crate::handover::Slots;
 use crate::migration::StatePlugins;
 use crate::plugin::Serializer;
+use crate::session::{Adoption, Session, SessionEnv, UpgradeCmd, UpgradeSlot, Verdict};
 use crate::siblings::Registry;
 use crate::stats::VmStats;
 use crate::sys::{self, UnixKind};
@@ -40,6 +37,8 @@ pub enum VmError {
     #[error("plugins: {0}")]
     Plugin(#[from] crate::plugin::PluginError),
     #[error("{0}")]
+    Session(#[from] crate::session::SessionError),
+    #[error("{0}")]
     Io(#[from] std::io::Error),
 }
 
@@ -49,15 +48,6 @@ pub fn seqpacket_path(uds_path: &std::path::Path) -> PathBuf {
     let mut p = uds_path.as_os_str().to_owned();
     p.push(".seqpacket");
     PathBuf::from(p)
-}
-
-/// Ends a session's vring workers when dropped.
-struct StopWorkers(Arc<VsockBackend>);
-
-impl Drop for StopWorkers {
-    fn drop(&mut self) {
-        self.0.stop_workers();
-    }
 }
 
 /// What the control socket and the metrics endpoint can see and change of one VM: the one
@@ -70,6 +60,15 @@ pub struct VmHandle {
     pub handover: Arc<Slots>,
     /// Connection limit of the VM; bounds the sockets a handover may bring.
     pub max_connections: usize,
+    /// Live upgrade: where the upgrade driver reaches the VM's thread.
+    pub upgrade: Arc<UpgradeSlot>,
+}
+
+/// How a VM's thread goes on after a session or an upgrade step.
+enum Flow {
+    Continue,
+    /// The VM moved to another daemon: this thread ends.
+    Exit,
 }
 
 pub struct Vm {
@@ -84,6 +83,14 @@ pub struct Vm {
     serializer: Arc<std::sync::Mutex<Serializer>>,
     stats: Arc<VmStats>,
     handover: Arc<Slots>,
+    upgrade: Arc<UpgradeSlot>,
+}
+
+/// Where a VM's listening sockets come from: bound here, or handed over by an old daemon
+/// (vhost-user, stream, seqpacket).
+pub enum Sockets {
+    Bind,
+    Adopted([OwnedFd; 3]),
 }
 
 impl Vm {
@@ -94,6 +101,7 @@ impl Vm {
         registry: Arc<Registry>,
         budget: Arc<crate::budget::Budget>,
         plugins: &PluginSet,
+        sockets: Sockets,
     ) -> Result<Self, VmError> {
         let name = format!("cid-{}", cfg.guest_cid);
         let stats = Arc::new(VmStats::default());
@@ -109,12 +117,23 @@ impl Vm {
         let listen = |path: PathBuf, kind| {
             sys::listen(&path, kind, 1024).map_err(|source| VmError::Listen { path, source })
         };
-        let stream = listen(cfg.uds_path.clone(), UnixKind::Stream)?;
-        let seqpacket = listen(seqpacket_path(&cfg.uds_path), UnixKind::Seqpacket)?;
-        let listener = Listener::new(&cfg.socket, true).map_err(|source| VmError::VhostSocket {
-            path: cfg.socket.clone(),
-            source,
-        })?;
+        let (listener, stream, seqpacket) = match sockets {
+            Sockets::Bind => {
+                let stream = listen(cfg.uds_path.clone(), UnixKind::Stream)?;
+                let seqpacket = listen(seqpacket_path(&cfg.uds_path), UnixKind::Seqpacket)?;
+                let _ = std::fs::remove_file(&cfg.socket);
+                // Not `Listener::new`: that one unlinks the path when dropped, and after a
+                // live upgrade the path belongs to the new daemon (the daemon removes what it
+                // still owns on exit).
+                let l = UnixListener::bind(&cfg.socket).map_err(|e| VmError::VhostSocket {
+                    path: cfg.socket.clone(),
+                    source: vhost::vhost_user::Error::SocketError(e),
+                })?;
+                (l, stream, seqpacket)
+            }
+            Sockets::Adopted([l, stream, seqpacket]) => (UnixListener::from(l), stream, seqpacket),
+        };
+        let listener = Listener::from(listener);
         registry.add_vm(cfg.guest_cid, cfg.groups.clone());
         Ok(Vm {
             cfg,
@@ -127,7 +146,12 @@ impl Vm {
             serializer,
             stats,
             handover: Arc::default(),
+            upgrade: Arc::new(UpgradeSlot::new()?),
         })
+    }
+
+    pub fn cid(&self) -> u64 {
+        self.cfg.guest_cid
     }
 
     /// What the control socket sees of this VM.
@@ -139,6 +163,7 @@ impl Vm {
             stats: self.stats.clone(),
             handover: self.handover.clone(),
             max_connections: self.cfg.max_connections,
+            upgrade: self.upgrade.clone(),
         }
     }
 
@@ -151,27 +176,129 @@ impl Vm {
         ]
     }
 
-    /// Serves frontends on the vhost-user socket, one after another, forever.
+    /// Serves frontends on the vhost-user socket, one after another, until the VM moves to
+    /// another daemon in a live upgrade.
     pub fn run(mut self) -> Result<(), VmError> {
         info!(cid = self.cfg.guest_cid, socket = ?self.cfg.socket, "waiting for a frontend");
-        loop {
-            self.serve_one()?;
+        while let Flow::Continue = self.serve_one()? {}
+        info!(cid = self.cfg.guest_cid, "VM handed over to the new daemon");
+        Ok(())
+    }
+
+    /// New daemon of a live upgrade: adopts the VM's session as handed over, then serves as
+    /// usual. If the upgrade ends before this VM's turn (`adoption` closes), the thread ends.
+    pub fn run_adopting(mut self, adoption: mpsc::Receiver<Adoption>) -> Result<(), VmError> {
+        let Ok(a) = adoption.recv() else {
+            return Ok(());
+        };
+        let done = a.done.clone();
+        match self.adopt(a) {
+            Ok(session) => {
+                let _ = done.send(Ok(()));
+                if let Some(s) = session {
+                    if let Flow::Exit = self.serve_session(s)? {
+                        return Ok(());
+                    }
+                }
+                self.run()
+            }
+            Err(e) => {
+                warn!(cid = self.cfg.guest_cid, error = %e, "cannot adopt the VM");
+                let _ = done.send(Err(e.to_string()));
+                Ok(())
+            }
         }
     }
 
-    /// Blocks until a frontend connects. Nothing of a session (device, vring worker thread,
-    /// plugin instances) exists before that, so an idle VM costs one blocked thread.
-    fn wait_frontend(&self) -> Result<(), VmError> {
-        let mut pfd = libc::pollfd {
-            fd: self.listener.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
+    fn adopt(&mut self, a: Adoption) -> Result<Option<Session>, VmError> {
+        let Some(frontend) = a.frontend else {
+            // No frontend: only the plugin states move.
+            let state = self.state_plugins();
+            let st = {
+                let mut s = self.serializer.lock().unwrap_or_else(|p| p.into_inner());
+                crate::migration::decode_checked(&a.blob, &mut s, &self.facts())
+                    .map_err(crate::session::SessionError::from)?
+            };
+            state
+                .import(&st.plugins)
+                .map_err(crate::session::SessionError::from)?;
+            return Ok(None);
         };
+        self.gate
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .start()?;
+        let mut session = Session::start(self.env(), frontend)?;
+        if let Err(e) = session.adopt(a.record, &a.bases, &a.blob, a.conn_fds) {
+            session.end(true);
+            return Err(e.into());
+        }
+        info!(
+            cid = self.cfg.guest_cid,
+            "session adopted from the old daemon"
+        );
+        Ok(Some(session))
+    }
+
+    fn facts(&self) -> crate::migration::DeviceFacts {
+        crate::migration::DeviceFacts {
+            guest_cid: self.cfg.guest_cid,
+            offered_features: crate::backend::OFFERED_FEATURES,
+            max_connections: self.cfg.max_connections,
+        }
+    }
+
+    fn state_plugins(&self) -> StatePlugins {
+        StatePlugins {
+            gate: self.gate.clone(),
+            serializer: self.serializer.clone(),
+        }
+    }
+
+    fn env(&self) -> SessionEnv<'_> {
+        SessionEnv {
+            dev_cfg: DeviceConfig {
+                guest_cid: self.cfg.guest_cid,
+                uds_path: self.cfg.uds_path.clone(),
+                buf_alloc: self.cfg.tx_buffer_size,
+                max_connections: self.cfg.max_connections,
+                budget: self.budget.clone(),
+                connect_wait: self.cfg.connect_wait,
+            },
+            queue_size: usize::from(self.cfg.queue_size),
+            registry: &self.registry,
+            state: self.state_plugins(),
+            handover: self.handover.clone(),
+            stats: self.stats.clone(),
+            gate: self.gate.clone(),
+            listeners: Listeners {
+                stream: self.stream.as_raw_fd(),
+                seqpacket: self.seqpacket.as_raw_fd(),
+            },
+        }
+    }
+
+    /// Blocks until a frontend connects or the upgrade driver calls (`true`). Nothing of a
+    /// session (device, vring worker thread, plugin instances) exists before that, so an
+    /// idle VM costs one blocked thread.
+    fn wait_frontend(&self) -> Result<bool, VmError> {
+        let mut pfd = [
+            libc::pollfd {
+                fd: self.listener.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self.upgrade.fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
         loop {
-            // SAFETY: `pfd` is one valid pollfd for the duration of the call.
-            let n = unsafe { libc::poll(&mut pfd, 1, -1) };
+            // SAFETY: `pfd` is a valid array of pollfds for the duration of the call.
+            let n = unsafe { libc::poll(pfd.as_mut_ptr(), 2, -1) };
             if n > 0 {
-                return Ok(());
+                return Ok(pfd[1].revents != 0);
             }
             let e = std::io::Error::last_os_error();
             if n < 0 && e.kind() != std::io::ErrorKind::Interrupted {
@@ -198,73 +325,131 @@ impl Vm {
         }
     }
 
-    fn serve_one(&mut self) -> Result<(), VmError> {
-        let cid = self.cfg.guest_cid;
-        self.wait_frontend()?;
-        if !self.plugins_ready() {
-            return Ok(());
-        }
-        let mut dev = Device::new(
-            DeviceConfig {
-                guest_cid: cid,
-                uds_path: self.cfg.uds_path.clone(),
-                buf_alloc: self.cfg.tx_buffer_size,
-                max_connections: self.cfg.max_connections,
-                budget: self.budget.clone(),
-                connect_wait: self.cfg.connect_wait,
-            },
-            self.registry.clone(),
-        )?;
-        dev.set_gate(self.gate.clone());
-        dev.set_stats(self.stats.clone());
-        let state = StatePlugins {
-            gate: self.gate.clone(),
-            serializer: self.serializer.clone(),
-        };
-        let backend = Arc::new(VsockBackend::new(
-            dev,
-            usize::from(self.cfg.queue_size),
-            state,
-            self.handover.clone(),
-        )?);
-        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let mut daemon = VhostUserDaemon::new(format!("vsock-{cid}"), backend.clone(), mem)
-            .map_err(|e| VmError::Daemon(e.to_string()))?;
-        // Declared after `daemon`, so dropped before it: the workers are told to exit before
-        // vhost-user-backend joins them, on every way out of this function.
-        let _stop = StopWorkers(backend.clone());
-        let host_fd = backend.device().epoll_fd();
-        for h in daemon.get_epoll_handlers() {
-            h.register_listener(host_fd, EventSet::IN, u64::from(HOST_EVENT))?;
-            h.register_listener(backend.exit_fd(), EventSet::IN, u64::from(EXIT_EVENT))?;
-        }
-        daemon
-            .start(&mut self.listener)
-            .map_err(|e| VmError::Daemon(e.to_string()))?;
-        info!(cid, "frontend connected");
-        self.stats.frontend.store(true, Ordering::Relaxed);
-        let inbox = self.registry.open(cid)?;
-        backend.device().attach(
-            Listeners {
-                stream: self.stream.as_raw_fd(),
-                seqpacket: self.seqpacket.as_raw_fd(),
-            },
-            inbox,
-        )?;
-        match daemon.wait() {
-            Ok(())
-            | Err(vhost_user_backend::Error::HandleRequest(
-                vhost::vhost_user::Error::Disconnected
-                | vhost::vhost_user::Error::PartialMessage
-                | vhost::vhost_user::Error::SocketBroken(_),
-            )) => info!(cid, "frontend disconnected"),
-            Err(e) => warn!(cid, error = %e, "frontend session ended"),
-        }
-        self.registry.close(cid);
-        self.stats.frontend.store(false, Ordering::Relaxed);
-        self.stats.conns.set_waker(None);
-        backend.stop_workers();
-        backend.device().drop_all();
-        Ok(())
+    fn listener_dups(&self) -> std::io::Result<Vec<OwnedFd>> {
+        let l = self.listener.as_raw_fd();
+        // SAFETY: the listener lives as long as `self`; the borrow ends with the dup.
+        let l = unsafe { std::os::fd::BorrowedFd::borrow_raw(l) };
+        Ok(vec![
+            l.try_clone_to_owned()?,
+            self.stream.try_clone()?,
+            self.seqpacket.try_clone()?,
+        ])
     }
+
+    /// An upgrade command while no frontend is connected.
+    fn upgrade_idle(&mut self) -> Result<Flow, VmError> {
+        match self.upgrade.take() {
+            Some(UpgradeCmd::Listeners(tx)) => {
+                let _ = tx.send(self.listener_dups());
+                Ok(Flow::Continue)
+            }
+            Some(UpgradeCmd::Quiesce(tx)) => {
+                let blob = self
+                    .state_plugins()
+                    .export()
+                    .and_then(|plugins| {
+                        let st = crate::plugin::types::DeviceState {
+                            guest_cid: self.cfg.guest_cid,
+                            acked_features: 0,
+                            event_queue: crate::plugin::types::EventQueueState {
+                                owner: crate::plugin::types::EventQueueOwner::Frontend,
+                                driver_live: false,
+                            },
+                            plugins,
+                            connections: Vec::new(),
+                        };
+                        crate::migration::encode(&self.serializer, &st)
+                    })
+                    .map_err(|e| e.to_string());
+                let (vtx, vrx) = mpsc::channel();
+                let q = blob.map(|blob| crate::session::Quiesced {
+                    frontend: None,
+                    record: Default::default(),
+                    record_fds: Vec::new(),
+                    bases: Default::default(),
+                    blob,
+                    conn_fds: Vec::new(),
+                    verdict: vtx,
+                });
+                let sent = q.is_ok();
+                let _ = tx.send(q);
+                if sent && vrx.recv() == Ok(Verdict::Release) {
+                    return Ok(Flow::Exit);
+                }
+                Ok(Flow::Continue)
+            }
+            None => Ok(Flow::Continue),
+        }
+    }
+
+    fn serve_one(&mut self) -> Result<Flow, VmError> {
+        if self.wait_frontend()? {
+            return self.upgrade_idle();
+        }
+        if !self.plugins_ready() {
+            return Ok(Flow::Continue);
+        }
+        let Some(frontend) = self
+            .listener
+            .accept()
+            .map_err(|source| VmError::VhostSocket {
+                path: self.cfg.socket.clone(),
+                source,
+            })?
+        else {
+            return Ok(Flow::Continue);
+        };
+        let session = Session::start(self.env(), frontend)?;
+        info!(cid = self.cfg.guest_cid, "frontend connected");
+        self.serve_session(session)
+    }
+
+    /// Relays the session until the frontend leaves or the VM moves to a new daemon.
+    fn serve_session(&mut self, mut session: Session) -> Result<Flow, VmError> {
+        let cid = self.cfg.guest_cid;
+        loop {
+            match session.relay(&self.upgrade) {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => {
+                    tracing::debug!(cid, error = %e, "session over");
+                    session.end(false);
+                    return Ok(Flow::Continue);
+                }
+            }
+            match self.upgrade.take() {
+                Some(UpgradeCmd::Listeners(tx)) => {
+                    let _ = tx.send(self.listener_dups());
+                }
+                Some(UpgradeCmd::Quiesce(tx)) => match session.quiesce() {
+                    Ok((q, verdict)) => {
+                        let bases = q.bases.clone();
+                        let _ = tx.send(Ok(q));
+                        match verdict.recv() {
+                            Ok(Verdict::Release) => {
+                                session.end(true);
+                                return Ok(Flow::Exit);
+                            }
+                            Ok(Verdict::Resume) | Err(_) => {
+                                if let Err(e) = session.resume(&bases) {
+                                    error!(cid, error = %e, "cannot resume after an abandoned upgrade");
+                                    session.end(false);
+                                    return Ok(Flow::Continue);
+                                }
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e.to_string()));
+                    }
+                },
+                None => {}
+            }
+        }
+    }
+}
+
+/// The frontend's vhost-user socket, as handed over.
+pub fn frontend_stream(fd: OwnedFd) -> UnixStream {
+    UnixStream::from(fd)
 }

@@ -92,6 +92,13 @@ pub enum CtlCommand {
         #[arg(long, value_name = "CID")]
         vm: Option<u64>,
     },
+    /// Live upgrade: start a new daemon (same arguments) and hand it every VM's running
+    /// session; the VMMs see nothing. If the new daemon fails, this one keeps serving.
+    Upgrade {
+        /// The new daemon's binary [default: the path this daemon was started from].
+        #[arg(long, value_name = "PATH")]
+        binary: Option<PathBuf>,
+    },
     /// Open connections: addresses, initiator, state, bytes each way and credit.
     Conns {
         /// Only the VM with this CID [default: every VM].
