@@ -103,6 +103,23 @@ pub fn send_pattern<W: Write>(mut w: W, seed: u64, total: u64, chunk: usize) -> 
 }
 
 /// Reads until end of stream (or `limit` bytes, whichever first); returns what arrived.
+/// Writes the pattern `seed` in 16 KiB chunks until `stop` is set; returns what it sent.
+pub fn send_until<W: Write>(
+    mut w: W,
+    seed: u64,
+    stop: &std::sync::atomic::AtomicBool,
+) -> io::Result<Digest> {
+    let mut p = Pattern::new(seed);
+    let mut d = Digester::default();
+    let mut buf = vec![0u8; 16 * 1024];
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        p.fill(&mut buf);
+        w.write_all(&buf)?;
+        d.update(&buf);
+    }
+    Ok(d.finish())
+}
+
 pub fn recv_digest<R: Read>(mut r: R, limit: u64, chunk: usize) -> io::Result<Digest> {
     let mut buf = vec![0u8; chunk.max(1)];
     let mut d = Digester::default();

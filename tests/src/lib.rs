@@ -43,6 +43,7 @@ pub mod qemu_pair;
 pub mod ring;
 pub mod sim;
 pub mod state;
+pub mod upgrade;
 pub mod vhost_raw;
 
 pub use daemon::{Daemon, DaemonKind, VmSpec};

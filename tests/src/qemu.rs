@@ -201,6 +201,10 @@ impl Qemu {
     }
 
     /// Where QEMU's own stderr goes.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn stderr_path(&self) -> &Path {
         &self.stderr
     }

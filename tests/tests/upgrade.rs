@@ -10,15 +10,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::Duration;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use vhost_plug_tests::checks::raise_fd_limit;
-use vhost_plug_tests::data::{recv_digest, Digest, Digester, Pattern};
+use vhost_plug_tests::data::{recv_digest, send_until};
 use vhost_plug_tests::harness::{ctl, Setup};
 use vhost_plug_tests::host::{
     accept_timeout, host_connect, host_listen, SeqpacketListener, HOST_TIMEOUT,
 };
 use vhost_plug_tests::packet::HOST_CID;
-use vhost_plug_tests::state::{json_plugin_states, StateReader};
+use vhost_plug_tests::upgrade::{saved_hits, upgrade, Current};
 use vhost_plug_tests::{DaemonKind, GuestSocket, SockType, VmSpec};
 
 const PROMPT: Duration = Duration::from_secs(10);
@@ -42,66 +42,6 @@ fn daemon(dir: &Path, extra: &[&str]) -> Result<(Setup, PathBuf)> {
     args.extend_from_slice(extra);
     let s = Setup::with(DaemonKind::VhostPlug, |d| vec![VmSpec::new(d, 3)], &args)?;
     Ok((s, control))
-}
-
-/// Daemons started by upgrades are not children of the test: this ends the last one.
-struct Current(Option<u32>);
-
-impl Drop for Current {
-    fn drop(&mut self) {
-        if let Some(pid) = self.0 {
-            // SAFETY: kill on a pid this test learned from `ctl upgrade`.
-            unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
-        }
-    }
-}
-
-/// `ctl upgrade`; returns the new daemon's pid and its answer.
-fn upgrade(control: &Path, extra: &[&str]) -> Result<(u32, serde_json::Value)> {
-    let mut args = vec!["upgrade"];
-    args.extend_from_slice(extra);
-    let (ok, v) = ctl(control, &args)?;
-    ensure!(ok, "ctl upgrade: {v}");
-    let pid = v["pid"].as_u64().context("no pid in the answer")? as u32;
-    Ok((pid, v))
-}
-
-/// Writes the pattern `seed` until `stop`, then closes writing; returns what it sent.
-fn stream_until(mut w: impl Write, seed: u64, stop: &AtomicBool) -> std::io::Result<Digest> {
-    let mut p = Pattern::new(seed);
-    let mut d = Digester::default();
-    let mut buf = vec![0u8; 16 * 1024];
-    while !stop.load(Ordering::SeqCst) {
-        p.fill(&mut buf);
-        w.write_all(&buf)?;
-        d.update(&buf);
-    }
-    Ok(d.finish())
-}
-
-fn rule_hits(blob: &[u8]) -> Result<u64> {
-    let states = json_plugin_states(blob)?;
-    let st = states
-        .iter()
-        .find(|p| p.name == "allowlist")
-        .with_context(|| format!("no allowlist state among {states:?}"))?;
-    let mut r = StateReader::new(&st.data);
-    for _ in 0..r.u32()? {
-        let key = r.bytes()?;
-        let hits = r.u64()?;
-        if key == b"2:*" {
-            return Ok(hits);
-        }
-    }
-    bail!("no rule `2:*` in the allowlist state")
-}
-
-fn saved_hits(control: &Path, dir: &Path, name: &str) -> Result<u64> {
-    let file = dir.join(name);
-    let f = file.display().to_string();
-    let (ok, v) = ctl(control, &["save", &f])?;
-    ensure!(ok, "ctl save: {v}");
-    rule_hits(&std::fs::read(&file)?)
 }
 
 /// 1,000 idle connections with unread bytes, a SEQPACKET connection and a checksummed
@@ -134,7 +74,7 @@ fn connections_and_streams_survive_ten_upgrades() -> Result<()> {
         .connect_timeout(HOST_CID, 6300, SockType::Seqpacket, PROMPT)
         .map_err(|e| anyhow::anyhow!("guest seqpacket connect: {e}"))?;
     let h_seq = sl.accept(HOST_TIMEOUT)?;
-    let hits_before = saved_hits(&control, s.path(), "before.state")?;
+    let hits_before = saved_hits(&control, s.path(), "before.state", "2:*")?;
 
     let gl = vm.guest.listen(6001, SockType::Stream)?;
     let (h_h2g, _) = host_connect(&uds, 6001)?;
@@ -150,9 +90,9 @@ fn connections_and_streams_survive_ten_upgrades() -> Result<()> {
     let mut pids = vec![first_pid];
     let mut pauses = Vec::new();
     let res = thread::scope(|sc| -> Result<()> {
-        let g_tx = sc.spawn(|| stream_until(&g_g2h, 21, &stop));
+        let g_tx = sc.spawn(|| send_until(&g_g2h, 21, &stop));
         let h_rx = sc.spawn(|| recv_digest(&h_g2h, u64::MAX, 65536));
-        let h_tx = sc.spawn(|| stream_until(&h_h2g, 22, &stop));
+        let h_tx = sc.spawn(|| send_until(&h_h2g, 22, &stop));
         let g_rx = sc.spawn(|| recv_digest(&g_h2g, u64::MAX, 65536));
         let r = (|| -> Result<()> {
             for round in 0..UPGRADES {
@@ -241,7 +181,7 @@ fn connections_and_streams_survive_ten_upgrades() -> Result<()> {
         "status after the upgrades: {st}"
     );
     // The plugin's state moved with every upgrade: its hit count went on from where it was.
-    let hits_after = saved_hits(&control, s.path(), "after.state")?;
+    let hits_after = saved_hits(&control, s.path(), "after.state", "2:*")?;
     ensure!(
         hits_after == hits_before + 1 && hits_before == u64::from(CONNS) + 1,
         "allowlist hits of 2:* {hits_before} before, {hits_after} after (one guest connect since)"
