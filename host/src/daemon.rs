@@ -175,20 +175,25 @@ fn adopted_count() -> usize {
 fn adopt(chan: &std::os::unix::net::UnixStream, vms: Vec<Vm>) -> anyhow::Result<()> {
     let mut queues = std::collections::BTreeMap::new();
     let mut threads = Vec::new();
+    let (prepared, ready) = std::sync::mpsc::channel();
     for vm in vms {
         let (tx, rx) = std::sync::mpsc::channel();
         queues.insert(vm.cid(), tx);
+        let prepared = prepared.clone();
         threads.push(
             std::thread::Builder::new()
                 .name("vm".into())
                 .spawn(move || {
-                    if let Err(e) = vm.run_adopting(rx) {
+                    if let Err(e) = vm.run_adopting(prepared, rx) {
                         error!(error = %e, "VM stopped");
                     }
                 })
                 .context("spawning VM thread")?,
         );
     }
+    drop(prepared);
+    // Every VM's thread has its plugin instances (or is gone) once the senders are dropped.
+    while ready.recv().is_ok() {}
     crate::upgrade::send_ready(chan).context("live upgrade")?;
     let (n, done) = crate::upgrade::adopt_all(chan, queues);
     ADOPTED.store(n, std::sync::atomic::Ordering::Relaxed);

@@ -103,3 +103,35 @@ pub fn send_with_fds(s: &UnixStream, buf: &[u8], fds: &[RawFd]) -> io::Result<us
         }
     }
 }
+
+/// Grows this process's fd table now so that `extra` more fds fit without growing it later:
+/// growing the table of a multi-threaded process waits for an RCU grace period (milliseconds),
+/// which must not happen while a VM is paused for a live upgrade. Best effort, bounded by
+/// RLIMIT_NOFILE; `fd` is any open fd of ours.
+pub fn reserve_fds(fd: &impl AsRawFd, extra: usize) {
+    let highest = std::fs::read_dir("/proc/self/fd")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<usize>().ok())
+                .max()
+                .unwrap_or(0)
+        })
+        .unwrap_or(0);
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into `lim`.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return;
+    }
+    let target = (highest + extra).min((lim.rlim_cur as usize).saturating_sub(1));
+    if target <= highest {
+        return;
+    }
+    // SAFETY: F_DUPFD_CLOEXEC on an fd we hold returns a new fd that we close at once.
+    let d = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, target as libc::c_int) };
+    if d >= 0 {
+        // SAFETY: `d` was just created and is owned by nobody else.
+        unsafe { libc::close(d) };
+    }
+}

@@ -223,12 +223,19 @@ impl Session {
     /// Stops every running ring at a packet boundary and takes the connections out of
     /// service; returns the hand-over description (the frontend is not read meanwhile).
     pub fn quiesce(&mut self) -> Result<(Quiesced, mpsc::Receiver<Verdict>), SessionError> {
+        let t0 = std::time::Instant::now();
         let internal = relay::dup_stream(self.internal()?)?;
         let mut bases = BTreeMap::new();
         for i in self.record.started_rings() {
             bases.insert(i, relay::stop_ring(&internal, i)?);
         }
-        let (mut snap, conn_fds) = self.backend.device().handover_snapshot();
+        let stopped_us = t0.elapsed().as_micros() as u64;
+        let (mut snap, conn_fds) = {
+            let mut d = self.backend.device();
+            d.take_host_connections(false);
+            d.handover_snapshot()
+        };
+        let detached_us = t0.elapsed().as_micros() as u64;
         let blob = match self.state.export().and_then(|p| {
             snap.plugins = p;
             migration::encode(&self.state.serializer, &snap)
@@ -240,6 +247,14 @@ impl Session {
             }
         };
         let (record, record_fds) = self.record.export()?;
+        info!(
+            cid = self.cid,
+            stopped_us,
+            detached_us,
+            encoded_us = t0.elapsed().as_micros() as u64,
+            bytes = blob.len(),
+            "quiesced for a live upgrade"
+        );
         let (tx, rx) = mpsc::channel();
         Ok((
             Quiesced {
@@ -259,7 +274,10 @@ impl Session {
     pub fn resume(&mut self, bases: &BTreeMap<u32, u16>) -> Result<(), SessionError> {
         let msgs = self.record.replay(bases, false)?;
         relay::replay(self.internal()?, &msgs)?;
-        self.backend.device().reattach();
+        let mut d = self.backend.device();
+        d.reattach();
+        d.take_host_connections(true);
+        drop(d);
         info!(
             cid = self.cid,
             "upgrade abandoned; this daemon serves the VM again"
@@ -277,10 +295,18 @@ impl Session {
         blob: &[u8],
         conn_fds: Vec<OwnedFd>,
     ) -> Result<(), SessionError> {
+        let t0 = std::time::Instant::now();
         restore_state(&self.state, &self.backend, blob, Some(conn_fds))?;
+        let restored_us = t0.elapsed().as_micros() as u64;
         let msgs = record.replay(bases, true)?;
         self.record = record;
         relay::replay(self.internal()?, &msgs)?;
+        info!(
+            cid = self.cid,
+            restored_us,
+            replayed_us = t0.elapsed().as_micros() as u64,
+            "adopted a live-upgraded session"
+        );
         Ok(())
     }
 

@@ -84,6 +84,8 @@ enum Wire {
     Listeners {
         record_version: u32,
         vms: Vec<u64>,
+        /// Open connections over all VMs: the fds the new daemon is about to receive.
+        connections: usize,
     },
     Ready,
     Vm {
@@ -243,10 +245,17 @@ fn exchange(
     for v in vms {
         fds.extend(post(v, UpgradeCmd::Listeners)??);
     }
+    let connections: usize = vms
+        .iter()
+        .map(|v| v.stats.connections.load(Ordering::Relaxed) as usize)
+        .sum();
     let listeners = Wire::Listeners {
         record_version: RECORD_VERSION,
         vms: vms.iter().map(|v| v.cid).collect(),
+        connections,
     };
+    // Room for the duplicates the quiesce makes, grown now rather than during a pause.
+    crate::scm::reserve_fds(chan, connections + 64 * vms.len());
     upchan::send(chan, &listeners, &[], &fds)?;
     drop(fds);
     match upchan::recv::<Wire>(chan)?.header {
@@ -366,7 +375,8 @@ pub fn receive_listeners(
         Wire::Listeners { .. } if m.fds.len() != cids.len() * 3 => {
             Err(refuse("listening sockets missing".into()))
         }
-        Wire::Listeners { .. } => {
+        Wire::Listeners { connections, .. } => {
+            crate::scm::reserve_fds(chan, connections.min(1 << 20) + 64 * cids.len());
             let mut it = m.fds.into_iter();
             let mut out = Vec::new();
             while let (Some(a), Some(b), Some(c)) = (it.next(), it.next(), it.next()) {

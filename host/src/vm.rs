@@ -187,7 +187,19 @@ impl Vm {
 
     /// New daemon of a live upgrade: adopts the VM's session as handed over, then serves as
     /// usual. If the upgrade ends before this VM's turn (`adoption` closes), the thread ends.
-    pub fn run_adopting(mut self, adoption: mpsc::Receiver<Adoption>) -> Result<(), VmError> {
+    /// `prepared` is told once the VM's plugin instances exist: they are made before the old
+    /// daemon pauses the VM, not during the pause.
+    pub fn run_adopting(
+        mut self,
+        prepared: mpsc::Sender<()>,
+        adoption: mpsc::Receiver<Adoption>,
+    ) -> Result<(), VmError> {
+        let started = self.gate.lock().unwrap_or_else(|p| p.into_inner()).start();
+        if let Err(e) = started {
+            warn!(cid = self.cfg.guest_cid, error = %e, "plugins cannot start");
+        }
+        let _ = prepared.send(());
+        drop(prepared);
         let Ok(a) = adoption.recv() else {
             return Ok(());
         };

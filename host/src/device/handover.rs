@@ -11,7 +11,7 @@
 use std::os::fd::OwnedFd;
 
 use tracing::{info, warn};
-use vmm_sys_util::epoll::{ControlOperation, EpollEvent};
+use vmm_sys_util::epoll::{ControlOperation, EpollEvent, EventSet};
 
 use super::Device;
 use std::os::fd::AsRawFd;
@@ -156,6 +156,27 @@ impl Device {
             "connections detached for handover"
         );
         (records, fds)
+    }
+
+    /// Live upgrade: stops (`false`) or restarts taking host connections. Stopped, new ones
+    /// wait in the listen backlog, which moves to the new daemon with the listening sockets.
+    pub fn take_host_connections(&mut self, on: bool) {
+        let Some(l) = self.listeners.as_ref() else {
+            return;
+        };
+        for (fd, tok) in [
+            (l.stream, super::TOKEN_LISTEN_STREAM),
+            (l.seqpacket, super::TOKEN_LISTEN_SEQ),
+        ] {
+            let op = if on {
+                ControlOperation::Add
+            } else {
+                ControlOperation::Delete
+            };
+            if let Err(e) = self.epoll.ctl(op, fd, EpollEvent::new(EventSet::IN, tok)) {
+                warn!(cid = self.cfg.guest_cid, error = %e, "listening socket in the epoll");
+            }
+        }
     }
 
     /// The rings run here again after a handover SAVE: the handover was abandoned and the

@@ -9,8 +9,9 @@
 //! percentiles), [`report`] (table and CSV output), [`qemu`] (the same
 //! kinds of figures through a real Linux guest under QEMU/TCG), [`aggregate`] (guest -> host
 //! over 1, 4 or 16 connections or 4 VMs at once), [`threads`] (the harness's own threads' CPU,
-//! to tell when it sets the pace), [`opts`] (the binary's command line) and [`results`]
-//! (every measured value).
+//! to tell when it sets the pace), [`upgrade`] (live upgrade under 1,000 connections,
+//! vhost-plug only), [`opts`] (the binary's command line) and [`results`] (every measured
+//! value).
 //!
 //! Nothing here asserts on timing: a scenario fails only when data is lost or corrupted, or a
 //! bounded wait expires.
@@ -28,6 +29,7 @@ pub mod setup;
 pub mod stats;
 pub mod stream;
 pub mod threads;
+pub mod upgrade;
 
 pub use rig::Rig;
 

@@ -37,7 +37,7 @@ pub struct Opts {
     pub dirs: Vec<Dir>,
 }
 
-pub const GROUPS: [&str; 9] = [
+pub const GROUPS: [&str; 10] = [
     "tput",
     "aggregate",
     "latency",
@@ -47,6 +47,7 @@ pub const GROUPS: [&str; 9] = [
     "rss",
     "density",
     "qemu",
+    "upgrade",
 ];
 
 impl Opts {

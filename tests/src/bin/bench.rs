@@ -8,7 +8,7 @@
 //! (`tests/src/bench/qemu.rs`): throughput both ways, 1-byte round trips and connection setup.
 //!
 //! Usage: `bench [--out DIR] [--reps N] [--scale F] [--rtts N] [--conns N] [--rss N,N..]
-//! [--quick] [--only tput,aggregate,latency,setup,reference,plugins,rss,density,qemu]
+//! [--quick] [--only tput,aggregate,latency,setup,reference,plugins,rss,density,qemu,upgrade]
 //! [--daemons both|plug|peer] [--tx-buffer-size BYTES] [--sizes B,B..] [--dirs h2g,g2h]
 //! [--qemu-rounds N] [--qemu-mib N] [--qemu-rtts N] [--qemu-conns N]`.
 //! See scripts/bench.sh, which builds, installs the peer and plots.
@@ -29,7 +29,7 @@ use vhost_plug_tests::bench::report::{markdown, Row, Target};
 use vhost_plug_tests::bench::results::{harness_limited, log, Results};
 use vhost_plug_tests::bench::rss::idle_connections;
 use vhost_plug_tests::bench::threads::SATURATED_PCT;
-use vhost_plug_tests::bench::{density, latency, setup, stream, Dir, Rig};
+use vhost_plug_tests::bench::{density, latency, setup, stream, upgrade, Dir, Rig};
 use vhost_plug_tests::DaemonKind;
 
 /// Policy chains for the plugin scenario: label and daemon arguments. Any `--plugin` replaces
@@ -102,6 +102,8 @@ fn run() -> Result<()> {
         rss(&o, t0, &mut res);
     }
     let density_table = o.runs("density").then(|| density(&o, t0));
+    let upgrade_table = (o.runs("upgrade") && o.kinds.contains(&DaemonKind::VhostPlug))
+        .then(|| upgrade::section(&o.out, o.conns, o.reps, &|m| log(t0, m)));
     if o.runs("qemu") {
         qemu(&o, t0, &mut res);
     }
@@ -109,7 +111,7 @@ fn run() -> Result<()> {
     // The simulated-guest table, unless only the QEMU and density sections ran.
     let mut table = if GROUPS
         .iter()
-        .any(|g| !["qemu", "density"].contains(g) && o.runs(g))
+        .any(|g| !["qemu", "density", "upgrade"].contains(g) && o.runs(g))
     {
         markdown(&rows(&o, &res))
     } else {
@@ -121,6 +123,7 @@ fn run() -> Result<()> {
             "\n### Density and cold start (idle VMs; then VMs attached and moving data)\n\n{d}"
         );
     }
+    table.push_str(&upgrade_table.unwrap_or_default());
     if o.runs("qemu") {
         let _ = write!(
             table,
