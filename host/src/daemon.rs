@@ -23,8 +23,13 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         Some(dir) => Some(CacheDir::required(dir.clone())),
         None => CacheDir::default_location(),
     };
-    if cfg.landlock {
+    // Started by a live upgrade, the process already runs in the old daemon's Landlock domain
+    // (inherited across exec, built from the same arguments); adding another layer each time
+    // would reach Landlock's limit of 16 after 15 upgrades.
+    if cfg.landlock && std::env::var_os(crate::upgrade::ENV_FD).is_none() {
         sandbox(&cfg, cache.as_ref())?;
+    } else if cfg.landlock {
+        info!("landlock sandbox inherited from the daemon this one upgrades");
     }
     let mut signals = Signals::new([SIGINT, SIGTERM]).context("installing signal handlers")?;
     crate::upgrade::remember_exe();

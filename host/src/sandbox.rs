@@ -59,11 +59,17 @@ pub struct Plan {
     pub connect_ports: Option<Vec<u16>>,
     /// TCP ports the daemon may bind.
     pub bind_ports: Vec<u16>,
+    /// Files the daemon may execute: its own binary and that binary's ELF interpreter, for
+    /// a live upgrade (`ctl upgrade` starts the daemon's own path again).
+    pub exec_files: Vec<PathBuf>,
 }
 
 impl Plan {
     pub fn new(cfg: &DaemonConfig) -> Plan {
-        let mut plan = Plan::default();
+        let mut plan = Plan {
+            exec_files: own_executables(),
+            ..Plan::default()
+        };
         let mut socket_file = |p: &Path| push_unique(&mut plan.socket_dirs, parent_dir(p));
         for vm in &cfg.vms {
             socket_file(&vm.socket);
@@ -127,6 +133,10 @@ pub fn apply(plan: &Plan) -> Result<Enforcement, SandboxError> {
     for dir in &plan.write_dirs {
         ruleset = ruleset.add_rule(PathBeneath::new(path_fd(dir)?, files))?;
     }
+    for f in &plan.exec_files {
+        let x = AccessFs::Execute | AccessFs::ReadFile;
+        ruleset = ruleset.add_rule(PathBeneath::new(path_fd(f)?, x))?;
+    }
     for &port in plan.connect_ports.iter().flatten() {
         ruleset = ruleset.add_rule(NetPort::new(port, AccessNet::ConnectTcp))?;
     }
@@ -138,6 +148,27 @@ pub fn apply(plan: &Plan) -> Result<Enforcement, SandboxError> {
         RulesetStatus::PartiallyEnforced => Ok(Enforcement::Partial),
         RulesetStatus::NotEnforced => Err(SandboxError::Unsupported),
     }
+}
+
+/// This process's executable and the dynamic loader mapped into it (executing a dynamically
+/// linked binary opens its interpreter for execution too).
+fn own_executables() -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::env::current_exe().into_iter().collect();
+    if let Ok(maps) = std::fs::read_to_string("/proc/self/maps") {
+        let loader = maps
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(5))
+            .find(|p| {
+                Path::new(p)
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("ld-linux") || n.starts_with("ld-musl"))
+            });
+        if let Some(l) = loader {
+            push_unique(&mut v, PathBuf::from(l));
+        }
+    }
+    v
 }
 
 fn path_fd(path: &Path) -> Result<PathFd, SandboxError> {

@@ -185,7 +185,10 @@ impl Session {
     /// Relays frontend requests until the frontend leaves, the handler ends the session, or
     /// the upgrade slot has a command. Returns `true` if the slot woke it.
     pub fn relay(&mut self, slot: &UpgradeSlot) -> Result<bool, SessionError> {
-        let internal = relay::dup_stream(self.internal()?)?;
+        let internal = self
+            .internal
+            .as_ref()
+            .ok_or(SessionError::Relay(RelayError::Closed))?;
         loop {
             let mut pfd = [
                 pollfd(self.frontend.as_raw_fd()),
@@ -213,7 +216,7 @@ impl Session {
                     return Err(RelayError::Closed.into());
                 };
                 self.record.note(&m)?;
-                for r in relay::exchange(&internal, &m)? {
+                for r in relay::exchange(internal, &m)? {
                     relay::write_msg(&self.frontend, &r)?;
                 }
             }

@@ -247,7 +247,7 @@ fn exchange(
     }
     let connections: usize = vms
         .iter()
-        .map(|v| v.stats.connections.load(Ordering::Relaxed) as usize)
+        .map(|v| v.stats.connections.load(Ordering::Relaxed))
         .sum();
     let listeners = Wire::Listeners {
         record_version: RECORD_VERSION,
