@@ -3,9 +3,9 @@
 //! and the setup state the frontend configured is recorded on the way.
 //!
 //! Why: `vhost-user-backend` 0.24 has no way to adopt a session another process negotiated.
-//! With the relay the daemon (a) knows when no request is in flight, because every request is
-//! followed on the internal socket by a marker `GET_FEATURES` of ours and the relay waits for
-//! its reply, and (b) holds a [`Record`] of the setup messages (with duplicates of their fds)
+//! With the relay the daemon (a) can stop with no request in flight: it stops reading the
+//! frontend, sends a marker `GET_FEATURES` of its own and forwards the handler's replies up to
+//! the marker's (requests are answered in order), and (b) holds a [`Record`] of the setup messages (with duplicates of their fds)
 //! that a new process replays into its own handler to rebuild the session, while the
 //! frontend's socket itself is handed over and never notices.
 
@@ -178,9 +178,18 @@ fn marker() -> Msg {
 /// marker's reply: when this returns, the handler has finished with `m`.
 pub fn exchange(internal: &UnixStream, m: &Msg) -> Result<Vec<Msg>, RelayError> {
     write_msg(internal, m)?;
-    write_msg(internal, &marker())?;
     // A GET_FEATURES of the frontend gets its own reply before the marker's.
-    let mut skip = usize::from(m.code == code::GET_FEATURES && !m.is_reply());
+    drain(
+        internal,
+        usize::from(m.code == code::GET_FEATURES && !m.is_reply()),
+    )
+}
+
+/// Sends the marker and returns the handler's messages up to the marker's reply (skipping
+/// `skip` earlier GET_FEATURES replies, which belong to requests already sent): when this
+/// returns, the handler has answered everything sent before.
+pub fn drain(internal: &UnixStream, mut skip: usize) -> Result<Vec<Msg>, RelayError> {
+    write_msg(internal, &marker())?;
     let mut out = Vec::new();
     loop {
         let r = read_msg(internal)?.ok_or(RelayError::Closed)?;
@@ -420,6 +429,14 @@ pub fn stop_ring(internal: &UnixStream, index: u32) -> Result<u16, RelayError> {
         }
     }
     Err(RelayError::Ring(index))
+}
+
+/// Adds 1 to an eventfd (a call fd); errors are ignored (the fd may be the frontend's
+/// non-eventfd placeholder, or already closed on its side).
+pub fn signal(fd: &OwnedFd) {
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: writes 8 bytes from a live buffer to an fd we hold.
+    let _ = unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
 }
 
 /// Duplicates a socket's fd as a `UnixStream`.

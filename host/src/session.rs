@@ -182,13 +182,17 @@ impl Session {
             .ok_or(SessionError::Relay(RelayError::Closed))
     }
 
-    /// Relays frontend requests until the frontend leaves, the handler ends the session, or
-    /// the upgrade slot has a command. Returns `true` if the slot woke it.
+    /// Relays frontend requests and handler replies as they come (the frontend may send
+    /// several requests before it reads a reply, as QEMU does) until the frontend leaves, the
+    /// handler ends the session, or the upgrade slot has a command. On a command the relay
+    /// first drains the handler ([`relay::drain`]) and returns `true` with nothing in flight.
     pub fn relay(&mut self, slot: &UpgradeSlot) -> Result<bool, SessionError> {
         let internal = self
             .internal
             .as_ref()
             .ok_or(SessionError::Relay(RelayError::Closed))?;
+        // Frontend GET_FEATURES requests whose replies are still to come.
+        let mut features_pending = 0usize;
         loop {
             let mut pfd = [
                 pollfd(self.frontend.as_raw_fd()),
@@ -204,21 +208,45 @@ impl Session {
                 }
                 return Err(e.into());
             }
-            if pfd[2].revents != 0 {
-                return Ok(true);
-            }
             if pfd[1].revents != 0 {
-                // The handler sends nothing unasked: this is its end of the session.
-                return Err(RelayError::Closed.into());
+                let Some(r) = relay::read_msg(internal)? else {
+                    return Err(RelayError::Closed.into());
+                };
+                if r.code == relay::code::GET_FEATURES {
+                    features_pending = features_pending.saturating_sub(1);
+                }
+                relay::write_msg(&self.frontend, &r)?;
+                continue;
             }
             if pfd[0].revents != 0 {
                 let Some(m) = relay::read_msg(&self.frontend)? else {
                     return Err(RelayError::Closed.into());
                 };
                 self.record.note(&m)?;
-                for r in relay::exchange(internal, &m)? {
+                if m.code == relay::code::GET_FEATURES {
+                    features_pending += 1;
+                }
+                relay::write_msg(internal, &m)?;
+                if m.code == relay::code::SET_VRING_CALL {
+                    // A used buffer signalled on the ring's previous call fd while the frontend
+                    // was switching (QEMU unmasks rings this way after SET_VRING_ENABLE) would
+                    // be lost; once the handler uses the new fd, one extra interrupt on it
+                    // covers that window. The guest driver tolerates a spurious interrupt.
+                    for r in relay::drain(internal, features_pending)? {
+                        relay::write_msg(&self.frontend, &r)?;
+                    }
+                    features_pending = 0;
+                    if let Some(fd) = m.fds.first() {
+                        relay::signal(fd);
+                    }
+                }
+                continue;
+            }
+            if pfd[2].revents != 0 {
+                for r in relay::drain(internal, features_pending)? {
                     relay::write_msg(&self.frontend, &r)?;
                 }
+                return Ok(true);
             }
         }
     }
