@@ -160,6 +160,20 @@ fn run(
     }
     seq.shutdown(Shutdown::Write)?;
 
+    // Checked while the guest still runs (it powers off once its scenario is done).
+    let q = rig.qemu.as_mut().context("no QEMU")?;
+    ensure!(q.exited().is_none(), "QEMU exited");
+    ensure!(q.pid() == qemu_pid, "QEMU's PID changed");
+    // One vhost-user connection for the whole run (every daemon logs to the same file).
+    let log = rig.daemon.stderr();
+    let connects = log.matches("frontend connected").count();
+    let disconnects = log.matches("frontend disconnected").count();
+    ensure!(
+        connects == 1 && disconnects == 0,
+        "QEMU connected {connects} times and disconnected {disconnects} times"
+    );
+    let adopted = log.matches("session adopted from the old daemon").count();
+    ensure!(adopted == UPGRADES, "{adopted} adoptions logged");
     // Every idle connection still echoes, then closes cleanly.
     for (i, s) in idle.iter_mut().enumerate() {
         let m = format!("after {i}\n");
@@ -175,19 +189,6 @@ fn run(
     let ok = rig.expect("OK", "upgrade", STEP)?;
     eprintln!("[guest_upgrade] guest: {}", ok.rest);
 
-    let q = rig.qemu.as_mut().context("no QEMU")?;
-    ensure!(q.exited().is_none(), "QEMU exited");
-    ensure!(q.pid() == qemu_pid, "QEMU's PID changed");
-    // One vhost-user connection for the whole run (every daemon logs to the same file).
-    let log = rig.daemon.stderr();
-    let connects = log.matches("frontend connected").count();
-    let disconnects = log.matches("frontend disconnected").count();
-    ensure!(
-        connects == 1 && disconnects == 0,
-        "QEMU connected {connects} times and disconnected {disconnects} times"
-    );
-    let adopted = log.matches("session adopted from the old daemon").count();
-    ensure!(adopted == UPGRADES, "{adopted} adoptions logged");
     // The policy plugin's counters went on from where they were.
     let hits_after = saved_hits(control, dir, "after.state", "3:*")?;
     ensure!(
