@@ -16,9 +16,11 @@ phase() {
 
 # The real-guest tests (tests/tests/guest_qemu.rs, guest_pair.rs) boot QEMU (TCG) with a Debian
 # kernel and an initramfs of busybox and socat (tests/guest/build.sh); guest_pair.rs boots both
-# of Debian's guest kernels, 6.1 (linux-image-amd64) and 6.12. apt runs in the background while
+# of Debian's guest kernels, 6.1 (linux-image-amd64) and 6.12; guest_forward.rs packs the
+# daemons themselves into a guest with vsock_loopback (tests/guest/build_forward.sh: objcopy,
+# xz for 6.12's modules). apt runs in the background while
 # the reference daemon compiles: one waits on the network and dpkg, the other on the CPU.
-GUEST_PKGS="qemu-system-x86 linux-image-amd64 linux-image-6.12-amd64 busybox-static socat"
+GUEST_PKGS="qemu-system-x86 linux-image-amd64 linux-image-6.12-amd64 busybox-static socat binutils xz-utils"
 guest_pkgs_missing=
 for p in $GUEST_PKGS; do
     dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q ' installed$' ||
@@ -28,7 +30,8 @@ apt_pid=
 apt_log=$(mktemp)
 if [ -n "$guest_pkgs_missing" ] || ! command -v qemu-system-x86_64 >/dev/null ||
     ! compgen -G '/boot/vmlinuz-*' >/dev/null || ! command -v busybox >/dev/null ||
-    ! command -v socat >/dev/null; then
+    ! command -v socat >/dev/null || ! command -v objcopy >/dev/null ||
+    ! command -v xz >/dev/null; then
     if [ "$(id -u)" -ne 0 ]; then
         echo "tests/run.sh: missing${guest_pkgs_missing:- guest tools}; as root run:" >&2
         echo "  apt-get update && apt-get install -y --no-install-recommends $GUEST_PKGS" >&2

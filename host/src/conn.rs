@@ -34,6 +34,9 @@ pub enum AcceptReply {
     HybridOk,
     /// Write one byte to the sibling socketpair.
     SiblingAck,
+    /// Nothing: an AF_VSOCK connection of the forwarding backend was accepted by the kernel
+    /// already; the guest's RESPONSE only starts the data.
+    Forwarded,
 }
 
 /// Who opened a connection (metrics and `ctl conns`).
@@ -66,9 +69,9 @@ pub enum State {
     Requesting(AcceptReply),
     /// Guest connected to a sibling VM; waiting for that VM's guest to accept.
     SiblingConnecting,
-    /// Guest connected to a TCP route; the non-blocking connect has not finished. `proxy`:
-    /// the route wants a PROXY protocol v2 header first ([`crate::proxy`]).
-    TcpConnecting {
+    /// Guest connected to a TCP route or an AF_VSOCK address (forwarding backend); the
+    /// non-blocking connect has not finished. `proxy`: the route wants a PROXY protocol v2 header first ([`crate::proxy`]).
+    Connecting {
         proxy: bool,
     },
     /// A host connect the guest refused, to be requested again (`connect-wait`,

@@ -5,6 +5,7 @@
 //! `vhost-plug-parse`, the bottom layer, re-exported here.
 
 pub use vhost_plug_parse::{blob, config, connect, mem, route, spec, vsock};
+pub mod afvsock;
 pub mod backend;
 pub mod budget;
 pub mod conn;

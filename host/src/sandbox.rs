@@ -73,7 +73,9 @@ impl Plan {
         let mut socket_file = |p: &Path| push_unique(&mut plan.socket_dirs, parent_dir(p));
         for vm in &cfg.vms {
             socket_file(&vm.socket);
-            socket_file(&vm.uds_path);
+            if vm.forward.is_none() {
+                socket_file(&vm.uds_path);
+            }
         }
         if let Some(p) = &cfg.control_socket {
             socket_file(p);

@@ -212,14 +212,17 @@ pub fn queued_bytes(fd: RawFd) -> io::Result<usize> {
 }
 
 /// Length of the next SEQPACKET message without consuming it (0 means end of stream).
+/// AF_VSOCK before Linux 6.3 cannot peek at SEQPACKET messages: `EOPNOTSUPP`.
 pub fn next_msg_len(fd: RawFd) -> io::Result<usize> {
-    // SAFETY: a zero-length buffer is never written; MSG_TRUNC makes the kernel report the
+    // One byte, not none: AF_VSOCK answers a zero-length receive with 0 at once.
+    let mut one = 0u8;
+    // SAFETY: `one` is valid for writes of one byte; MSG_TRUNC makes the kernel report the
     // real message length.
     cvt_size(unsafe {
         libc::recv(
             fd,
-            std::ptr::null_mut(),
-            0,
+            (&mut one as *mut u8).cast(),
+            1,
             libc::MSG_PEEK | libc::MSG_TRUNC | libc::MSG_DONTWAIT,
         )
     })

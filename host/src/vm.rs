@@ -27,6 +27,8 @@ pub enum VmError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot listen on host vsock port {port} (forward-listen): {source}")]
+    ListenVsock { port: u32, source: std::io::Error },
     #[error("vhost-user socket {path}: {source}")]
     VhostSocket {
         path: PathBuf,
@@ -75,8 +77,11 @@ pub struct Vm {
     cfg: VmConfig,
     registry: Arc<Registry>,
     budget: Arc<crate::budget::Budget>,
-    stream: OwnedFd,
-    seqpacket: OwnedFd,
+    /// The hybrid vsock listeners (none with the forwarding backend).
+    stream: Option<OwnedFd>,
+    seqpacket: Option<OwnedFd>,
+    /// `forward-listen`: (listener, port).
+    forward: Vec<(OwnedFd, u32)>,
     listener: Listener,
     /// Outlives frontend sessions, so plugin state survives a VMM reconnect.
     gate: Arc<std::sync::Mutex<Gate>>,
@@ -117,10 +122,27 @@ impl Vm {
         let listen = |path: PathBuf, kind| {
             sys::listen(&path, kind, 1024).map_err(|source| VmError::Listen { path, source })
         };
-        let (listener, stream, seqpacket) = match sockets {
+        let (listener, stream, seqpacket, forward) = match sockets {
             Sockets::Bind => {
-                let stream = listen(cfg.uds_path.clone(), UnixKind::Stream)?;
-                let seqpacket = listen(seqpacket_path(&cfg.uds_path), UnixKind::Seqpacket)?;
+                let (stream, seqpacket, forward) = match &cfg.forward {
+                    None => (
+                        Some(listen(cfg.uds_path.clone(), UnixKind::Stream)?),
+                        Some(listen(seqpacket_path(&cfg.uds_path), UnixKind::Seqpacket)?),
+                        Vec::new(),
+                    ),
+                    Some(f) => {
+                        let forward = f
+                            .listen
+                            .iter()
+                            .map(|&port| {
+                                crate::afvsock::listen(port, UnixKind::Stream, 1024)
+                                    .map(|fd| (fd, port))
+                                    .map_err(|source| VmError::ListenVsock { port, source })
+                            })
+                            .collect::<Result<Vec<_>, _>>()?;
+                        (None, None, forward)
+                    }
+                };
                 let _ = std::fs::remove_file(&cfg.socket);
                 // Not `Listener::new`: that one unlinks the path when dropped, and after a
                 // live upgrade the path belongs to the new daemon (the daemon removes what it
@@ -129,9 +151,15 @@ impl Vm {
                     path: cfg.socket.clone(),
                     source: vhost::vhost_user::Error::SocketError(e),
                 })?;
-                (l, stream, seqpacket)
+                (l, stream, seqpacket, forward)
             }
-            Sockets::Adopted([l, stream, seqpacket]) => (UnixListener::from(l), stream, seqpacket),
+            // Only VMs with hybrid sockets are handed over ([`Vm::listener_dups`]).
+            Sockets::Adopted([l, stream, seqpacket]) => (
+                UnixListener::from(l),
+                Some(stream),
+                Some(seqpacket),
+                Vec::new(),
+            ),
         };
         let listener = Listener::from(listener);
         registry.add_vm(cfg.guest_cid, cfg.groups.clone());
@@ -141,6 +169,7 @@ impl Vm {
             budget,
             stream,
             seqpacket,
+            forward,
             listener,
             gate,
             serializer,
@@ -169,11 +198,12 @@ impl Vm {
 
     /// Files this VM created, to remove on exit.
     pub fn socket_paths(&self) -> Vec<PathBuf> {
-        vec![
-            self.cfg.socket.clone(),
-            self.cfg.uds_path.clone(),
-            seqpacket_path(&self.cfg.uds_path),
-        ]
+        let mut paths = vec![self.cfg.socket.clone()];
+        if self.stream.is_some() {
+            paths.push(self.cfg.uds_path.clone());
+            paths.push(seqpacket_path(&self.cfg.uds_path));
+        }
+        paths
     }
 
     /// Serves frontends on the vhost-user socket, one after another, until the VM moves to
@@ -272,6 +302,7 @@ impl Vm {
             dev_cfg: DeviceConfig {
                 guest_cid: self.cfg.guest_cid,
                 uds_path: self.cfg.uds_path.clone(),
+                forward: self.cfg.forward.clone(),
                 buf_alloc: self.cfg.tx_buffer_size,
                 max_connections: self.cfg.max_connections,
                 budget: self.budget.clone(),
@@ -284,8 +315,13 @@ impl Vm {
             stats: self.stats.clone(),
             gate: self.gate.clone(),
             listeners: Listeners {
-                stream: self.stream.as_raw_fd(),
-                seqpacket: self.seqpacket.as_raw_fd(),
+                stream: self.stream.as_ref().map(AsRawFd::as_raw_fd),
+                seqpacket: self.seqpacket.as_ref().map(AsRawFd::as_raw_fd),
+                forward: self
+                    .forward
+                    .iter()
+                    .map(|(fd, port)| (fd.as_raw_fd(), *port))
+                    .collect(),
             },
         }
     }
@@ -341,10 +377,15 @@ impl Vm {
         let l = self.listener.as_raw_fd();
         // SAFETY: the listener lives as long as `self`; the borrow ends with the dup.
         let l = unsafe { std::os::fd::BorrowedFd::borrow_raw(l) };
+        let (Some(stream), Some(seqpacket)) = (&self.stream, &self.seqpacket) else {
+            return Err(std::io::Error::other(
+                "a VM with the vsock forwarding backend cannot be live-upgraded yet",
+            ));
+        };
         Ok(vec![
             l.try_clone_to_owned()?,
-            self.stream.try_clone()?,
-            self.seqpacket.try_clone()?,
+            stream.try_clone()?,
+            seqpacket.try_clone()?,
         ])
     }
 

@@ -85,6 +85,9 @@ pub struct VmSpec {
     pub groups: Vec<String>,
     /// `connect-wait=` (vhost-plug only), e.g. `5s`.
     pub connect_wait: Option<String>,
+    /// The vsock forwarding backend instead of `uds_path`: `forward-cid=CID` and, when
+    /// ports are given, `forward-listen=P1+P2`.
+    pub forward: Option<(u32, Vec<u32>)>,
 }
 
 impl VmSpec {
@@ -98,7 +101,14 @@ impl VmSpec {
             queue_size: None,
             groups: Vec::new(),
             connect_wait: None,
+            forward: None,
         }
+    }
+
+    /// Forward guest connections to AF_VSOCK `cid` and listen on `listen` ports.
+    pub fn forward(mut self, cid: u32, listen: &[u32]) -> Self {
+        self.forward = Some((cid, listen.to_vec()));
+        self
     }
 
     /// A host CONNECT the guest refuses is retried until `wait` (e.g. `5s`).
@@ -120,11 +130,20 @@ impl VmSpec {
     /// The value of `--vm`.
     pub fn to_arg(&self) -> String {
         let mut s = format!(
-            "guest-cid={},socket={},uds-path={}",
+            "guest-cid={},socket={}",
             self.guest_cid,
-            self.socket.display(),
-            self.uds_path.display()
+            self.socket.display()
         );
+        match &self.forward {
+            None => s.push_str(&format!(",uds-path={}", self.uds_path.display())),
+            Some((cid, listen)) => {
+                s.push_str(&format!(",forward-cid={cid}"));
+                if !listen.is_empty() {
+                    let ports: Vec<String> = listen.iter().map(u32::to_string).collect();
+                    s.push_str(&format!(",forward-listen={}", ports.join("+")));
+                }
+            }
+        }
         if let Some(n) = self.tx_buffer_size {
             s.push_str(&format!(",tx-buffer-size={n}"));
         }
@@ -151,6 +170,16 @@ pub struct Daemon {
 
 /// How long to wait for a daemon's sockets.
 pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// [`STARTUP_TIMEOUT`], or `VHOST_PLUG_STARTUP_SECS` seconds where start-up is slow (the
+/// forwarding tests run the daemon inside an emulated guest, where compiling the built-in
+/// plugins takes far longer).
+fn startup_timeout() -> Duration {
+    std::env::var("VHOST_PLUG_STARTUP_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map_or(STARTUP_TIMEOUT, Duration::from_secs)
+}
 
 impl Daemon {
     /// Starts `kind` serving `vms`; stderr goes to `<dir>/<name>.stderr`. Returns once every
@@ -197,7 +226,7 @@ impl Daemon {
             vms: vms.to_vec(),
             stderr_path,
         };
-        d.wait_sockets(STARTUP_TIMEOUT)?;
+        d.wait_sockets(startup_timeout())?;
         Ok(d)
     }
 

@@ -31,6 +31,7 @@ pub mod checks;
 pub mod daemon;
 pub mod data;
 pub mod driver;
+pub mod forward;
 pub mod frontends;
 pub mod harness;
 pub mod host;
@@ -39,12 +40,14 @@ pub mod packet;
 pub mod proxy_header;
 pub mod qemu;
 pub mod qemu_console;
+pub mod qemu_forward;
 pub mod qemu_pair;
 pub mod ring;
 pub mod sim;
 pub mod state;
 pub mod upgrade;
 pub mod vhost_raw;
+pub mod vsockhost;
 
 pub use daemon::{Daemon, DaemonKind, VmSpec};
 pub use driver::{

@@ -200,6 +200,46 @@ impl Qemu {
         })
     }
 
+    /// Boots `kernel` and `initrd` without any device (2 vCPUs, 1 GiB): the guest of the
+    /// forwarding tests ([`crate::qemu_forward`]) runs its daemons and VMM inside.
+    pub fn spawn_plain(
+        kernel: &Path,
+        initrd: &Path,
+        serial: &Path,
+        stderr: &Path,
+        guest_args: &str,
+    ) -> Result<Qemu> {
+        let err = File::create(stderr).with_context(|| format!("creating {}", stderr.display()))?;
+        let child = Command::new("qemu-system-x86_64")
+            .args(["-accel", "tcg", "-smp", "2", "-m", "1024M"])
+            .arg("-kernel")
+            .arg(kernel)
+            .arg("-initrd")
+            .arg(initrd)
+            .arg("-append")
+            .arg(format!("console=ttyS0 quiet {guest_args}"))
+            .args([
+                "-display",
+                "none",
+                "-vga",
+                "none",
+                "-nic",
+                "none",
+                "-no-reboot",
+            ])
+            .arg("-serial")
+            .arg(format!("file:{}", serial.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(err)
+            .spawn()
+            .context("spawning qemu-system-x86_64 (apt-get install qemu-system-x86)")?;
+        Ok(Qemu {
+            child,
+            stderr: stderr.to_path_buf(),
+        })
+    }
+
     /// Where QEMU's own stderr goes.
     pub fn pid(&self) -> u32 {
         self.child.id()

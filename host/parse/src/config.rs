@@ -19,9 +19,14 @@
 //!
 //! What the peer accepts but is unusable (CID below 3, a zero TX buffer, a queue size that is
 //! not a power of two, two VMs on one CID or one socket path) is rejected here with a message
-//! naming the flag, `--vm` or YAML field at fault. The peer's vsock forwarding backend
-//! (`forward-cid`, `forward-listen`) is not implemented: asking for it is an error, except a
-//! `forward-listen` next to a `uds-path`, which the peer ignores and so do we (with a warning).
+//! naming the flag, `--vm` or YAML field at fault.
+//!
+//! The peer's vsock forwarding backend is a VM's alternative to `uds-path`: `forward-cid C`
+//! sends the guest's connections to host AF_VSOCK address C (same port), `forward-listen
+//! P1+P2` listens on host AF_VSOCK ports and forwards those connections into the guest
+//! ([`Forward`]). `uds-path` and `forward-cid` exclude each other as in the peer; a
+//! `forward-listen` next to a `uds-path` is ignored as the peer does (with a warning); a
+//! malformed `forward-listen` is an error naming the bad item (the peer panics).
 //!
 //! Subcommands (`vhost-plug ctl ...` and others) go into [`Command`]; when one is given the
 //! daemon flags are refused (clap's `args_conflicts_with_subcommands`), and
@@ -78,8 +83,10 @@ pub struct VmConfig {
     /// vhost-user socket the VMM connects to.
     pub socket: PathBuf,
     /// Hybrid vsock socket host programs connect to; guest connections to port P go to
-    /// `<uds_path>_P`.
+    /// `<uds_path>_P`. Empty when the VM uses the vsock forwarding backend (`forward`).
     pub uds_path: PathBuf,
+    /// The peer's vsock forwarding backend, instead of `uds_path`.
+    pub forward: Option<Forward>,
     /// Per-connection buffer, also the `buf_alloc` we advertise (1 ..= 64 MiB).
     pub tx_buffer_size: u32,
     /// Largest vring size we accept (a power of two, 1 ..= 32768).
@@ -112,9 +119,31 @@ impl VmConfig {
             plugins: Vec::new(),
             allow_routes: Vec::new(),
             connect_wait: None,
+            forward: None,
+        }
+    }
+
+    /// A VM whose host side is the vsock forwarding backend instead of a hybrid socket.
+    pub fn forwarding(guest_cid: u64, socket: impl Into<PathBuf>, forward: Forward) -> Self {
+        VmConfig {
+            uds_path: PathBuf::new(),
+            forward: Some(forward),
+            ..VmConfig::new(guest_cid, socket, PathBuf::new())
         }
     }
 }
+
+/// The peer's vsock forwarding backend (`forward-cid`, `forward-listen`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Forward {
+    /// Guest connections to the host (CID 2), port P, go to AF_VSOCK (`cid`, P).
+    pub cid: u32,
+    /// Host AF_VSOCK ports listened on (any CID); a connection to port P goes to guest port P.
+    pub listen: Vec<u32>,
+}
+
+/// VMADDR_CID_ANY / VMADDR_PORT_ANY: wildcards, never a destination or a listening port.
+const VSOCK_ANY: u32 = u32::MAX;
 
 /// Format of the daemon's log lines (stderr).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -191,7 +220,16 @@ impl DaemonConfig {
             };
             check_guest_cid(vm.guest_cid).map_err(|m| invalid("guest_cid", m))?;
             check_path(&vm.socket).map_err(|m| invalid("socket", m))?;
-            check_path(&vm.uds_path).map_err(|m| invalid("uds_path", m))?;
+            match &vm.forward {
+                None => check_path(&vm.uds_path).map_err(|m| invalid("uds_path", m))?,
+                Some(f) => {
+                    if !vm.uds_path.as_os_str().is_empty() {
+                        return Err(invalid("uds_path", ONE_BACKEND.into()));
+                    }
+                    check_forward_cid(u64::from(f.cid)).map_err(|m| invalid("forward_cid", m))?;
+                    check_forward_ports(&f.listen).map_err(|m| invalid("forward_listen", m))?;
+                }
+            }
             check_tx_buffer_size(u64::from(vm.tx_buffer_size))
                 .map_err(|m| invalid("tx_buffer_size", m))?;
             check_queue_size(u64::from(vm.queue_size)).map_err(|m| invalid("queue_size", m))?;
@@ -294,6 +332,13 @@ pub enum ConfigError {
         first: String,
         second: String,
     },
+    /// Two VMs listen on one host AF_VSOCK port (`forward-listen`).
+    #[error("host vsock port {port} is listened on by both {first} and {second}")]
+    DuplicateForwardPort {
+        port: u32,
+        first: String,
+        second: String,
+    },
     /// A [`DaemonConfig`] built in code breaks a rule ([`DaemonConfig::validate`]).
     #[error("{what}: {message}")]
     Invalid { what: String, message: String },
@@ -357,16 +402,52 @@ struct VmSpec {
     plugins: Option<Vec<crate::spec::PluginSpec>>,
     allow_routes: Vec<RouteSpec>,
     connect_wait: Option<std::time::Duration>,
+    /// `forward-cid`; excludes `uds_path` ([`VmSpec::check_backend`]).
+    forward_cid: Option<u32>,
+    /// `forward-listen`, already split and checked.
+    forward_listen: Option<Vec<u32>>,
     warnings: Vec<String>,
 }
 
+/// The message when both backends are asked for (the peer's words).
+const ONE_BACKEND: &str = "only one of uds-path or forward-cid can be provided";
+
 impl VmSpec {
-    /// Fills in defaults. `socket` and `uds_path` must have been checked present.
+    /// The peer's rule between the two backends: exactly one of `uds_path` and
+    /// `forward_cid`; a `forward_listen` next to a `uds_path` is dropped with a warning.
+    /// `listen_name` is how the caller spells `forward-listen` in that warning. Errors are
+    /// messages without a field name.
+    fn check_backend(&mut self, listen_name: &str, uds_name: &str) -> Result<(), String> {
+        match (&self.uds_path, self.forward_cid) {
+            (Some(_), Some(_)) => Err(ONE_BACKEND.into()),
+            (None, None) => Err(format!(
+                "missing required key `{uds_name}` (or `{}`)",
+                listen_name.replace("listen", "cid")
+            )),
+            (Some(_), None) => {
+                if self.forward_listen.take().is_some() {
+                    self.warnings.push(format!(
+                        "{listen_name} is ignored next to {uds_name} (as vhost-device-vsock does)"
+                    ));
+                }
+                Ok(())
+            }
+            (None, Some(_)) => Ok(()),
+        }
+    }
+
+    /// Fills in defaults. `socket` must have been checked present, and the backend with
+    /// [`VmSpec::check_backend`].
     fn finish(self, max_connections: usize) -> (VmConfig, Vec<String>) {
+        let forward = self.forward_cid.map(|cid| Forward {
+            cid,
+            listen: self.forward_listen.unwrap_or_default(),
+        });
         let vm = VmConfig {
             guest_cid: self.guest_cid.unwrap_or(DEFAULT_GUEST_CID),
             socket: self.socket.expect("socket checked present"),
-            uds_path: self.uds_path.expect("uds_path checked present"),
+            uds_path: self.uds_path.unwrap_or_default(),
+            forward,
             tx_buffer_size: self.tx_buffer_size.unwrap_or(DEFAULT_TX_BUFFER_SIZE),
             queue_size: self.queue_size.unwrap_or(DEFAULT_QUEUE_SIZE),
             groups: self
@@ -477,7 +558,18 @@ fn check_unique(vms: &[(&VmConfig, Origin)]) -> Result<(), ConfigError> {
     // `Path`'s hash agrees with its lexical equality.
     let mut cids: std::collections::HashMap<u64, &Origin> = Default::default();
     let mut paths: std::collections::HashMap<&Path, String> = Default::default();
+    // A host AF_VSOCK port is listened on for any CID: one VM per port.
+    let mut ports: std::collections::HashMap<u32, &Origin> = Default::default();
     for (vm, origin) in vms {
+        for port in vm.forward.iter().flat_map(|f| &f.listen) {
+            if let Some(first) = ports.insert(*port, origin) {
+                return Err(ConfigError::DuplicateForwardPort {
+                    port: *port,
+                    first: first.field("forward-listen"),
+                    second: origin.field("forward-listen"),
+                });
+            }
+        }
         if let Some(first) = cids.insert(vm.guest_cid, origin) {
             return Err(ConfigError::DuplicateCid {
                 cid: vm.guest_cid,
@@ -486,6 +578,9 @@ fn check_unique(vms: &[(&VmConfig, Origin)]) -> Result<(), ConfigError> {
             });
         }
         for (path, field) in [(&vm.socket, "socket"), (&vm.uds_path, "uds-path")] {
+            if path.as_os_str().is_empty() {
+                continue; // no hybrid socket: the VM forwards over AF_VSOCK
+            }
             let label = origin.field(field);
             if let Some(first) = paths.get(path.as_path()) {
                 return Err(ConfigError::DuplicatePath {
@@ -513,6 +608,47 @@ fn check_guest_cid(cid: u64) -> Result<u64, String> {
     } else {
         Ok(cid)
     }
+}
+
+fn check_forward_cid(cid: u64) -> Result<u32, String> {
+    match u32::try_from(cid) {
+        Ok(VSOCK_ANY) => Err(format!(
+            "forward CID {VSOCK_ANY} means any CID and cannot be connected to; \
+             use e.g. 1 (this host's loopback) or the CID of the VM to reach"
+        )),
+        Ok(c) => Ok(c),
+        Err(_) => Err(format!(
+            "forward CID {cid} is out of range (at most 4294967294)"
+        )),
+    }
+}
+
+/// `9001+9002` -> `[9001, 9002]`: decimal ports joined by `+`, each at most 4294967294
+/// (4294967295 means any port), none twice.
+fn parse_forward_listen(value: &str) -> Result<Vec<u32>, String> {
+    let mut ports = Vec::new();
+    for item in value.trim().split('+') {
+        let port = item.trim().parse::<u32>().map_err(|e| {
+            format!("`{value}` is not a list of ports joined by '+': `{item}`: {e}")
+        })?;
+        ports.push(port);
+    }
+    check_forward_ports(&ports)?;
+    Ok(ports)
+}
+
+fn check_forward_ports(ports: &[u32]) -> Result<(), String> {
+    for (i, p) in ports.iter().enumerate() {
+        if *p == VSOCK_ANY {
+            return Err(format!(
+                "port {VSOCK_ANY} means any port and cannot be listened on"
+            ));
+        }
+        if ports[..i].contains(p) {
+            return Err(format!("port {p} is listed twice"));
+        }
+    }
+    Ok(())
 }
 
 fn check_tx_buffer_size(size: u64) -> Result<u32, String> {

@@ -6,7 +6,9 @@
 //! CONNECT line is incomplete (only peeked so far, so nothing was consumed). A guest connect
 //! still waiting for its TCP or sibling target, a SEQPACKET connection holding more than one
 //! unsent message or a partial one, and a connection already being reset are recorded as
-//! `closing`: the new daemon sends the guest an RST for them.
+//! `closing`: the new daemon sends the guest an RST for them. AF_VSOCK sockets of the
+//! forwarding backend move like the unix ones (the kernel keeps the connection while any
+//! descriptor of it is open).
 
 use std::os::fd::OwnedFd;
 
@@ -59,7 +61,7 @@ fn record(c: &Conn, fd_index: Option<u32>) -> Connection {
         }
         State::Established => ConnState::Established,
         State::Requesting(_) | State::AwaitConnectLine | State::Waiting => ConnState::Connecting,
-        State::SiblingConnecting | State::TcpConnecting { .. } => ConnState::Closing,
+        State::SiblingConnecting | State::Connecting { .. } => ConnState::Closing,
     };
     let movable = state != ConnState::Closing;
     let mut owed = OwedOps::empty();
@@ -164,10 +166,20 @@ impl Device {
         let Some(l) = self.listeners.as_ref() else {
             return;
         };
-        for (fd, tok) in [
+        let fwd = l
+            .forward
+            .iter()
+            .enumerate()
+            .map(|(i, (fd, _))| (Some(*fd), super::TOKEN_LISTEN_FWD + i as u64));
+        let all: Vec<_> = [
             (l.stream, super::TOKEN_LISTEN_STREAM),
             (l.seqpacket, super::TOKEN_LISTEN_SEQ),
-        ] {
+        ]
+        .into_iter()
+        .chain(fwd)
+        .filter_map(|(fd, tok)| Some((fd?, tok)))
+        .collect();
+        for (fd, tok) in all {
             let op = if on {
                 ControlOperation::Add
             } else {
@@ -273,7 +285,9 @@ impl Device {
                     (State::AwaitConnectLine, fd)
                 }
                 (ConnState::Connecting, Some(fd)) => (
-                    State::Requesting(if r.local_cid == HOST_CID {
+                    State::Requesting(if r.local_cid == HOST_CID && self.cfg.forward.is_some() {
+                        AcceptReply::Forwarded
+                    } else if r.local_cid == HOST_CID {
                         AcceptReply::HybridOk
                     } else {
                         AcceptReply::SiblingAck

@@ -7,9 +7,10 @@ use tracing::{debug, warn};
 use vmm_sys_util::epoll::{EpollEvent, EventSet};
 
 use super::{
-    Device, MAX_HANDSHAKES, TOKEN_CONNS, TOKEN_LISTEN_SEQ, TOKEN_LISTEN_STREAM, TOKEN_RETRY,
-    TOKEN_SIBLING, TOKEN_TIMER,
+    Device, MAX_HANDSHAKES, TOKEN_CONNS, TOKEN_LISTEN_FWD, TOKEN_LISTEN_SEQ, TOKEN_LISTEN_STREAM,
+    TOKEN_RETRY, TOKEN_SIBLING, TOKEN_TIMER,
 };
+use crate::afvsock;
 use crate::conn::{pending, AcceptReply, Conn, ConnKey, Initiator, State};
 use crate::connect::{parse_connect_line, MAX_CONNECT_LINE};
 use crate::gate::{Admission, Request, Target};
@@ -43,6 +44,9 @@ impl Device {
                     TOKEN_TIMER => self.expire_handshakes(),
                     TOKEN_CONNS => self.publish_conns(),
                     TOKEN_RETRY => self.retry_due(),
+                    tok if tok >= TOKEN_LISTEN_FWD && tok - TOKEN_LISTEN_FWD < 1 << 32 => {
+                        self.accept_forward((tok - TOKEN_LISTEN_FWD) as usize)
+                    }
                     tok => self.conn_event(tok, evset),
                 }
             }
@@ -53,11 +57,12 @@ impl Device {
     }
 
     fn accept(&mut self, kind: SockType) {
-        let Some(l) = self.listeners else { return };
+        let Some(l) = &self.listeners else { return };
         let fd = match kind {
             SockType::Stream => l.stream,
             SockType::Seqpacket => l.seqpacket,
         };
+        let Some(fd) = fd else { return };
         for _ in 0..ACCEPT_BATCH {
             let sock = match sys::accept(fd) {
                 Ok(s) => s,
@@ -75,6 +80,110 @@ impl Device {
                 continue;
             }
             self.host_connected(sock, kind);
+        }
+    }
+
+    /// A host program connected to `forward-listen` port number `i`: the guest is asked to
+    /// accept on the same port, from the host program's port (the peer's choice) unless a
+    /// connection already uses that pair.
+    fn accept_forward(&mut self, i: usize) {
+        let Some(&(fd, port)) = self.listeners.as_ref().and_then(|l| l.forward.get(i)) else {
+            return;
+        };
+        for _ in 0..ACCEPT_BATCH {
+            let (sock, peer_cid, peer_port) = match afvsock::accept(fd) {
+                Ok(s) => s,
+                Err(e) if sys::would_block(&e) => return,
+                Err(e) => {
+                    warn!(error = %e, port, "accept on forward-listen port failed");
+                    return;
+                }
+            };
+            if self.at_capacity() {
+                warn!(
+                    cid = self.cfg.guest_cid,
+                    "too many host connections; closing a new one"
+                );
+                continue;
+            }
+            debug!(
+                cid = self.cfg.guest_cid,
+                peer_cid, peer_port, port, "forwarded connect"
+            );
+            self.forward_connected(sock, peer_port, port);
+        }
+    }
+
+    fn forward_connected(&mut self, sock: OwnedFd, host_port: u32, guest_port: u32) {
+        let taken = |p| {
+            self.keys.contains_key(&ConnKey {
+                local_cid: HOST_CID,
+                local_port: p,
+                peer_port: guest_port,
+            })
+        };
+        let local_port = if taken(host_port) {
+            self.alloc_host_port(guest_port)
+        } else {
+            host_port
+        };
+        let (id, port) = match self.admit(Request {
+            src: (HOST_CID, local_port),
+            dst: (self.cfg.guest_cid, guest_port),
+            kind: SockType::Stream,
+            from_guest: false,
+            peer: None,
+        }) {
+            Admission::Admit {
+                id,
+                target: Target::Default,
+            } => (id, guest_port),
+            Admission::Admit {
+                id,
+                target: Target::Vsock { cid, port },
+            } if cid == self.cfg.guest_cid => (id, port),
+            Admission::Admit { id, .. } => {
+                warn!(
+                    cid = self.cfg.guest_cid,
+                    "host connect redirected off this guest; closing"
+                );
+                return self.never_opened(id);
+            }
+            Admission::Refuse(why) => {
+                debug!(cid = self.cfg.guest_cid, port = guest_port, %why, "host connect refused");
+                return;
+            }
+        };
+        let key = ConnKey {
+            local_cid: HOST_CID,
+            local_port,
+            peer_port: port,
+        };
+        if self.keys.contains_key(&key) {
+            // A policy redirected onto a pair in use.
+            debug!(
+                cid = self.cfg.guest_cid,
+                port, "host connect collides; closing"
+            );
+            return self.never_opened(id);
+        }
+        let mut conn = Conn::new(
+            0,
+            key,
+            SockType::Stream,
+            sock,
+            State::Requesting(AcceptReply::Forwarded),
+        );
+        conn.initiator = Initiator::Host;
+        conn.id = id;
+        conn.window = self.window_for(false);
+        conn.pending = pending::REQUEST;
+        match self.insert(conn, true) {
+            Ok(idx) => self.wake_rx(idx),
+            Err(e) => {
+                warn!(error = %e, "cannot watch host socket");
+                self.never_opened(id);
+            }
         }
     }
 
@@ -279,7 +388,7 @@ impl Device {
         match c.state {
             State::AwaitConnectLine => self.read_connect_line(idx),
             State::SiblingConnecting => self.sibling_answer(idx),
-            State::TcpConnecting { proxy } => self.tcp_connected(idx, ev, proxy),
+            State::Connecting { proxy } => self.connected(idx, ev, proxy),
             State::Requesting(_) | State::Established => self.wake_rx(idx),
             // Only a full close ends the wait: a host that shut its write side after the
             // CONNECT line still wants the answer.
@@ -312,7 +421,10 @@ impl Device {
         if !stopped {
             return;
         }
-        let both = hup || sys::poll_now(fd).is_ok_and(|r| r & libc::POLLHUP != 0);
+        // A peer that stopped receiving and also sent its last byte closed (or shut both
+        // ways): AF_VSOCK shows that as RDHUP, not HUP, while that last data is unread.
+        let both =
+            hup || sys::poll_now(fd).is_ok_and(|r| r & (libc::POLLHUP | libc::POLLRDHUP) != 0);
         if both && c.may_read_host() {
             c.host_hup = true;
             c.readable = true;
@@ -322,8 +434,8 @@ impl Device {
         self.wake_rx(idx);
     }
 
-    /// A TCP route's non-blocking connect finished, one way or the other.
-    fn tcp_connected(&mut self, idx: usize, ev: EventSet, proxy: bool) {
+    /// A non-blocking connect (TCP route, AF_VSOCK forward) finished, one way or the other.
+    fn connected(&mut self, idx: usize, ev: EventSet, proxy: bool) {
         if !ev.intersects(EventSet::OUT | EventSet::ERROR | EventSet::HANG_UP) {
             return;
         }
@@ -343,7 +455,7 @@ impl Device {
                 self.sense_peer_shutdown(idx, EventSet::empty());
                 self.wake_rx(idx);
             }
-            Err(e) => self.reset(idx, &format!("tcp connect failed: {e}")),
+            Err(e) => self.reset(idx, &format!("connect failed: {e}")),
         }
     }
 

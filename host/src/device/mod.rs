@@ -55,6 +55,8 @@ const TOKEN_TIMER: u64 = (1 << 63) | 3;
 const TOKEN_CONNS: u64 = (1 << 63) | 4;
 /// The next host connect waiting for the guest is due ([`wait`]).
 const TOKEN_RETRY: u64 = (1 << 63) | 5;
+/// `forward-listen` listener i has token `TOKEN_LISTEN_FWD + i`.
+const TOKEN_LISTEN_FWD: u64 = (1 << 63) | (1 << 32);
 
 /// How long a host program may take to send its CONNECT line, and a guest or sibling to
 /// answer a connection request, before the connection is dropped.
@@ -67,7 +69,11 @@ const TIMER_TICK: Duration = Duration::from_secs(1);
 pub struct DeviceConfig {
     pub guest_cid: u64,
     /// Hybrid vsock path: host programs connect here; guest connects reach `<uds_path>_<port>`.
+    /// Empty with the forwarding backend.
     pub uds_path: PathBuf,
+    /// The vsock forwarding backend: guest connects to the host reach AF_VSOCK
+    /// (`forward.cid`, port), instead of `<uds_path>_<port>`.
+    pub forward: Option<crate::config::Forward>,
     /// Our receive window per connection, advertised as `buf_alloc` (a sibling connection
     /// asks for at least [`MAX_SEQ_MSG`]).
     pub buf_alloc: u32,
@@ -80,10 +86,13 @@ pub struct DeviceConfig {
 }
 
 /// Host-side listening sockets of a VM; they outlive frontend sessions.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct Listeners {
-    pub stream: RawFd,
-    pub seqpacket: RawFd,
+    /// The hybrid vsock sockets (`uds_path` and its `.seqpacket`), absent when forwarding.
+    pub stream: Option<RawFd>,
+    pub seqpacket: Option<RawFd>,
+    /// `forward-listen`: one AF_VSOCK stream listener per port (fd, port).
+    pub forward: Vec<(RawFd, u32)>,
 }
 
 pub struct Device {
@@ -142,7 +151,7 @@ fn state_name(c: &Conn) -> &'static str {
         State::AwaitConnectLine => "await-connect-line",
         State::Requesting(_) => "requesting",
         State::SiblingConnecting => "sibling-connecting",
-        State::TcpConnecting { .. } => "tcp-connecting",
+        State::Connecting { .. } => "connecting",
         State::Waiting => "waiting",
         State::Established if c.guest_shut_send || c.host_eof => "half-closed",
         State::Established => "established",
@@ -215,11 +224,21 @@ impl Device {
     /// Starts taking host and sibling connections; called once a frontend is connected, so
     /// that until then host programs wait in the listen backlog.
     pub fn attach(&mut self, listeners: Listeners, inbox: Inbox) -> std::io::Result<()> {
-        for (fd, tok) in [
+        let fwd = listeners
+            .forward
+            .iter()
+            .enumerate()
+            .map(|(i, (fd, _))| (*fd, TOKEN_LISTEN_FWD + i as u64));
+        let fds: Vec<(RawFd, u64)> = [
             (listeners.stream, TOKEN_LISTEN_STREAM),
             (listeners.seqpacket, TOKEN_LISTEN_SEQ),
-            (inbox.wake.as_raw_fd(), TOKEN_SIBLING),
-        ] {
+        ]
+        .into_iter()
+        .filter_map(|(fd, tok)| Some((fd?, tok)))
+        .chain(fwd)
+        .chain([(inbox.wake.as_raw_fd(), TOKEN_SIBLING)])
+        .collect();
+        for (fd, tok) in fds {
             self.epoll.ctl(
                 ControlOperation::Add,
                 fd,

@@ -384,8 +384,14 @@ fn read_host(
 fn end_of_stream(c: &mut Conn, h: &mut Header) {
     c.host_eof = true;
     c.readable = false;
+    let fd = c.fd.as_raw_fd();
+    // AF_VSOCK tells a peer's close whose last bytes were still unread as RDHUP only, never
+    // HUP; a zero-length send failing with EPIPE says it stopped receiving too.
     let hup = !c.shut_wr_done
-        && (c.host_hup || sys::poll_now(c.fd.as_raw_fd()).is_ok_and(|r| r & libc::POLLHUP != 0));
+        && (c.host_hup
+            || sys::poll_now(fd).is_ok_and(|r| r & libc::POLLHUP != 0)
+            || (c.probes_peer_shutdown()
+                && matches!(sys::probe_send(fd), Err(e) if sys::is_epipe(&e))));
     if hup {
         c.host_stopped_receiving();
     }
@@ -462,6 +468,64 @@ fn read_frame(
     Ok(true)
 }
 
+thread_local! {
+    /// Where the part of an unpeekable SEQPACKET message beyond the rx buffer lands (one per
+    /// VM worker thread, allocated on first use).
+    static OVERFLOW: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A SEQPACKET message from a socket that cannot peek at its length (AF_VSOCK before Linux
+/// 6.3): one `recvmsg` into the rx buffer and, for the part beyond it, a per-thread overflow
+/// buffer; a message that fits (the common case) still goes straight into guest memory.
+fn read_host_msg_unpeeked(
+    c: &mut Conn,
+    buf: &ChainBuf<'_>,
+    max: usize,
+    h: &mut Header,
+) -> std::io::Result<bool> {
+    let fd = c.fd.as_raw_fd();
+    OVERFLOW.with(|o| {
+        let mut over = o.borrow_mut();
+        over.resize(MAX_SEQ_MSG, 0);
+        let mut iov = Vec::with_capacity(5);
+        buf.iovecs(HDR_LEN, max, &mut iov);
+        iov.push(libc::iovec {
+            iov_base: over.as_mut_ptr().cast(),
+            iov_len: MAX_SEQ_MSG.saturating_sub(max),
+        });
+        let (n, truncated) = match sys::recv_iov(fd, &iov) {
+            Ok(r) => r,
+            Err(e) if sys::would_block(&e) => {
+                c.readable = false;
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
+        };
+        if n == 0 {
+            end_of_stream(c, h);
+            return Ok(true);
+        }
+        if truncated {
+            return Err(std::io::Error::other(format!(
+                "SEQPACKET message exceeds {MAX_SEQ_MSG} bytes"
+            )));
+        }
+        let here = n.min(max);
+        buf.mark_dirty(HDR_LEN, here);
+        c.tx_cnt = c.tx_cnt.wrapping_add(here as u32);
+        c.bytes_to_guest += here as u64;
+        h.op = OP_RW;
+        h.len = here as u32;
+        if n > max {
+            c.out_msg = over[..n - max].to_vec();
+            c.out_off = 0;
+        } else {
+            h.flags = SEQ_EOM;
+        }
+        Ok(true)
+    })
+}
+
 /// SEQPACKET: a message that fits goes straight into the rx buffer with EOM; a larger one
 /// is read whole into the connection and sent in credit-sized pieces.
 fn read_host_msg(
@@ -481,6 +545,10 @@ fn read_host_msg(
             Err(e) if sys::would_block(&e) => {
                 c.readable = false;
                 return Ok(false);
+            }
+            // AF_VSOCK SEQPACKET before Linux 6.3 cannot peek.
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                return read_host_msg_unpeeked(c, buf, max, h)
             }
             Err(e) => return Err(e),
         };

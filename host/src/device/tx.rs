@@ -13,6 +13,7 @@ use vmm_sys_util::epoll::EventSet;
 use super::batch::TxBatch;
 use super::host::send_proxy_header;
 use super::{Device, MAX_PKT_PAYLOAD};
+use crate::afvsock;
 use crate::conn::{pending, AcceptReply, Conn, ConnKey, State};
 use crate::frame::{self, FrameHeader};
 use crate::gate::{Admission, Request, Target};
@@ -271,7 +272,20 @@ impl Device {
             Target::Unix(_) | Target::Tcp(_) | Target::ProxyUnix(_) | Target::ProxyTcp(_) => false,
         };
         let tcp = matches!(target, Target::Tcp(_) | Target::ProxyTcp(_));
+        let connecting = |(fd, done)| {
+            let state = if done {
+                State::Established
+            } else {
+                State::Connecting { proxy: false }
+            };
+            (fd, state)
+        };
+        let forward_cid = self.cfg.forward.as_ref().map(|f| f.cid);
         let opened = match target {
+            Target::Default if h.dst_cid == HOST_CID && forward_cid.is_some() => {
+                let cid = forward_cid.unwrap_or(afvsock::CID_ANY);
+                afvsock::connect(cid, h.dst_port, ukind).map(connecting)
+            }
             Target::Default if h.dst_cid == HOST_CID => {
                 let mut path = self.cfg.uds_path.clone().into_os_string();
                 path.push(format!("_{}", h.dst_port));
@@ -281,16 +295,7 @@ impl Device {
             Target::Vsock { cid, port } => self.sibling_open(h, kind, cid, port),
             Target::Unix(path) => sys::connect(&path, ukind).map(|fd| (fd, State::Established)),
             Target::Tcp(addr) if kind == SockType::Stream => {
-                sys::tcp_connect(&addr).map(|(fd, done)| {
-                    (
-                        fd,
-                        if done {
-                            State::Established
-                        } else {
-                            State::TcpConnecting { proxy: false }
-                        },
-                    )
-                })
+                sys::tcp_connect(&addr).map(connecting)
             }
             Target::ProxyUnix(path) => {
                 let a = self.proxy_addrs(id, h.src_port, h.dst_cid, h.dst_port);
@@ -306,7 +311,7 @@ impl Device {
                         send_proxy_header(fd.as_raw_fd(), &a)?;
                         Ok((fd, State::Established))
                     } else {
-                        Ok((fd, State::TcpConnecting { proxy: true }))
+                        Ok((fd, State::Connecting { proxy: true }))
                     }
                 })
             }
@@ -382,6 +387,7 @@ impl Device {
                 sys::send(fd, line.as_bytes()).map(|n| n == line.len())
             }
             AcceptReply::SiblingAck => sys::send(fd, &[1]).map(|n| n == 1),
+            AcceptReply::Forwarded => Ok(true),
         };
         match res {
             Ok(true) => {

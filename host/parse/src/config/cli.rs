@@ -7,9 +7,10 @@ use clap::error::ErrorKind;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use super::{
-    check_guest_cid, check_max_buffered, check_max_connections, check_path, check_queue_size,
-    check_tx_buffer_size, finish_vms, parse_number, split_groups, toml, yaml, ConfigError,
-    DaemonConfig, Invocation, LogFormat, Origin, VmSpec, DEFAULT_MAX_CONNECTIONS,
+    check_forward_cid, check_guest_cid, check_max_buffered, check_max_connections, check_path,
+    check_queue_size, check_tx_buffer_size, finish_vms, parse_forward_listen, parse_number,
+    split_groups, toml, yaml, ConfigError, DaemonConfig, Invocation, LogFormat, Origin, VmSpec,
+    DEFAULT_MAX_CONNECTIONS,
 };
 
 // Subcommands of `vhost-plug`; `vhost-plug` alone runs the daemon. (A plain comment: clap
@@ -146,9 +147,6 @@ Examples:
   vhost-plug plugin new my-policy      (a plugin crate; see my-policy/README.md)
   vhost-plug ctl --socket /run/vhost-plug/control.sock status";
 
-const UNSUPPORTED_FORWARD: &str = "vhost-device-vsock's vsock forwarding backend \
-     (forward-cid / forward-listen) is not supported by vhost-plug; use uds-path";
-
 #[derive(Debug, Parser)]
 #[command(
     name = "vhost-plug",
@@ -266,13 +264,25 @@ struct SingleVm {
     )]
     uds_path: Option<PathBuf>,
 
-    /// vhost-device-vsock's vsock backend: accepted by the parser, refused.
-    #[arg(long, hide = true, conflicts_with_all = ["config", "vm"])]
+    /// Instead of --uds-path: send the guest's connections to this host AF_VSOCK CID (same
+    /// port), e.g. 1 for this host's loopback
+    #[arg(
+        long,
+        value_name = "CID",
+        value_parser = forward_cid_value,
+        conflicts_with_all = ["config", "vm", "uds_path"]
+    )]
     forward_cid: Option<u32>,
 
-    /// vhost-device-vsock's vsock backend: accepted by the parser, refused.
-    #[arg(long, hide = true, conflicts_with_all = ["config", "vm"])]
-    forward_listen: Option<String>,
+    /// With --forward-cid: host AF_VSOCK ports joined by '+' to listen on; a connection to
+    /// port P goes to the guest's port P
+    #[arg(
+        long,
+        value_name = "PORTS",
+        value_parser = forward_listen_value,
+        conflicts_with_all = ["config", "vm", "uds_path"]
+    )]
+    forward_listen: Option<ForwardPorts>,
 
     /// Per-connection buffer size in bytes, 1 to 64 MiB [default: 65536]
     #[arg(long, value_name = "BYTES", value_parser = tx_buffer_size_value, conflicts_with_all = ["config", "vm"])]
@@ -311,22 +321,20 @@ impl SingleVm {
 
     fn into_spec(self) -> Result<VmSpec, ConfigError> {
         let mut cmd = Cli::command();
-        if self.forward_cid.is_some() || self.forward_listen.is_some() {
-            let flag = if self.forward_cid.is_some() {
-                "--forward-cid"
-            } else {
-                "--forward-listen"
-            };
+        if self.forward_listen.is_some() && self.forward_cid.is_none() {
             return Err(cmd
                 .error(
-                    ErrorKind::ArgumentConflict,
-                    format!("{flag}: {UNSUPPORTED_FORWARD}"),
+                    ErrorKind::MissingRequiredArgument,
+                    "--forward-listen needs --forward-cid (the vsock forwarding backend)",
                 )
                 .into());
         }
         for (missing, flag) in [
             (self.socket.is_none(), "--socket <PATH>"),
-            (self.uds_path.is_none(), "--uds-path <PATH>"),
+            (
+                self.uds_path.is_none() && self.forward_cid.is_none(),
+                "--uds-path <PATH> (or --forward-cid <CID>)",
+            ),
         ] {
             if missing {
                 return Err(cmd
@@ -349,6 +357,8 @@ impl SingleVm {
             plugins: None,
             allow_routes: Vec::new(),
             connect_wait: None,
+            forward_cid: self.forward_cid,
+            forward_listen: self.forward_listen.map(|p| p.0),
             warnings: Vec::new(),
         })
     }
@@ -500,6 +510,18 @@ fn max_buffered_value(value: &str) -> Result<usize, String> {
     check_max_buffered(n)
 }
 
+fn forward_cid_value(value: &str) -> Result<u32, String> {
+    check_forward_cid(parse_number(value)?)
+}
+
+/// The ports of `--forward-listen` (one flag value, so clap must not see a `Vec`).
+#[derive(Clone, Debug)]
+struct ForwardPorts(Vec<u32>);
+
+fn forward_listen_value(value: &str) -> Result<ForwardPorts, String> {
+    parse_forward_listen(value).map(ForwardPorts)
+}
+
 fn path_value(value: &str) -> Result<PathBuf, String> {
     let path = PathBuf::from(value);
     check_path(&path)?;
@@ -515,7 +537,6 @@ fn in_key<T>(key: &str, r: Result<T, String>) -> Result<T, String> {
 /// Unlike the peer, a value may itself contain `=` (the peer silently cuts it there).
 pub(super) fn parse_vm_arg(arg: &str) -> Result<VmSpec, String> {
     let mut spec = VmSpec::default();
-    let mut forward_listen = false;
     for item in arg.trim().split(',') {
         let Some((key, value)) = item.split_once('=') else {
             return Err(format!("expected key=value, found `{item}`"));
@@ -537,12 +558,16 @@ pub(super) fn parse_vm_arg(arg: &str) -> Result<VmSpec, String> {
             "connect_wait" | "connect-wait" => {
                 spec.connect_wait = in_key(key, super::parse_connect_wait(value))?
             }
-            "forward_cid" | "forward-cid" => return Err(format!("{key}: {UNSUPPORTED_FORWARD}")),
-            "forward_listen" | "forward-listen" => forward_listen = true,
+            "forward_cid" | "forward-cid" => {
+                spec.forward_cid = Some(in_key(key, forward_cid_value(value))?)
+            }
+            "forward_listen" | "forward-listen" => {
+                spec.forward_listen = Some(in_key(key, parse_forward_listen(value))?)
+            }
             _ => {
                 return Err(format!(
-                    "unknown key `{key}` (known keys: guest-cid, socket, uds-path, \
-                     tx-buffer-size, queue-size, groups, max-connections, connect-wait)"
+                    "unknown key `{key}` (known keys: guest-cid, socket, uds-path, forward-cid, \
+                     forward-listen, tx-buffer-size, queue-size, groups, max-connections, connect-wait)"
                 ))
             }
         }
@@ -550,13 +575,7 @@ pub(super) fn parse_vm_arg(arg: &str) -> Result<VmSpec, String> {
     if spec.socket.is_none() {
         return Err("missing required key `socket`".into());
     }
-    if spec.uds_path.is_none() {
-        return Err("missing required key `uds-path`".into());
-    }
-    if forward_listen {
-        spec.warnings
-            .push("forward-listen is ignored next to uds-path (as vhost-device-vsock does)".into());
-    }
+    spec.check_backend("forward-listen", "uds-path")?;
     Ok(spec)
 }
 

@@ -27,7 +27,9 @@
 //! [[vm]]
 //! guest-cid = 3                    # optional, default 3
 //! socket = "/run/vhost-plug/vm3.socket"
-//! uds-path = "/run/vhost-plug/vm3.vsock"
+//! uds-path = "/run/vhost-plug/vm3.vsock"   # or the vsock forwarding backend:
+//! # forward-cid = 1                #   guest connections go to host AF_VSOCK CID 1
+//! # forward-listen = [9001, 9002]  #   host AF_VSOCK ports into the guest ("9001+9002" too)
 //! tx-buffer-size = 65536           # optional
 //! queue-size = 1024                # optional
 //! groups = ["default"]             # optional
@@ -57,8 +59,9 @@ use ::toml::Spanned;
 use serde::Deserialize;
 
 use super::{
-    check_guest_cid, check_max_buffered, check_max_connections, check_queue_size,
-    check_tx_buffer_size, ConfigError, RouteSpec, VmSpec,
+    check_forward_cid, check_forward_ports, check_guest_cid, check_max_buffered,
+    check_max_connections, check_queue_size, check_tx_buffer_size, parse_forward_listen,
+    ConfigError, RouteSpec, VmSpec,
 };
 use crate::route::RouteAllowlist;
 use crate::spec::{PluginKind, PluginSource, PluginSpec, BUILTIN_NAMES};
@@ -200,7 +203,9 @@ struct PluginEntry {
 struct Vm {
     guest_cid: Option<Spanned<u64>>,
     socket: Spanned<String>,
-    uds_path: Spanned<String>,
+    uds_path: Option<Spanned<String>>,
+    forward_cid: Option<Spanned<u64>>,
+    forward_listen: Option<Spanned<Ports>>,
     tx_buffer_size: Option<Spanned<u64>>,
     queue_size: Option<Spanned<u64>>,
     groups: Option<Vec<String>>,
@@ -208,6 +213,14 @@ struct Vm {
     connect_wait: Option<Spanned<String>>,
     routes: Option<Routes>,
     plugins: Option<Spanned<Plugins>>,
+}
+
+/// `forward-listen`: a list of ports, or the peer's `"9001+9002"`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Ports {
+    List(Vec<u64>),
+    Joined(String),
 }
 
 /// The file being read, for positions and relative paths.
@@ -502,11 +515,42 @@ impl File<'_> {
             cids.push((cid, format!("{p} (line {line})")));
 
             let socket = self.path_field(&vm.socket, &format!("{p}.socket"))?;
-            let uds_path = self.path_field(&vm.uds_path, &format!("{p}.uds-path"))?;
-            for (path, v, name) in [
-                (&socket, &vm.socket, "socket"),
-                (&uds_path, &vm.uds_path, "uds-path"),
-            ] {
+            let uds_path = vm
+                .uds_path
+                .as_ref()
+                .map(|u| {
+                    self.path_field(u, &format!("{p}.uds-path"))
+                        .map(|path| (path, u))
+                })
+                .transpose()?;
+            let forward_cid = self.number(
+                &vm.forward_cid,
+                &format!("{p}.forward-cid"),
+                check_forward_cid,
+            )?;
+            let forward_listen = match &vm.forward_listen {
+                None => None,
+                Some(v) => {
+                    let ports = match v.get_ref() {
+                        Ports::Joined(s) => parse_forward_listen(s),
+                        Ports::List(l) => l
+                            .iter()
+                            .map(|n| {
+                                u32::try_from(*n).map_err(|_| format!("port {n} is out of range"))
+                            })
+                            .collect::<Result<Vec<_>, _>>()
+                            .and_then(|ports| check_forward_ports(&ports).map(|()| ports)),
+                    };
+                    let ports = ports
+                        .map_err(|m| self.error(v.span(), format!("{p}.forward-listen"), m))?;
+                    Some(ports)
+                }
+            };
+            let mut named = vec![(&socket, &vm.socket, "socket")];
+            if let Some((path, v)) = &uds_path {
+                named.push((path, v, "uds-path"));
+            }
+            for (path, v, name) in named {
                 let field = format!("{p}.{name}");
                 if let Some((_, first, first_span)) = paths.iter().find(|(q, ..)| q == path) {
                     let (line, _) = self.line_col(first_span.start);
@@ -529,10 +573,12 @@ impl File<'_> {
                 Some(r) => self.routes(r, &format!("{p}.routes."))?,
                 None => Vec::new(),
             };
-            specs.push(VmSpec {
+            let mut spec = VmSpec {
                 guest_cid,
                 socket: Some(socket),
-                uds_path: Some(uds_path),
+                uds_path: uds_path.map(|(path, _)| path),
+                forward_cid,
+                forward_listen,
                 tx_buffer_size: self.number(
                     &vm.tx_buffer_size,
                     &format!("{p}.tx-buffer-size"),
@@ -557,7 +603,19 @@ impl File<'_> {
                     None => None,
                 },
                 warnings: Vec::new(),
-            });
+            };
+            // Our own format: a forward-listen next to a uds-path is an error, not ignored.
+            if spec.uds_path.is_some() && spec.forward_listen.is_some() {
+                let span = vm.forward_listen.as_ref().map_or(0..0, |v| v.span());
+                return Err(self.error(
+                    span,
+                    format!("{p}.forward-listen"),
+                    "forward-listen needs forward-cid instead of uds-path".into(),
+                ));
+            }
+            spec.check_backend("forward-listen", "uds-path")
+                .map_err(|m| self.error(vm.socket.span(), p.clone(), m))?;
+            specs.push(spec);
         }
         Ok(Loaded {
             specs,

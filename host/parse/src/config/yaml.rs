@@ -6,7 +6,9 @@
 //! vms:
 //!   - guest_cid: 3            # optional, default 3
 //!     socket: /tmp/vhost3.socket
-//!     uds_path: /tmp/vm3.sock
+//!     uds_path: /tmp/vm3.sock  # or the vsock forwarding backend:
+//!     # forward_cid: 1          #   guest connections go to host AF_VSOCK CID 1
+//!     # forward_listen: 9001+9002  # host AF_VSOCK ports forwarded into the guest
 //!     tx_buffer_size: 65536   # optional
 //!     queue_size: 1024        # optional
 //!     groups: group1+groupA   # optional, '+'-joined (ours: a YAML list also works)
@@ -29,8 +31,8 @@ use std::path::{Path, PathBuf};
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
 use super::{
-    check_guest_cid, check_max_connections, check_path, check_queue_size, check_tx_buffer_size,
-    split_groups, ConfigError, VmSpec,
+    check_forward_cid, check_guest_cid, check_max_connections, check_path, check_queue_size,
+    check_tx_buffer_size, parse_forward_listen, split_groups, ConfigError, VmSpec,
 };
 
 pub(super) struct Loaded {
@@ -268,7 +270,8 @@ impl<'de> Visitor<'de> for VmSeed<'_> {
         let mut max_connections = Slot::default();
         let mut plugins = Slot::default();
         let mut connect_wait = Slot::default();
-        let mut forward_listen = false;
+        let mut forward_cid = Slot::default();
+        let mut forward_listen = Slot::default();
         loop {
             ctx.at(Some(prefix.clone()));
             let Some(key) = map.next_key::<String>()? else {
@@ -315,9 +318,13 @@ impl<'de> Visitor<'de> for VmSeed<'_> {
                     };
                     connect_wait.put(ctx, &prefix, &key, v);
                 }
-                "forward_cid" | "forward-cid" => map.next_value_seed(RefuseSeed)?,
+                "forward_cid" | "forward-cid" => {
+                    let v = map.next_value_seed(Number(check_forward_cid, "a vsock CID"))?;
+                    forward_cid.put(ctx, &prefix, &key, v);
+                }
                 "forward_listen" | "forward-listen" => {
-                    forward_listen |= map.next_value::<Option<IgnoredAny>>()?.is_some();
+                    let v = map.next_value_seed(PortsSeed)?;
+                    forward_listen.put(ctx, &prefix, &key, v);
                 }
                 _ => {
                     ctx.warn(format!("{prefix}.{key}: unknown field, ignored"));
@@ -329,15 +336,7 @@ impl<'de> Visitor<'de> for VmSeed<'_> {
         if socket.value.is_none() {
             return Err(de::Error::missing_field("socket"));
         }
-        if uds_path.value.is_none() {
-            return Err(de::Error::missing_field("uds_path"));
-        }
-        if forward_listen {
-            ctx.warn(format!(
-                "{prefix}.forward_listen is ignored next to uds_path (as vhost-device-vsock does)"
-            ));
-        }
-        Ok(VmSpec {
+        let mut spec = VmSpec {
             guest_cid: guest_cid.value,
             socket: socket.value,
             uds_path: uds_path.value,
@@ -348,8 +347,19 @@ impl<'de> Visitor<'de> for VmSeed<'_> {
             plugins: plugins.value,
             allow_routes: Vec::new(),
             connect_wait: connect_wait.value,
+            forward_cid: forward_cid.value,
+            forward_listen: forward_listen.value,
             warnings: Vec::new(),
-        })
+        };
+        if spec.uds_path.is_none() && spec.forward_cid.is_none() {
+            return Err(de::Error::missing_field("uds_path"));
+        }
+        spec.check_backend(&format!("{prefix}.forward_listen"), "uds_path")
+            .map_err(de::Error::custom)?;
+        for w in std::mem::take(&mut spec.warnings) {
+            ctx.warn(w);
+        }
+        Ok(spec)
     }
 }
 
@@ -491,60 +501,42 @@ impl<'de> Visitor<'de> for GroupsSeed {
     }
 }
 
-/// `forward_cid`: `null` is "not given" (fine), anything else asks for the vsock backend.
-struct RefuseSeed;
+/// `forward_listen`: ports joined by `+` (`9001+9002`), or one port as a number; `null` is
+/// "not given".
+struct PortsSeed;
 
-const REFUSED: &str = "vhost-device-vsock's vsock forwarding backend (forward_cid / \
-     forward_listen) is not supported by vhost-plug; use uds_path";
-
-impl<'de> DeserializeSeed<'de> for RefuseSeed {
-    type Value = ();
+impl<'de> DeserializeSeed<'de> for PortsSeed {
+    type Value = Option<Vec<u32>>;
 
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
         d.deserialize_any(self)
     }
 }
 
-impl<'de> Visitor<'de> for RefuseSeed {
-    type Value = ();
+impl<'de> Visitor<'de> for PortsSeed {
+    type Value = Option<Vec<u32>>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("nothing")
+        f.write_str("vsock ports joined by '+' (like 9001+9002)")
     }
 
-    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
-        Ok(())
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
     }
 
-    fn visit_none<E: de::Error>(self) -> Result<(), E> {
-        Ok(())
+    fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
     }
 
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
-        Err(E::custom(REFUSED))
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+        self.visit_str(&v.to_string())
     }
 
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
-        Err(E::custom(REFUSED))
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+        self.visit_str(&v.to_string())
     }
 
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
-        Err(E::custom(REFUSED))
-    }
-
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
-        Err(E::custom(REFUSED))
-    }
-
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
-        Err(E::custom(REFUSED))
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, _: A) -> Result<(), A::Error> {
-        Err(de::Error::custom(REFUSED))
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, _: A) -> Result<(), A::Error> {
-        Err(de::Error::custom(REFUSED))
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        parse_forward_listen(v).map(Some).map_err(E::custom)
     }
 }

@@ -120,6 +120,7 @@ fn flags_all_in_both_forms() {
         plugins: Vec::new(),
         allow_routes: Vec::new(),
         connect_wait: None,
+        forward: None,
     };
     let spaced = ok(&[
         "--guest-cid",
@@ -163,7 +164,10 @@ fn flags_require_socket_and_uds_path() {
     assert!(text.contains("--socket <PATH> is required"), "{text}");
     let (kind, text) = cli_err(&["--socket", "/s", "--guest-cid", "4"]);
     assert_eq!(kind, ErrorKind::MissingRequiredArgument);
-    assert!(text.contains("--uds-path <PATH> is required"), "{text}");
+    assert!(
+        text.contains("--uds-path <PATH> (or --forward-cid <CID>) is required"),
+        "{text}"
+    );
     assert!(text.contains("Usage: vhost-plug"), "{text}");
 }
 
@@ -305,15 +309,23 @@ fn empty_paths_refused() {
     assert!(text.contains("uds-path: path must not be empty"), "{text}");
 }
 
+fn fwd(cid: u64, socket: &str, fcid: u32, listen: &[u32]) -> VmConfig {
+    VmConfig::forwarding(
+        cid,
+        socket,
+        Forward {
+            cid: fcid,
+            listen: listen.to_vec(),
+        },
+    )
+}
+
 #[test]
-fn vsock_backend_flags_refused_clearly() {
-    let (kind, text) = cli_err(&["--socket", "/s", "--forward-cid", "1"]);
-    assert_eq!(kind, ErrorKind::ArgumentConflict);
-    assert!(
-        text.contains("--forward-cid: vhost-device-vsock's vsock forwarding backend (forward-cid / forward-listen) is not supported by vhost-plug; use uds-path"),
-        "{text}"
-    );
-    let (_, text) = cli_err(&[
+fn vsock_backend_flags_as_the_peer() {
+    // The peer's README command lines.
+    let cfg = ok(&["--guest-cid", "4", "--socket", "/s", "--forward-cid", "1"]);
+    assert_eq!(cfg.vms, vec![fwd(4, "/s", 1, &[])]);
+    let cfg = ok(&[
         "--socket",
         "/s",
         "--forward-cid",
@@ -321,9 +333,21 @@ fn vsock_backend_flags_refused_clearly() {
         "--forward-listen",
         "9000+9001",
     ]);
-    assert!(text.contains("--forward-cid: "), "{text}");
-    let (_, text) = cli_err(&["--socket", "/s", "--forward-listen", "9000"]);
-    assert!(text.contains("--forward-listen: "), "{text}");
+    assert_eq!(cfg.vms, vec![fwd(3, "/s", 1, &[9000, 9001])]);
+    assert!(cfg.warnings.is_empty(), "{:?}", cfg.warnings);
+    // --forward-listen alone: nowhere to send the guest's connections.
+    let (kind, text) = cli_err(&["--socket", "/s", "--forward-listen", "9000"]);
+    assert_eq!(kind, ErrorKind::MissingRequiredArgument);
+    assert!(
+        text.contains("--forward-listen needs --forward-cid"),
+        "{text}"
+    );
+    // Neither backend.
+    let (_, text) = cli_err(&["--socket", "/s"]);
+    assert!(
+        text.contains("--uds-path <PATH> (or --forward-cid <CID>) is required"),
+        "{text}"
+    );
     // As in the peer, uds-path and the vsock backend conflict.
     let (kind, text) = cli_err(&["--socket", "/s", "--uds-path", "/u", "--forward-cid", "1"]);
     assert_eq!(kind, ErrorKind::ArgumentConflict);
@@ -331,6 +355,80 @@ fn vsock_backend_flags_refused_clearly() {
         text.contains("'--uds-path <PATH>' cannot be used with '--forward-cid"),
         "{text}"
     );
+    let (kind, _) = cli_err(&[
+        "--socket",
+        "/s",
+        "--uds-path",
+        "/u",
+        "--forward-listen",
+        "1",
+    ]);
+    assert_eq!(kind, ErrorKind::ArgumentConflict);
+}
+
+#[test]
+fn malformed_forward_listen_is_a_clear_error() {
+    // The peer panics on these (`unwrap` on the parse of each item).
+    for (value, want) in [
+        (
+            "9001+x",
+            "`9001+x` is not a list of ports joined by '+': `x`",
+        ),
+        ("9001+", "`9001+` is not a list of ports joined by '+': ``"),
+        ("", "`` is not a list of ports joined by '+': ``"),
+        ("-1", "`-1` is not a list of ports joined by '+': `-1`"),
+        (
+            "4294967296",
+            "`4294967296` is not a list of ports joined by '+'",
+        ),
+        (
+            "4294967295",
+            "port 4294967295 means any port and cannot be listened on",
+        ),
+        ("9001+9001", "port 9001 is listed twice"),
+    ] {
+        let flag = format!("--forward-listen={value}");
+        let (kind, text) = cli_err(&["--socket", "/s", "--forward-cid", "1", &flag]);
+        assert_eq!(kind, ErrorKind::ValueValidation, "{value}");
+        assert!(text.contains(want), "{value}: {text}");
+        let arg = format!("socket=/s,forward-cid=1,forward-listen={value}");
+        let (_, text) = cli_err(&["--vm", &arg]);
+        assert!(
+            text.contains(&format!("forward-listen: {want}")),
+            "{value}: {text}"
+        );
+    }
+    let (_, text) = cli_err(&["--socket", "/s", "--forward-cid", "4294967295"]);
+    assert!(
+        text.contains("forward CID 4294967295 means any CID"),
+        "{text}"
+    );
+    let (_, text) = cli_err(&["--socket", "/s", "--forward-cid", "x"]);
+    assert!(text.contains("`x` is not a non-negative integer"), "{text}");
+}
+
+#[test]
+fn two_vms_cannot_listen_on_one_forward_port() {
+    let e = parse(&[
+        "--vm",
+        "guest-cid=3,socket=/a,forward-cid=1,forward-listen=9001+9002",
+        "--vm",
+        "guest-cid=4,socket=/b,forward-cid=1,forward-listen=9002",
+    ])
+    .expect_err("duplicate port");
+    assert_eq!(
+        e.to_string(),
+        "host vsock port 9002 is listened on by both forward-listen of --vm #1 and \
+         forward-listen of --vm #2"
+    );
+    // Forwarding VMs have no hybrid socket, so no path clash between them.
+    let cfg = ok(&[
+        "--vm",
+        "guest-cid=3,socket=/a,forward-cid=1",
+        "--vm",
+        "guest-cid=4,socket=/b,forward-cid=1",
+    ]);
+    assert_eq!(cfg.vms, vec![fwd(3, "/a", 1, &[]), fwd(4, "/b", 1, &[])]);
 }
 
 // ---- --vm ----
@@ -372,7 +470,7 @@ fn vm_args_from_the_peer_readme() {
     assert_eq!(cfg.vms[0].groups, vec!["group1", "group2"]);
     assert_eq!(cfg.vms[1].groups, vec!["group1"]);
     // Multi-VM example of the README: its third VM uses the vsock backend.
-    let (kind, text) = cli_err(&[
+    let cfg = ok(&[
         "--vm",
         "guest-cid=3,socket=/tmp/vhost3.socket,uds-path=/tmp/vm3.vsock,groups=group1+groupA",
         "--vm",
@@ -380,11 +478,11 @@ fn vm_args_from_the_peer_readme() {
         "--vm",
         "guest-cid=5,socket=/tmp/vhost5.socket,forward-cid=1,forward-listen=9001+9002,tx-buffer-size=32768,queue-size=1024",
     ]);
-    assert_eq!(kind, ErrorKind::ValueValidation);
-    assert!(
-        text.contains("forward-cid: vhost-device-vsock's vsock forwarding backend"),
-        "{text}"
-    );
+    let mut v5 = fwd(5, "/tmp/vhost5.socket", 1, &[9001, 9002]);
+    v5.tx_buffer_size = 32768;
+    v5.queue_size = 1024;
+    assert_eq!(cfg.vms[2], v5);
+    assert_eq!(cfg.vms[0].forward, None);
     // Working example of the README.
     let cfg = ok(&[
         "--vm",
@@ -448,10 +546,11 @@ fn vm_arg_errors() {
         ("socket=/a,uds-path", "expected key=value, found `uds-path`"),
         (
             "socket=/a,uds-path=/b,group=x",
-            "unknown key `group` (known keys: guest-cid, socket, uds-path, tx-buffer-size, queue-size, groups, max-connections, connect-wait)",
+            "unknown key `group` (known keys: guest-cid, socket, uds-path, forward-cid, forward-listen, tx-buffer-size, queue-size, groups, max-connections, connect-wait)",
         ),
         ("uds-path=/b", "missing required key `socket`"),
-        ("socket=/a", "missing required key `uds-path`"),
+        ("socket=/a", "missing required key `uds-path` (or `forward-cid`)"),
+        ("socket=/a,forward-listen=1", "missing required key `uds-path` (or `forward-cid`)"),
         (
             "guest-cid=x,socket=/a,uds-path=/b",
             "guest-cid: `x` is not a non-negative integer: invalid digit found in string",
@@ -464,7 +563,7 @@ fn vm_arg_errors() {
         ("socket=/a,uds-path=/b,connect_wait=1h", "connect_wait: `1h`: unknown unit `h` (ms, s or m)"),
         (
             "socket=/a,uds-path=/b,forward_cid=1",
-            "forward_cid: vhost-device-vsock's vsock forwarding backend (forward-cid / forward-listen) is not supported by vhost-plug; use uds-path",
+            "only one of uds-path or forward-cid can be provided",
         ),
     ];
     for (arg, want) in cases {
@@ -575,7 +674,8 @@ fn help_and_version() {
     ] {
         assert!(text.contains(flag), "{flag} missing from help:\n{text}");
     }
-    assert!(!text.contains("--forward-cid"), "{text}");
+    assert!(text.contains("--forward-cid"), "{text}");
+    assert!(text.contains("--forward-listen"), "{text}");
     let (kind, text) = cli_err(&["--version"]);
     assert_eq!(kind, ErrorKind::DisplayVersion);
     assert!(text.starts_with("vhost-plug "), "{text}");

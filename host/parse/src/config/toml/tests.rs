@@ -606,3 +606,56 @@ fn connect_wait_per_vm() {
         "unknown unit",
     );
 }
+
+#[test]
+fn vsock_forwarding_backend() {
+    let l = parse(
+        "[[vm]]\nsocket = '/run/a.sock'\nforward-cid = 1\nforward-listen = [9001, 9002]\n\
+         [[vm]]\nguest-cid = 4\nsocket = '/run/b.sock'\nforward-cid = 1\nforward-listen = '7000+7001'\n\
+         [[vm]]\nguest-cid = 5\nsocket = '/run/c.sock'\nforward-cid = 2\n",
+    )
+    .expect("forwarding VMs");
+    assert_eq!(l.specs[0].forward_cid, Some(1));
+    assert_eq!(l.specs[0].forward_listen, Some(vec![9001, 9002]));
+    assert_eq!(l.specs[0].uds_path, None);
+    assert_eq!(l.specs[1].forward_listen, Some(vec![7000, 7001]));
+    assert_eq!(l.specs[2].forward_listen, None);
+
+    let vm = "[[vm]]\nsocket = '/run/a.sock'\n";
+    assert_err(
+        &format!("{vm}uds-path = '/run/a.vsock'\nforward-cid = 1\n"),
+        "vm[0]",
+        2,
+        "only one of uds-path or forward-cid",
+    );
+    assert_err(
+        &format!("{vm}uds-path = '/run/a.vsock'\nforward-listen = [1]\n"),
+        "vm[0].forward-listen",
+        4,
+        "forward-listen needs forward-cid instead of uds-path",
+    );
+    assert_err(
+        &format!("{vm}forward-cid = 1\nforward-listen = [1, 1]\n"),
+        "vm[0].forward-listen",
+        4,
+        "port 1 is listed twice",
+    );
+    assert_err(
+        &format!("{vm}forward-cid = 1\nforward-listen = '1+x'\n"),
+        "vm[0].forward-listen",
+        4,
+        "`1+x` is not a list of ports joined by '+'",
+    );
+    assert_err(
+        &format!("{vm}forward-cid = 4294967295\n"),
+        "vm[0].forward-cid",
+        3,
+        "means any CID",
+    );
+    assert_err(
+        vm,
+        "vm[0]",
+        2,
+        "missing required key `uds-path` (or `forward-cid`)",
+    );
+}
