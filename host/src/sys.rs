@@ -212,7 +212,7 @@ pub fn queued_bytes(fd: RawFd) -> io::Result<usize> {
 }
 
 /// Length of the next SEQPACKET message without consuming it (0 means end of stream).
-/// AF_VSOCK before Linux 6.3 cannot peek at SEQPACKET messages: `EOPNOTSUPP`.
+/// AF_VSOCK before Linux 6.3 cannot peek at SEQPACKET messages (`EOPNOTSUPP`, `ENOMEM`).
 pub fn next_msg_len(fd: RawFd) -> io::Result<usize> {
     // One byte, not none: AF_VSOCK answers a zero-length receive with 0 at once.
     let mut one = 0u8;

@@ -546,8 +546,9 @@ fn read_host_msg(
                 c.readable = false;
                 return Ok(false);
             }
-            // AF_VSOCK SEQPACKET before Linux 6.3 cannot peek.
-            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+            // AF_VSOCK SEQPACKET before Linux 6.3 cannot peek (6.1 says ENOMEM, leaving
+            // the message queued).
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::ENOMEM)) => {
                 return read_host_msg_unpeeked(c, buf, max, h)
             }
             Err(e) => return Err(e),
