@@ -164,40 +164,21 @@ impl Qemu {
         stderr: &Path,
         guest_args: &str,
     ) -> Result<Qemu> {
-        let err = File::create(stderr).with_context(|| format!("creating {}", stderr.display()))?;
-        let child = Command::new("qemu-system-x86_64")
-            .args(["-accel", "tcg", "-smp", "2", "-m", "512M"])
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args(["-accel", "tcg", "-smp", "2", "-m", "512M"])
             .args(["-object", "memory-backend-memfd,id=mem,size=512M,share=on"])
             .args(["-numa", "node,memdev=mem"])
             .arg("-chardev")
             .arg(format!("socket,id=c0,path={}", socket.display()))
-            .args(["-device", "vhost-user-vsock-pci,chardev=c0"])
-            .arg("-kernel")
-            .arg(&image.kernel)
-            .arg("-initrd")
-            .arg(&image.initrd)
-            .arg("-append")
-            .arg(format!("console=ttyS0 quiet {guest_args}"))
-            .args([
-                "-display",
-                "none",
-                "-vga",
-                "none",
-                "-nic",
-                "none",
-                "-no-reboot",
-            ])
-            .arg("-serial")
-            .arg(format!("file:{}", serial.display()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(err)
-            .spawn()
-            .context("spawning qemu-system-x86_64 (apt-get install qemu-system-x86)")?;
-        Ok(Qemu {
-            child,
-            stderr: stderr.to_path_buf(),
-        })
+            .args(["-device", "vhost-user-vsock-pci,chardev=c0"]);
+        Self::boot(
+            cmd,
+            &image.kernel,
+            &image.initrd,
+            serial,
+            stderr,
+            guest_args,
+        )
     }
 
     /// Boots `kernel` and `initrd` without any device (2 vCPUs, 1 GiB): the guest of the
@@ -209,9 +190,23 @@ impl Qemu {
         stderr: &Path,
         guest_args: &str,
     ) -> Result<Qemu> {
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args(["-accel", "tcg", "-smp", "2", "-m", "1024M"]);
+        Self::boot(cmd, kernel, initrd, serial, stderr, guest_args)
+    }
+
+    /// Adds the kernel, the console and the no-display, no-network, no-reboot options every
+    /// guest here shares to `cmd`, and starts it.
+    fn boot(
+        mut cmd: Command,
+        kernel: &Path,
+        initrd: &Path,
+        serial: &Path,
+        stderr: &Path,
+        guest_args: &str,
+    ) -> Result<Qemu> {
         let err = File::create(stderr).with_context(|| format!("creating {}", stderr.display()))?;
-        let child = Command::new("qemu-system-x86_64")
-            .args(["-accel", "tcg", "-smp", "2", "-m", "1024M"])
+        let child = cmd
             .arg("-kernel")
             .arg(kernel)
             .arg("-initrd")
@@ -240,11 +235,12 @@ impl Qemu {
         })
     }
 
-    /// Where QEMU's own stderr goes.
+    /// QEMU's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
 
+    /// Where QEMU's own stderr goes.
     pub fn stderr_path(&self) -> &Path {
         &self.stderr
     }
