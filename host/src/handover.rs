@@ -7,7 +7,7 @@
 //! a LOAD of exactly that blob adopts them. The old daemon keeps its copies detached and silent
 //! until its frontend leaves (handover done) or restarts the rings there (handover abandoned).
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -16,9 +16,9 @@ use std::time::Duration;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use thiserror::Error;
-use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use crate::ctlproto::Request;
+use crate::scm;
 
 /// Sockets per SCM_RIGHTS message (the kernel's limit is 253).
 const FDS_PER_MSG: usize = 250;
@@ -134,8 +134,7 @@ pub fn send(
     expect_ok(&mut s, control)?;
     for batch in fds.chunks(FDS_PER_MSG) {
         let raw: Vec<RawFd> = batch.iter().map(|f| f.as_raw_fd()).collect();
-        s.send_with_fds(&[&[b'F'][..]], &raw)
-            .map_err(|e| io(e.into()))?;
+        scm::send_with_fds(&s, b"F", &raw).map_err(io)?;
     }
     expect_ok(&mut s, control)
 }
@@ -174,23 +173,14 @@ fn expect_ok(s: &mut UnixStream, control: &Path) -> Result<(), HandoverError> {
 /// New daemon: receives `count` sockets sent by [`send`] (after it was told to go ahead).
 pub fn receive(s: &UnixStream, count: usize) -> Result<Vec<OwnedFd>, HandoverError> {
     let mut fds = Vec::with_capacity(count);
-    let mut raw = [-1 as RawFd; FDS_PER_MSG];
     while fds.len() < count {
         let mut byte = [0u8; 1];
-        let mut iov = [libc::iovec {
-            iov_base: byte.as_mut_ptr().cast(),
-            iov_len: 1,
-        }];
-        // SAFETY: the iovec points at `byte`, which lives across the call.
-        let r = unsafe { s.recv_with_fds(&mut iov, &mut raw) };
-        let (n, got) = r.map_err(|e| HandoverError::Io {
-            path: PathBuf::from("(control client)"),
-            source: e.into(),
-        })?;
-        for fd in &raw[..got] {
-            // SAFETY: recvmsg just installed this fd in our table; nothing else owns it.
-            fds.push(unsafe { OwnedFd::from_raw_fd(*fd) });
-        }
+        let (n, got) =
+            scm::recv_with_fds(s, &mut byte, FDS_PER_MSG).map_err(|source| HandoverError::Io {
+                path: PathBuf::from("(control client)"),
+                source,
+            })?;
+        fds.extend(got);
         if n == 0 {
             break;
         }
