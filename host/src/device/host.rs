@@ -114,6 +114,35 @@ impl Device {
         }
     }
 
+    /// Asks the gate about a host program's connection into this guest. Returns the
+    /// connection id and the guest port it goes to (a plugin may redirect it to another port
+    /// of this guest), or `None` when it is refused or redirected off this guest.
+    fn admit_host_connect(&self, req: Request) -> Option<(u64, u32)> {
+        let asked = req.dst.1;
+        match self.admit(req) {
+            Admission::Admit {
+                id,
+                target: Target::Default,
+            } => Some((id, asked)),
+            Admission::Admit {
+                id,
+                target: Target::Vsock { cid, port },
+            } if cid == self.cfg.guest_cid => Some((id, port)),
+            Admission::Admit { id, .. } => {
+                warn!(
+                    cid = self.cfg.guest_cid,
+                    "host connect redirected off this guest; closing"
+                );
+                self.never_opened(id);
+                None
+            }
+            Admission::Refuse(why) => {
+                debug!(cid = self.cfg.guest_cid, port = asked, %why, "host connect refused");
+                None
+            }
+        }
+    }
+
     fn forward_connected(&mut self, sock: OwnedFd, host_port: u32, guest_port: u32) {
         let taken = |p| {
             self.keys.contains_key(&ConnKey {
@@ -127,32 +156,14 @@ impl Device {
         } else {
             host_port
         };
-        let (id, port) = match self.admit(Request {
+        let Some((id, port)) = self.admit_host_connect(Request {
             src: (HOST_CID, local_port),
             dst: (self.cfg.guest_cid, guest_port),
             kind: SockType::Stream,
             from_guest: false,
             peer: None,
-        }) {
-            Admission::Admit {
-                id,
-                target: Target::Default,
-            } => (id, guest_port),
-            Admission::Admit {
-                id,
-                target: Target::Vsock { cid, port },
-            } if cid == self.cfg.guest_cid => (id, port),
-            Admission::Admit { id, .. } => {
-                warn!(
-                    cid = self.cfg.guest_cid,
-                    "host connect redirected off this guest; closing"
-                );
-                return self.never_opened(id);
-            }
-            Admission::Refuse(why) => {
-                debug!(cid = self.cfg.guest_cid, port = guest_port, %why, "host connect refused");
-                return;
-            }
+        }) else {
+            return;
         };
         let key = ConnKey {
             local_cid: HOST_CID,
@@ -251,33 +262,14 @@ impl Device {
         let local_port = self.alloc_host_port(asked);
         let kind = self.conns[idx].kind;
         let peer = self.conns[idx].peer.take().map(|p| *p);
-        let (id, port) = match self.admit(Request {
+        let Some((id, port)) = self.admit_host_connect(Request {
             src: (HOST_CID, local_port),
             dst: (self.cfg.guest_cid, asked),
             kind,
             from_guest: false,
             peer,
-        }) {
-            Admission::Admit {
-                id,
-                target: Target::Default,
-            } => (id, asked),
-            Admission::Admit {
-                id,
-                target: Target::Vsock { cid, port },
-            } if cid == self.cfg.guest_cid => (id, port),
-            Admission::Admit { id, .. } => {
-                warn!(
-                    cid = self.cfg.guest_cid,
-                    "host connect redirected off this guest; closing"
-                );
-                self.never_opened(id);
-                return self.remove(idx);
-            }
-            Admission::Refuse(why) => {
-                debug!(cid = self.cfg.guest_cid, port = asked, %why, "host connect refused");
-                return self.remove(idx);
-            }
+        }) else {
+            return self.remove(idx);
         };
         let window = self.window_for(false);
         let c = &mut self.conns[idx];
