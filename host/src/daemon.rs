@@ -199,16 +199,20 @@ fn adopt(chan: &std::os::unix::net::UnixStream, vms: Vec<Vm>) -> anyhow::Result<
     drop(prepared);
     // Every VM's thread has its plugin instances (or is gone) once the senders are dropped.
     while ready.recv().is_ok() {}
-    crate::upgrade::send_ready(chan).context("live upgrade")?;
-    let (n, done) = crate::upgrade::adopt_all(chan, queues);
+    // If the old daemon is gone already, `adopt_all` sees the channel closed and takes over.
+    if let Err(e) = crate::upgrade::send_ready(chan) {
+        warn!(error = %e, "live upgrade: cannot say ready");
+    }
+    let out = crate::upgrade::adopt_all(chan, queues);
+    let n = out.adopted + out.taken_over;
     ADOPTED.store(n, std::sync::atomic::Ordering::Relaxed);
     if n == 0 {
         anyhow::bail!("live upgrade: no VM was handed over");
     }
-    if !done {
+    if !out.complete {
         warn!(
             adopted = n,
-            "live upgrade incomplete: the old daemon keeps or lost the rest"
+            "live upgrade incomplete: the old daemon keeps the rest"
         );
     }
     Ok(())

@@ -371,6 +371,65 @@ impl Record {
         Ok(r)
     }
 
+    /// For each running ring, the used index the guest can see, read from guest memory
+    /// through the recorded memory table: where a backend restarting without its
+    /// predecessor's word resumes (next avail = used idx, as QEMU does when a backend
+    /// without inflight tracking comes back). Buffers the predecessor took but never
+    /// returned are processed again.
+    pub fn used_indices(&self) -> Result<BTreeMap<u32, u16>, RelayError> {
+        use std::os::unix::fs::FileExt;
+        let mut out = BTreeMap::new();
+        let started = self.started_rings();
+        if started.is_empty() {
+            return Ok(out);
+        }
+        let table = self
+            .global
+            .get(&code::SET_MEM_TABLE)
+            .ok_or(RelayError::Malformed(
+                "running rings without a memory table",
+            ))?;
+        let regions = mem_regions(&table.body)?;
+        for i in started {
+            let addr = self
+                .rings
+                .get(&(code::SET_VRING_ADDR, i))
+                .ok_or(RelayError::Ring(i))?;
+            // struct vhost_vring_addr: index, flags (u32), desc, used, avail, log (u64).
+            let used = le_u64(&addr.body, 16).ok_or(RelayError::Malformed("SET_VRING_ADDR"))?;
+            // struct vring_used: flags (u16), idx (u16), ring.
+            let at = used.checked_add(2).ok_or(RelayError::Ring(i))?;
+            let (k, r) = regions
+                .iter()
+                .enumerate()
+                .find(|(_, r)| at >= r.user && at + 2 <= r.user.saturating_add(r.size))
+                .ok_or(RelayError::Ring(i))?;
+            let fd = table
+                .fds
+                .get(k)
+                .ok_or(RelayError::Malformed("memory table fds"))?;
+            let file = std::fs::File::from(fd.try_clone()?);
+            let mut b = [0u8; 2];
+            file.read_exact_at(&mut b, r.offset + (at - r.user))?;
+            out.insert(i, u16::from_le_bytes(b));
+        }
+        Ok(out)
+    }
+
+    /// Writes once to the kick and call eventfds of every running ring: the handler looks
+    /// at the rings (a kick its predecessor consumed is not lost) and the driver at its
+    /// used entries (an interrupt its predecessor owed is not lost). Both are harmless
+    /// when there was nothing to do.
+    pub fn wake_rings(&self) {
+        for i in self.started_rings() {
+            for c in [code::SET_VRING_KICK, code::SET_VRING_CALL] {
+                if let Some(fd) = self.rings.get(&(c, i)).and_then(|m| m.fds.first()) {
+                    signal(fd);
+                }
+            }
+        }
+    }
+
     /// Fds the record holds (the per-VM cost of being ready to hand the session over).
     pub fn fd_count(&self) -> usize {
         self.global
@@ -379,6 +438,43 @@ impl Record {
             .map(|m| m.fds.len())
             .sum()
     }
+}
+
+/// One region of a `SET_MEM_TABLE`: where it sits in the frontend's address space and in
+/// its fd.
+struct Region {
+    size: u64,
+    user: u64,
+    offset: u64,
+}
+
+fn le_u64(b: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?))
+}
+
+/// The regions of a `SET_MEM_TABLE` body: u32 count, u32 padding, then per region guest
+/// address, size, frontend address and mmap offset (u64 each).
+fn mem_regions(body: &[u8]) -> Result<Vec<Region>, RelayError> {
+    let bad = RelayError::Malformed("SET_MEM_TABLE");
+    let n = body
+        .get(..4)
+        .and_then(|b| b.try_into().ok())
+        .map(u32::from_le_bytes)
+        .ok_or(RelayError::Malformed("SET_MEM_TABLE"))? as usize;
+    if n > MAX_FDS {
+        return Err(bad);
+    }
+    (0..n)
+        .map(|k| {
+            let at = 8 + k * 32;
+            Some(Region {
+                size: le_u64(body, at + 8)?,
+                user: le_u64(body, at + 16)?,
+                offset: le_u64(body, at + 24)?,
+            })
+        })
+        .collect::<Option<Vec<_>>>()
+        .ok_or(bad)
 }
 
 /// A record message as data: its fds travel beside it, in order.

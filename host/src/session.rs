@@ -39,6 +39,31 @@ pub enum UpgradeCmd {
     Listeners(mpsc::Sender<std::io::Result<Vec<OwnedFd>>>),
     /// Stop at a message and packet boundary and describe the session.
     Quiesce(mpsc::Sender<Result<Quiesced, String>>),
+    /// Duplicates of the frontend's socket and of the recorded setup, so the new daemon
+    /// can take the VM over if this process dies before handing it; until `Unpark` (or
+    /// the hand-over) no new frontend is accepted, it waits in the listen backlog.
+    Park(mpsc::Sender<Result<Parked, String>>),
+    /// The upgrade was abandoned: accept frontends again.
+    Unpark,
+}
+
+/// A VM's session as pre-handed at the start of an upgrade (see [`UpgradeCmd::Park`]).
+pub struct Parked {
+    /// The frontend's vhost-user socket (absent: no frontend is connected).
+    pub frontend: Option<OwnedFd>,
+    pub record: WireRecord,
+    pub record_fds: Vec<OwnedFd>,
+}
+
+/// What the new daemon's VM thread is given by the upgrade.
+pub enum Handed {
+    /// The old daemon handed the live session over.
+    Adopt(Adoption),
+    /// The old daemon died before handing this VM: serve it from its pre-handed setup.
+    TakeOver {
+        frontend: Option<UnixStream>,
+        record: Record,
+    },
 }
 
 /// What the driver decides for a quiesced VM.
@@ -299,6 +324,44 @@ impl Session {
             },
             rx,
         ))
+    }
+
+    /// Duplicates of the frontend's socket and of the setup record, taken at a message
+    /// boundary (the relay has drained the handler).
+    pub fn park(&self) -> Result<Parked, SessionError> {
+        let (record, record_fds) = self.record.export()?;
+        Ok(Parked {
+            frontend: Some(self.frontend.try_clone()?.into()),
+            record,
+            record_fds,
+        })
+    }
+
+    /// Serves a session whose previous daemon died without handing it over: the rings
+    /// resume where the guest's used indices stand, and the guest is told to drop its
+    /// connections (their host sockets died with that process) by a TRANSPORT_RESET, as
+    /// after a migration. Plugin states start afresh.
+    pub fn take_over(&mut self, record: Record) -> Result<(), SessionError> {
+        let bases = record.used_indices()?;
+        if !bases.is_empty() {
+            let st = crate::plugin::types::DeviceState {
+                guest_cid: self.cid,
+                acked_features: 0,
+                event_queue: crate::plugin::types::EventQueueState {
+                    owner: crate::plugin::types::EventQueueOwner::Frontend,
+                    driver_live: true,
+                },
+                plugins: Vec::new(),
+                connections: Vec::new(),
+            };
+            self.backend.device().restore(&st, None);
+        }
+        let msgs = record.replay(&bases, true)?;
+        relay::replay(self.internal()?, &msgs)?;
+        record.wake_rings();
+        self.record = record;
+        info!(cid = self.cid, rings = ?bases, "took over a VM its old daemon did not hand over");
+        Ok(())
     }
 
     /// Restarts the rings stopped by [`Session::quiesce`] and puts the connections back.

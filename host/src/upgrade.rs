@@ -7,17 +7,29 @@
 //!    process exits; nothing has moved.
 //! 2. old -> new `listeners`: the VMs' listening sockets (vhost-user, stream, seqpacket); the
 //!    new daemon builds its VMs on them (same configuration required) and answers `ready`.
-//! 3. one VM at a time: the old VM thread quiesces its session at a message and packet
+//! 3. old -> new `parked`: for every VM, duplicates of its connected vhost-user socket and
+//!    its setup record with the record's fds. The new daemon holds them and touches
+//!    nothing (it never reads those sockets) unless the old process dies: then it takes
+//!    every VM not yet handed over from them (rings resumed at the guest's used indices,
+//!    a TRANSPORT_RESET for the connections that died with the old process).
+//! 4. one VM at a time: the old VM thread quiesces its session at a message and packet
 //!    boundary (relay idle, rings stopped by its own GET_VRING_BASE, connections detached),
 //!    old -> new `vm` with the vhost-user socket, the setup record and its fds, the next
 //!    avail indices, the state blob (plugin states, connection table) and the connection
 //!    sockets; the new VM thread adopts it and answers `adopted`, and only then the old one
 //!    lets go. `failed` (or silence) makes the old one resume the VM.
-//! 4. old -> new `done`; the old daemon exits, the new one binds the control socket and
+//! 5. old -> new `done`; the old daemon exits, the new one binds the control socket and
 //!    tells systemd its PID.
 //!
 //! At every instant one process serves a VM: the old one until it has the new one's answer
-//! for that VM, which has not touched it before adopting it.
+//! for that VM, which has not touched it before adopting it, or until it is dead (the new
+//! one takes over only once its parent process is gone). An old daemon that abandons the
+//! upgrade says `abort` first and keeps every VM not adopted.
+//!
+//! Test-only fault injection: with `VHOST_PLUG_UPGRADE_FAULT=<step>` in its environment the
+//! old daemon logs "upgrade fault point <step> reached" and stops there (waiting to be
+//! killed) when it reaches `<step>`: `parked`, `quiesced:N`, `sent:N`, `released:N` (N counts
+//! VMs from 1). The new daemon is started without it.
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -32,7 +44,7 @@ use thiserror::Error;
 use tracing::{info, warn};
 
 use crate::relay::{Record, WireRecord};
-use crate::session::{Adoption, UpgradeCmd, Verdict};
+use crate::session::{Adoption, Handed, UpgradeCmd, Verdict};
 use crate::upchan::{self, ChanError};
 use crate::vm::VmHandle;
 
@@ -40,6 +52,11 @@ use crate::vm::VmHandle;
 pub const RECORD_VERSION: u32 = 1;
 /// The environment variable naming the channel fd in the new process.
 pub const ENV_FD: &str = "VHOST_PLUG_UPGRADE_FD";
+/// Test-only fault injection (see the module documentation).
+const ENV_FAULT: &str = "VHOST_PLUG_UPGRADE_FAULT";
+/// How long the new daemon waits, after the channel closed without `done` or `abort`, to see
+/// its parent (the old daemon) gone before it takes the remaining VMs over.
+const DEATH_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the new daemon may take to start (load and compile its plugins) and speak.
 const START_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long one step of the exchange may take.
@@ -102,7 +119,36 @@ enum Wire {
         cid: u64,
         reason: String,
     },
+    /// One VM's session, pre-handed (fds: the vhost-user socket if `frontend`, then
+    /// `record_fds` fds of its record). One message per VM, so the header stays small
+    /// whatever the number of VMs.
+    Parked(ParkedVm),
+    /// The old daemon abandons the upgrade and keeps every VM not adopted.
+    Abort,
     Done,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct ParkedVm {
+    cid: u64,
+    frontend: bool,
+    record: WireRecord,
+    record_fds: usize,
+}
+
+/// Test-only: stops here, for good, if [`ENV_FAULT`] names `step`.
+fn fault_point(step: &str) {
+    static FAULT: OnceLock<Option<String>> = OnceLock::new();
+    if FAULT
+        .get_or_init(|| std::env::var(ENV_FAULT).ok())
+        .as_deref()
+        == Some(step)
+    {
+        warn!("upgrade fault point {step} reached");
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
 }
 
 /// This daemon's executable, as started (a package upgrade replaces the file behind the
@@ -111,6 +157,8 @@ static EXE: OnceLock<Option<PathBuf>> = OnceLock::new();
 /// Set once every VM has moved: the daemon exits and leaves the sockets to the new one.
 static COMPLETED: AtomicBool = AtomicBool::new(false);
 static RUNNING: AtomicBool = AtomicBool::new(false);
+/// New daemon: the old daemon's pid (this process's parent when it started).
+static OLD_PID: OnceLock<u32> = OnceLock::new();
 
 /// Notes the executable's path; call at start-up, before anything can replace it.
 pub fn remember_exe() {
@@ -189,6 +237,7 @@ fn spawn(binary: &PathBuf, theirs: &UnixStream) -> Result<std::process::Child, U
     let mut cmd = std::process::Command::new(binary);
     cmd.args(std::env::args_os().skip(1))
         .env(ENV_FD, fd.to_string())
+        .env_remove(ENV_FAULT)
         .stdin(std::process::Stdio::null());
     // SAFETY: only fcntl, async-signal-safe, runs between fork and exec: the channel end
     // is inherited (everything else stays close-on-exec).
@@ -264,24 +313,17 @@ fn exchange(
         _ => return Err(UpgradeError::Protocol),
     }
     chan.set_read_timeout(Some(STEP_TIMEOUT))?;
-    let mut pause_us = Vec::with_capacity(vms.len());
-    for v in vms {
-        let q0 = Instant::now();
-        let q = post(v, UpgradeCmd::Quiesce)?
-            .map_err(|reason| UpgradeError::Vm { cid: v.cid, reason })?;
-        let verdict = q.verdict.clone();
-        match hand_one(chan, v.cid, q) {
-            Ok(()) => {
-                let _ = verdict.send(Verdict::Release);
-                pause_us.push(q0.elapsed().as_micros() as u64);
+    let pause_us = match hand_all(chan, vms) {
+        Ok(p) => p,
+        Err(e) => {
+            // Every VM not handed serves frontends again; the new daemon lets go of them.
+            for v in vms {
+                let _ = v.upgrade.post(UpgradeCmd::Unpark);
             }
-            Err(e) => {
-                let _ = verdict.send(Verdict::Resume);
-                warn!(cid = v.cid, error = %e, "live upgrade stopped; this daemon keeps the VM");
-                return Err(e);
-            }
+            let _ = upchan::send(chan, &Wire::Abort, &[], &[]);
+            return Err(e);
         }
-    }
+    };
     upchan::send(chan, &Wire::Done, &[], &[])?;
     COMPLETED.store(true, Ordering::Release);
     let total_ms = t0.elapsed().as_millis() as u64;
@@ -294,7 +336,69 @@ fn exchange(
     })
 }
 
-fn hand_one(chan: &UnixStream, cid: u64, q: crate::session::Quiesced) -> Result<(), UpgradeError> {
+/// Pre-hands every VM (`parked`), then hands them over one by one; returns each VM's pause.
+fn hand_all(chan: &UnixStream, vms: &[VmHandle]) -> Result<Vec<u64>, UpgradeError> {
+    park_all(chan, vms)?;
+    fault_point("parked");
+    let mut pause_us = Vec::with_capacity(vms.len());
+    for (k, v) in vms.iter().enumerate() {
+        let n = k + 1;
+        let q0 = Instant::now();
+        let q = post(v, UpgradeCmd::Quiesce)?
+            .map_err(|reason| UpgradeError::Vm { cid: v.cid, reason })?;
+        fault_point(&format!("quiesced:{n}"));
+        let verdict = q.verdict.clone();
+        match hand_one(chan, v.cid, q, n) {
+            Ok(()) => {
+                let _ = verdict.send(Verdict::Release);
+                pause_us.push(q0.elapsed().as_micros() as u64);
+            }
+            Err(e) => {
+                let _ = verdict.send(Verdict::Resume);
+                warn!(cid = v.cid, error = %e, "live upgrade stopped; this daemon keeps the VM");
+                return Err(e);
+            }
+        }
+        fault_point(&format!("released:{n}"));
+    }
+    Ok(pause_us)
+}
+
+/// Sends `parked`: each VM's frontend socket and setup record, duplicated by its thread at a
+/// message boundary.
+fn park_all(chan: &UnixStream, vms: &[VmHandle]) -> Result<(), UpgradeError> {
+    let (mut nfds, mut bytes) = (0, 0);
+    for v in vms {
+        let p =
+            post(v, UpgradeCmd::Park)?.map_err(|reason| UpgradeError::Vm { cid: v.cid, reason })?;
+        let msg = Wire::Parked(ParkedVm {
+            cid: v.cid,
+            frontend: p.frontend.is_some(),
+            record: p.record,
+            record_fds: p.record_fds.len(),
+        });
+        let mut fds = Vec::with_capacity(1 + p.record_fds.len());
+        fds.extend(p.frontend);
+        fds.extend(p.record_fds);
+        nfds += fds.len();
+        bytes += serde_json::to_vec(&msg).map(|v| v.len()).unwrap_or(0);
+        upchan::send(chan, &msg, &[], &fds)?;
+    }
+    info!(
+        vms = vms.len(),
+        fds = nfds,
+        bytes,
+        "live upgrade: every VM pre-handed"
+    );
+    Ok(())
+}
+
+fn hand_one(
+    chan: &UnixStream,
+    cid: u64,
+    q: crate::session::Quiesced,
+    n: usize,
+) -> Result<(), UpgradeError> {
     let mut fds = Vec::new();
     let frontend = q.frontend.is_some();
     fds.extend(q.frontend);
@@ -309,6 +413,7 @@ fn hand_one(chan: &UnixStream, cid: u64, q: crate::session::Quiesced) -> Result<
         bases: q.bases.into_iter().collect(),
     };
     upchan::send(chan, &msg, &q.blob, &fds)?;
+    fault_point(&format!("sent:{n}"));
     match upchan::recv::<Wire>(chan)?.header {
         Wire::Adopted { cid: c } if c == cid => Ok(()),
         Wire::Failed { reason, .. } => Err(UpgradeError::Vm { cid, reason }),
@@ -321,6 +426,7 @@ pub fn inherited_channel() -> Option<UnixStream> {
     let v = std::env::var(ENV_FD).ok()?;
     // SAFETY: called at start-up, before any other thread of this process exists.
     unsafe { std::env::remove_var(ENV_FD) };
+    OLD_PID.get_or_init(std::os::unix::process::parent_id);
     let fd: RawFd = v.parse().ok()?;
     // SAFETY: fstat on an fd number writes only into `st`.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
@@ -393,27 +499,60 @@ pub fn send_ready(chan: &UnixStream) -> Result<(), UpgradeError> {
     Ok(upchan::send(chan, &Wire::Ready, &[], &[])?)
 }
 
-/// New daemon: adopts VMs until `done` (true) or until the old daemon goes away (false).
-/// `vms` maps a CID to its thread's adoption queue. Returns how many VMs were adopted.
-pub fn adopt_all(
-    chan: &UnixStream,
-    mut vms: BTreeMap<u64, mpsc::Sender<Adoption>>,
-) -> (usize, bool) {
+/// New daemon: how the upgrade ended.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// VMs handed over live.
+    pub adopted: usize,
+    /// VMs taken over from their pre-handed setup after the old daemon died.
+    pub taken_over: usize,
+    /// This daemon serves every VM now (`done`, or the old daemon died).
+    pub complete: bool,
+}
+
+/// A pre-handed VM, held untouched until it is adopted or taken over.
+struct Held {
+    frontend: Option<UnixStream>,
+    record: Record,
+}
+
+/// New daemon: adopts VMs until `done`, `abort`, or the old daemon's death; in the last
+/// case every VM not adopted is taken over from what `parked` brought. `vms` maps a CID to
+/// its thread's queue.
+pub fn adopt_all(chan: &UnixStream, mut vms: BTreeMap<u64, mpsc::Sender<Handed>>) -> Outcome {
     let _ = chan.set_read_timeout(None);
-    let mut adopted = 0;
+    let mut out = Outcome::default();
+    let mut held: BTreeMap<u64, Held> = BTreeMap::new();
     loop {
         let m = match upchan::recv::<Wire>(chan) {
             Ok(m) => m,
             Err(e) => {
-                warn!(error = %e, adopted, "live upgrade: the old daemon went away");
-                return (adopted, false);
+                warn!(error = %e, adopted = out.adopted, "live upgrade: the channel closed");
+                break;
             }
         };
         let upchan::Received { header, blob, fds } = m;
         match header {
             Wire::Done => {
-                info!(adopted, "live upgrade: every VM adopted");
-                return (adopted, true);
+                info!(adopted = out.adopted, "live upgrade: every VM adopted");
+                out.complete = true;
+                return out;
+            }
+            Wire::Abort => {
+                info!(
+                    adopted = out.adopted,
+                    "live upgrade abandoned by the old daemon"
+                );
+                return out;
+            }
+            Wire::Parked(p) => {
+                let cid = p.cid;
+                match hold(p, fds) {
+                    Ok(h) => {
+                        held.insert(cid, h);
+                    }
+                    Err(e) => warn!(cid, error = %e, "live upgrade: unusable pre-handed session"),
+                }
             }
             Wire::Vm {
                 cid,
@@ -422,28 +561,85 @@ pub fn adopt_all(
                 record_fds,
                 bases,
             } => {
+                // The live session replaces the pre-handed one (its sockets are the same).
+                held.remove(&cid);
                 let r = adopt_one(
                     &mut vms, cid, frontend, &record, record_fds, bases, blob, fds,
                 );
                 let answer = match r {
                     Ok(()) => {
-                        adopted += 1;
+                        out.adopted += 1;
                         Wire::Adopted { cid }
                     }
                     Err(reason) => Wire::Failed { cid, reason },
                 };
                 if upchan::send(chan, &answer, &[], &[]).is_err() {
-                    return (adopted, false);
+                    break;
                 }
             }
-            _ => return (adopted, false),
+            _ => break,
         }
+    }
+    if !old_daemon_gone() {
+        warn!("live upgrade: the channel broke but the old daemon lives; it keeps its VMs");
+        return out;
+    }
+    for (cid, tx) in vms {
+        let (frontend, record) = match held.remove(&cid) {
+            Some(h) => (h.frontend, h.record),
+            None => (None, Record::default()),
+        };
+        warn!(
+            cid,
+            frontend = frontend.is_some(),
+            "live upgrade: the old daemon died before handing this VM over; taking it over"
+        );
+        if tx.send(Handed::TakeOver { frontend, record }).is_ok() {
+            out.taken_over += 1;
+        }
+    }
+    out.complete = true;
+    out
+}
+
+/// A pre-handed session as received.
+fn hold(p: ParkedVm, fds: Vec<OwnedFd>) -> Result<Held, String> {
+    let need = usize::from(p.frontend) + p.record_fds;
+    if need != fds.len() {
+        return Err(format!("{} fds, {need} announced", fds.len()));
+    }
+    let mut fds = fds.into_iter();
+    let frontend = if p.frontend {
+        fds.next().map(UnixStream::from)
+    } else {
+        None
+    };
+    let record = Record::import(&p.record, fds.collect()).map_err(|e| e.to_string())?;
+    Ok(Held { frontend, record })
+}
+
+/// Whether the old daemon (this process's parent at start) has exited: once it has, this
+/// process has another parent. Waits up to [`DEATH_TIMEOUT`], as the channel closes while
+/// the dying process releases its files, a little before it is gone.
+fn old_daemon_gone() -> bool {
+    let Some(&old) = OLD_PID.get() else {
+        return false;
+    };
+    let deadline = Instant::now() + DEATH_TIMEOUT;
+    loop {
+        if std::os::unix::process::parent_id() != old {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
 #[allow(clippy::too_many_arguments)]
 fn adopt_one(
-    vms: &mut BTreeMap<u64, mpsc::Sender<Adoption>>,
+    vms: &mut BTreeMap<u64, mpsc::Sender<Handed>>,
     cid: u64,
     frontend: bool,
     record: &WireRecord,
@@ -472,7 +668,7 @@ fn adopt_one(
         conn_fds: fds.collect(),
         done,
     };
-    tx.send(a)
+    tx.send(Handed::Adopt(a))
         .map_err(|_| "the VM's thread is gone".to_string())?;
     result
         .recv_timeout(STEP_TIMEOUT)

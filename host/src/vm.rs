@@ -15,7 +15,9 @@ use crate::gate::{Gate, PluginSet};
 use crate::handover::Slots;
 use crate::migration::StatePlugins;
 use crate::plugin::Serializer;
-use crate::session::{Adoption, Session, SessionEnv, UpgradeCmd, UpgradeSlot, Verdict};
+use crate::session::{
+    Adoption, Handed, Parked, Session, SessionEnv, UpgradeCmd, UpgradeSlot, Verdict,
+};
 use crate::siblings::Registry;
 use crate::stats::VmStats;
 use crate::sys::{self, UnixKind};
@@ -89,6 +91,8 @@ pub struct Vm {
     stats: Arc<VmStats>,
     handover: Arc<Slots>,
     upgrade: Arc<UpgradeSlot>,
+    /// Pre-handed to a new daemon in a running upgrade: frontends wait in the backlog.
+    parked: bool,
 }
 
 /// Where a VM's listening sockets come from: bound here, or handed over by an old daemon
@@ -176,6 +180,7 @@ impl Vm {
             stats,
             handover: Arc::default(),
             upgrade: Arc::new(UpgradeSlot::new()?),
+            parked: false,
         })
     }
 
@@ -222,7 +227,7 @@ impl Vm {
     pub fn run_adopting(
         mut self,
         prepared: mpsc::Sender<()>,
-        adoption: mpsc::Receiver<Adoption>,
+        adoption: mpsc::Receiver<Handed>,
     ) -> Result<(), VmError> {
         let started = self.gate.lock().unwrap_or_else(|p| p.into_inner()).start();
         if let Err(e) = started {
@@ -230,8 +235,19 @@ impl Vm {
         }
         let _ = prepared.send(());
         drop(prepared);
-        let Ok(a) = adoption.recv() else {
-            return Ok(());
+        let a = match adoption.recv() {
+            Ok(Handed::Adopt(a)) => a,
+            Ok(Handed::TakeOver { frontend, record }) => {
+                if let Some(f) = frontend {
+                    if let Some(s) = self.take_over(f, record) {
+                        if let Flow::Exit = self.serve_session(s)? {
+                            return Ok(());
+                        }
+                    }
+                }
+                return self.run();
+            }
+            Err(_) => return Ok(()),
         };
         let done = a.done.clone();
         match self.adopt(a) {
@@ -280,6 +296,39 @@ impl Vm {
             "session adopted from the old daemon"
         );
         Ok(Some(session))
+    }
+
+    /// Serves a frontend from its pre-handed setup (the old daemon died before handing the
+    /// VM over); `None` if that fails, and then the frontend's socket is closed: nothing else
+    /// could serve it.
+    fn take_over(&mut self, frontend: UnixStream, record: crate::relay::Record) -> Option<Session> {
+        let cid = self.cfg.guest_cid;
+        if !self.plugins_started() {
+            return None;
+        }
+        let mut session = match Session::start(self.env(), frontend) {
+            Ok(s) => s,
+            Err(e) => {
+                error!(cid, error = %e, "cannot take the VM over");
+                return None;
+            }
+        };
+        match session.take_over(record) {
+            Ok(()) => Some(session),
+            Err(e) => {
+                error!(cid, error = %e, "cannot take the VM over");
+                session.end(false);
+                None
+            }
+        }
+    }
+
+    fn plugins_started(&self) -> bool {
+        let r = self.gate.lock().unwrap_or_else(|p| p.into_inner()).start();
+        if let Err(e) = &r {
+            error!(cid = self.cfg.guest_cid, error = %e, "plugins cannot start");
+        }
+        r.is_ok()
     }
 
     fn facts(&self) -> crate::migration::DeviceFacts {
@@ -332,7 +381,12 @@ impl Vm {
     fn wait_frontend(&self) -> Result<bool, VmError> {
         let mut pfd = [
             libc::pollfd {
-                fd: self.listener.as_raw_fd(),
+                // poll skips a negative fd: a parked VM accepts no frontend.
+                fd: if self.parked {
+                    -1
+                } else {
+                    self.listener.as_raw_fd()
+                },
                 events: libc::POLLIN,
                 revents: 0,
             },
@@ -394,6 +448,19 @@ impl Vm {
         match self.upgrade.take() {
             Some(UpgradeCmd::Listeners(tx)) => {
                 let _ = tx.send(self.listener_dups());
+                Ok(Flow::Continue)
+            }
+            Some(UpgradeCmd::Park(tx)) => {
+                self.parked = true;
+                let _ = tx.send(Ok(Parked {
+                    frontend: None,
+                    record: Default::default(),
+                    record_fds: Vec::new(),
+                }));
+                Ok(Flow::Continue)
+            }
+            Some(UpgradeCmd::Unpark) => {
+                self.parked = false;
                 Ok(Flow::Continue)
             }
             Some(UpgradeCmd::Quiesce(tx)) => {
@@ -474,6 +541,11 @@ impl Vm {
                 Some(UpgradeCmd::Listeners(tx)) => {
                     let _ = tx.send(self.listener_dups());
                 }
+                Some(UpgradeCmd::Park(tx)) => {
+                    self.parked = true;
+                    let _ = tx.send(session.park().map_err(|e| e.to_string()));
+                }
+                Some(UpgradeCmd::Unpark) => self.parked = false,
                 Some(UpgradeCmd::Quiesce(tx)) => match session.quiesce() {
                     Ok((q, verdict)) => {
                         let bases = q.bases.clone();

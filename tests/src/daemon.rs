@@ -190,6 +190,17 @@ impl Daemon {
         vms: &[VmSpec],
         extra_args: &[&str],
     ) -> Result<Daemon> {
+        Self::spawn_with_env(kind, dir, vms, extra_args, &[])
+    }
+
+    /// [`Daemon::spawn`] with extra environment variables for the daemon.
+    pub fn spawn_with_env(
+        kind: DaemonKind,
+        dir: &Path,
+        vms: &[VmSpec],
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Daemon> {
         if vms.is_empty() {
             bail!("a daemon needs at least one VM");
         }
@@ -202,6 +213,7 @@ impl Daemon {
             cmd.arg("--vm").arg(vm.to_arg());
         }
         cmd.args(extra_args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr);

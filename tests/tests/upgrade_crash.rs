@@ -1,0 +1,229 @@
+//! Live upgrade (issue 19) with the old daemon killed (SIGKILL) mid-upgrade, with the
+//! simulated VMM: three VMs with open connections; the old daemon stops at a chosen step
+//! (test-only fault injection, `VHOST_PLUG_UPGRADE_FAULT`, see host/src/upgrade.rs) and is
+//! killed there. Each time the new daemon serves every VM: the adopted ones with their
+//! connections, the others taken over from what the old daemon pre-handed (a
+//! TRANSPORT_RESET, then new connections work); no VMM sees its vhost-user socket close, and
+//! `ctl` reaches the new daemon.
+//!
+//! Run: `cargo test -p vhost-plug-tests --release --test upgrade_crash -- --nocapture`.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use vhost_plug_tests::harness::{ctl, Setup, TestVm};
+use vhost_plug_tests::host::{accept_timeout, host_connect, host_listen, HOST_TIMEOUT};
+use vhost_plug_tests::packet::{EVENT_TRANSPORT_RESET, HOST_CID};
+use vhost_plug_tests::upgrade::Current;
+use vhost_plug_tests::{Daemon, DaemonKind, GuestSocket, SockType, VmSpec};
+
+const PROMPT: Duration = Duration::from_secs(10);
+const CIDS: [u64; 3] = [3, 4, 5];
+
+/// Killed after every VM was pre-handed, before any moved: all three are taken over.
+#[test]
+fn killed_after_the_pre_hand() -> Result<()> {
+    crash_at("parked", 0)
+}
+
+/// Killed with the 2nd VM quiesced and its `vm` message not sent: the 1st stays adopted,
+/// the 2nd and 3rd are taken over.
+#[test]
+fn killed_with_the_second_vm_quiesced() -> Result<()> {
+    crash_at("quiesced:2", 1)
+}
+
+/// Killed with the 2nd VM's `vm` message sent whole but not answered: the new daemon adopts
+/// it normally; the 3rd is taken over.
+#[test]
+fn killed_with_the_second_vm_sent() -> Result<()> {
+    crash_at("sent:2", 2)
+}
+
+/// Killed between VMs (the 1st released, the 2nd not yet quiesced).
+#[test]
+fn killed_between_vms() -> Result<()> {
+    crash_at("released:1", 1)
+}
+
+/// One VM's open connections: guest -> host and host -> guest.
+struct Conns {
+    g2h: (GuestSocket, UnixStream),
+    h2g: (UnixStream, GuestSocket),
+}
+
+fn open_conns(vm: &TestVm, port: u32) -> Result<Conns> {
+    let uds = vm.spec.uds_path.clone();
+    let hl = host_listen(&uds, port)?;
+    let g = vm
+        .guest
+        .connect_timeout(HOST_CID, port, SockType::Stream, PROMPT)
+        .map_err(|e| anyhow::anyhow!("guest connect {port}: {e}"))?;
+    let h = accept_timeout(&hl, HOST_TIMEOUT)?;
+    h.set_read_timeout(Some(PROMPT))?;
+    let gl = vm.guest.listen(port + 1, SockType::Stream)?;
+    let (h2, _) = host_connect(&uds, port + 1)?;
+    h2.set_read_timeout(Some(PROMPT))?;
+    let g2 = gl.accept(PROMPT)?;
+    let mut c = Conns {
+        g2h: (g, h),
+        h2g: (h2, g2),
+    };
+    both_ways(&mut c, "before")?;
+    Ok(c)
+}
+
+/// Bytes both ways on both connections.
+fn both_ways(c: &mut Conns, tag: &str) -> Result<()> {
+    let msg = format!("{tag}: guest first");
+    (&c.g2h.0).write_all(msg.as_bytes())?;
+    let mut got = vec![0u8; msg.len()];
+    c.g2h.1.read_exact(&mut got)?;
+    ensure!(got == msg.as_bytes(), "{tag}: guest -> host got {got:?}");
+    c.g2h.1.write_all(b"pong")?;
+    let mut r = [0u8; 4];
+    (&c.g2h.0).read_exact(&mut r)?;
+    ensure!(&r == b"pong", "{tag}: host -> guest");
+    let msg = format!("{tag}: host first");
+    c.h2g.0.write_all(msg.as_bytes())?;
+    let mut got = vec![0u8; msg.len()];
+    (&c.h2g.1).read_exact(&mut got)?;
+    ensure!(got == msg.as_bytes(), "{tag}: host -> guest got {got:?}");
+    (&c.h2g.1).write_all(b"ping")?;
+    let mut r = [0u8; 4];
+    c.h2g.0.read_exact(&mut r)?;
+    ensure!(&r == b"ping", "{tag}: guest -> host");
+    Ok(())
+}
+
+/// The new daemon's pid, from the old daemon's log.
+fn new_pid(log: &str) -> Result<u32> {
+    let line = log
+        .lines()
+        .find(|l| l.contains("new daemon started"))
+        .context("no `new daemon started` in the log")?;
+    let at = line.find("pid=").context("no pid= in the log line")? + 4;
+    let digits: String = line[at..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    Ok(digits.parse()?)
+}
+
+/// `ctl status` once the new daemon has bound the control socket.
+fn status_when_up(control: &Path) -> Result<serde_json::Value> {
+    let deadline = Instant::now() + PROMPT;
+    loop {
+        if let Ok((true, v)) = ctl(control, &["status"]) {
+            return Ok(v);
+        }
+        if Instant::now() >= deadline {
+            bail!("ctl does not reach the new daemon");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Upgrades with the old daemon stopping at `step`, kills it there, and checks that the
+/// first `adopted` VMs kept their connections and the others were taken over.
+fn crash_at(step: &str, adopted: usize) -> Result<()> {
+    let dir = tempfile::Builder::new()
+        .prefix("vhost-plug-test")
+        .tempdir()?;
+    let control = dir.path().join("vhost-plug.ctl");
+    let c = control.display().to_string();
+    let vms: Vec<VmSpec> = CIDS
+        .iter()
+        .map(|&cid| VmSpec::new(dir.path(), cid))
+        .collect();
+    let daemon = Daemon::spawn_with_env(
+        DaemonKind::VhostPlug,
+        dir.path(),
+        &vms,
+        &["--control-socket", &c],
+        &[("VHOST_PLUG_UPGRADE_FAULT", step)],
+    )?;
+    let mut s = Setup { daemon, vms, dir };
+    let mut current = Current(None);
+    let res = (|| -> Result<()> {
+        let mut booted = Vec::new();
+        for i in 0..CIDS.len() {
+            let vm = s.boot(i)?;
+            let conns = open_conns(&vm, 7000)?;
+            booted.push((vm, conns));
+        }
+        let mark = s.daemon.log_mark();
+        let ctl_path = control.clone();
+        let upgrading = std::thread::spawn(move || ctl(&ctl_path, &["upgrade"]));
+        s.daemon
+            .wait_log(
+                mark,
+                &[&format!("upgrade fault point {step} reached")],
+                PROMPT,
+            )
+            .with_context(|| format!("the old daemon did not reach {step}"))?;
+        let pid = new_pid(&s.daemon.log_since(mark))?;
+        current.0 = Some(pid);
+        s.daemon.kill();
+        // The control connection of `ctl upgrade` died with the old daemon.
+        let r = upgrading
+            .join()
+            .map_err(|_| anyhow::anyhow!("ctl panicked"))?;
+        ensure!(!matches!(r, Ok((true, _))), "ctl upgrade succeeded: {r:?}");
+        let st = status_when_up(&control)?;
+        ensure!(
+            st["vms"].as_array().map(Vec::len) == Some(CIDS.len()),
+            "status from the new daemon: {st}"
+        );
+        for (i, (vm, conns)) in booted.iter_mut().enumerate() {
+            let cid = CIDS[i];
+            // The VMM's own vhost-user connection is open and answered (by the new daemon).
+            ensure!(
+                vm.sim.read_guest_cid()? == cid,
+                "VM {cid}: wrong guest CID over the VMM's socket"
+            );
+            if i < adopted {
+                both_ways(conns, &format!("VM {cid} adopted"))?;
+                ensure!(
+                    vm.guest.events().is_empty(),
+                    "VM {cid} adopted: guest events {:?}",
+                    vm.guest.events()
+                );
+            } else {
+                ensure!(
+                    vm.guest.wait_events(0, PROMPT),
+                    "VM {cid} taken over: no TRANSPORT_RESET"
+                );
+                ensure!(
+                    vm.guest.events() == vec![EVENT_TRANSPORT_RESET],
+                    "VM {cid} taken over: guest events {:?}",
+                    vm.guest.events()
+                );
+                // The host ends of the old connections died with the old daemon.
+                let mut b = [0u8; 1];
+                ensure!(
+                    conns.g2h.1.read(&mut b)? == 0,
+                    "VM {cid}: the host end of an old connection is alive"
+                );
+                let mut fresh = open_conns(vm, 7100)?;
+                both_ways(&mut fresh, &format!("VM {cid} taken over"))?;
+            }
+            vm.guest.health()?;
+        }
+        let log = s.daemon.log_since(mark);
+        let taken = log.matches("took over a VM").count();
+        ensure!(
+            taken == CIDS.len() - adopted,
+            "{taken} VMs taken over, expected {}",
+            CIDS.len() - adopted
+        );
+        if let Some(l) = log.lines().find(|l| l.contains("every VM pre-handed")) {
+            eprintln!("[upgrade_crash] {step}: {l}");
+        }
+        Ok(())
+    })();
+    res.with_context(|| format!("daemon log:\n{}", s.daemon.stderr()))
+}
