@@ -180,6 +180,7 @@ fn adopted_count() -> usize {
 fn adopt(chan: &std::os::unix::net::UnixStream, vms: Vec<Vm>) -> anyhow::Result<()> {
     let mut queues = std::collections::BTreeMap::new();
     let mut threads = Vec::new();
+    let handles: Vec<_> = vms.iter().map(Vm::handle).collect();
     let (prepared, ready) = std::sync::mpsc::channel();
     for vm in vms {
         let (tx, rx) = std::sync::mpsc::channel();
@@ -203,7 +204,7 @@ fn adopt(chan: &std::os::unix::net::UnixStream, vms: Vec<Vm>) -> anyhow::Result<
     if let Err(e) = crate::upgrade::send_ready(chan) {
         warn!(error = %e, "live upgrade: cannot say ready");
     }
-    let out = crate::upgrade::adopt_all(chan, queues);
+    let out = crate::upgrade::adopt_all(chan, queues, &handles);
     let n = out.adopted + out.taken_over;
     ADOPTED.store(n, std::sync::atomic::Ordering::Relaxed);
     if n == 0 {

@@ -67,12 +67,14 @@ pub enum Handed {
 }
 
 /// What the driver decides for a quiesced VM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
-    /// The new daemon serves it now: leave silently.
+    /// The new daemon serves it now: leave silently, then wait until the upgrade ends (the
+    /// driver drops its sender) or the VM comes back.
     Release,
     /// The hand-over failed: serve it again.
     Resume,
+    /// After `Release`: the upgrade was rolled back and the new daemon handed the VM back.
+    Return(Adoption),
 }
 
 /// A quiesced VM: everything a new daemon needs to carry on. The VM's thread waits on

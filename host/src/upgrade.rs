@@ -29,7 +29,12 @@
 //! Test-only fault injection: with `VHOST_PLUG_UPGRADE_FAULT=<step>` in its environment the
 //! old daemon logs "upgrade fault point <step> reached" and stops there (waiting to be
 //! killed) when it reaches `<step>`: `parked`, `quiesced:N`, `sent:N`, `released:N` (N counts
-//! VMs from 1). The new daemon is started without it.
+//! VMs from 1). The new daemon is started without it. A new daemon with
+//! `VHOST_PLUG_UPGRADE_REFUSE=<cid>` refuses to adopt that VM.
+//!
+//! A VM failing after others moved rolls the upgrade back: the old daemon says `give-back`,
+//! the new one hands the VMs it adopted back the same way, says `done` and exits; the old
+//! daemon serves every VM again and a retry starts from scratch.
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -54,6 +59,8 @@ pub const RECORD_VERSION: u32 = 1;
 pub const ENV_FD: &str = "VHOST_PLUG_UPGRADE_FD";
 /// Test-only fault injection (see the module documentation).
 const ENV_FAULT: &str = "VHOST_PLUG_UPGRADE_FAULT";
+/// Test-only: a new daemon with this CID in its environment refuses to adopt that VM.
+const ENV_REFUSE: &str = "VHOST_PLUG_UPGRADE_REFUSE";
 /// How long the new daemon waits, after the channel closed without `done` or `abort`, to see
 /// its parent (the old daemon) gone before it takes the remaining VMs over.
 const DEATH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -85,6 +92,14 @@ pub enum UpgradeError {
     Protocol,
     #[error("an upgrade is already running")]
     Busy,
+    #[error(
+        "{cause}; upgrade rolled back: {back} of {of} VMs handed back, this daemon serves them"
+    )]
+    RolledBack {
+        cause: String,
+        back: usize,
+        of: usize,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -125,6 +140,9 @@ enum Wire {
     Parked(ParkedVm),
     /// The old daemon abandons the upgrade and keeps every VM not adopted.
     Abort,
+    /// The old daemon abandons the upgrade after some VMs moved: the new one hands those
+    /// back (`vm` messages the other way, answered by `adopted` or `failed`), then `done`.
+    GiveBack,
     Done,
 }
 
@@ -341,27 +359,89 @@ fn hand_all(chan: &UnixStream, vms: &[VmHandle]) -> Result<Vec<u64>, UpgradeErro
     park_all(chan, vms)?;
     fault_point("parked");
     let mut pause_us = Vec::with_capacity(vms.len());
+    // VMs the new daemon serves, whose threads wait for the end of the upgrade or their
+    // return.
+    let mut released = BTreeMap::new();
     for (k, v) in vms.iter().enumerate() {
         let n = k + 1;
         let q0 = Instant::now();
-        let q = post(v, UpgradeCmd::Quiesce)?
-            .map_err(|reason| UpgradeError::Vm { cid: v.cid, reason })?;
+        let q = match post(v, UpgradeCmd::Quiesce)
+            .and_then(|q| q.map_err(|reason| UpgradeError::Vm { cid: v.cid, reason }))
+        {
+            Ok(q) => q,
+            Err(e) => return Err(roll_back(chan, released, e)),
+        };
         fault_point(&format!("quiesced:{n}"));
         let verdict = q.verdict.clone();
         match hand_one(chan, v.cid, q, n) {
             Ok(()) => {
                 let _ = verdict.send(Verdict::Release);
+                released.insert(v.cid, verdict);
                 pause_us.push(q0.elapsed().as_micros() as u64);
             }
             Err(e) => {
                 let _ = verdict.send(Verdict::Resume);
                 warn!(cid = v.cid, error = %e, "live upgrade stopped; this daemon keeps the VM");
-                return Err(e);
+                return Err(roll_back(chan, released, e));
             }
         }
         fault_point(&format!("released:{n}"));
     }
     Ok(pause_us)
+}
+
+/// A VM failed after others moved: asks the new daemon to hand those back (`give-back`) and
+/// takes each into its waiting thread, so one daemon, this one, serves every VM again.
+fn roll_back(
+    chan: &UnixStream,
+    mut released: BTreeMap<u64, mpsc::Sender<Verdict>>,
+    cause: UpgradeError,
+) -> UpgradeError {
+    let of = released.len();
+    if of == 0 {
+        return cause;
+    }
+    warn!(vms = of, error = %cause, "live upgrade failed; taking back the VMs that moved");
+    let mut back = 0;
+    if upchan::send(chan, &Wire::GiveBack, &[], &[]).is_ok() {
+        while let Ok(m) = upchan::recv::<Wire>(chan) {
+            let upchan::Received { header, blob, fds } = m;
+            let Wire::Vm {
+                cid,
+                frontend,
+                record,
+                record_fds,
+                bases,
+            } = header
+            else {
+                break;
+            };
+            let r = adoption(frontend, &record, record_fds, bases, blob, fds).and_then(|(a, r)| {
+                let tx = released
+                    .remove(&cid)
+                    .ok_or(format!("VM {cid} did not move"))?;
+                tx.send(Verdict::Return(a))
+                    .map_err(|_| "the VM's thread is gone".to_string())?;
+                answered(r)
+            });
+            let answer = match r {
+                Ok(()) => {
+                    back += 1;
+                    Wire::Adopted { cid }
+                }
+                Err(reason) => Wire::Failed { cid, reason },
+            };
+            if upchan::send(chan, &answer, &[], &[]).is_err() {
+                break;
+            }
+        }
+    }
+    info!(back, of, "live upgrade rolled back");
+    UpgradeError::RolledBack {
+        cause: cause.to_string(),
+        back,
+        of,
+    }
 }
 
 /// Sends `parked`: each VM's frontend socket and setup record, duplicated by its thread at a
@@ -519,9 +599,14 @@ struct Held {
 /// New daemon: adopts VMs until `done`, `abort`, or the old daemon's death; in the last
 /// case every VM not adopted is taken over from what `parked` brought. `vms` maps a CID to
 /// its thread's queue.
-pub fn adopt_all(chan: &UnixStream, mut vms: BTreeMap<u64, mpsc::Sender<Handed>>) -> Outcome {
+pub fn adopt_all(
+    chan: &UnixStream,
+    mut vms: BTreeMap<u64, mpsc::Sender<Handed>>,
+    handles: &[VmHandle],
+) -> Outcome {
     let _ = chan.set_read_timeout(None);
     let mut out = Outcome::default();
+    let mut adopted = Vec::new();
     let mut held: BTreeMap<u64, Held> = BTreeMap::new();
     loop {
         let m = match upchan::recv::<Wire>(chan) {
@@ -543,6 +628,10 @@ pub fn adopt_all(chan: &UnixStream, mut vms: BTreeMap<u64, mpsc::Sender<Handed>>
                     adopted = out.adopted,
                     "live upgrade abandoned by the old daemon"
                 );
+                return out;
+            }
+            Wire::GiveBack => {
+                out.adopted = give_back(chan, &adopted, handles);
                 return out;
             }
             Wire::Parked(p) => {
@@ -569,6 +658,7 @@ pub fn adopt_all(chan: &UnixStream, mut vms: BTreeMap<u64, mpsc::Sender<Handed>>
                 let answer = match r {
                     Ok(()) => {
                         out.adopted += 1;
+                        adopted.push(cid);
                         Wire::Adopted { cid }
                     }
                     Err(reason) => Wire::Failed { cid, reason },
@@ -600,6 +690,43 @@ pub fn adopt_all(chan: &UnixStream, mut vms: BTreeMap<u64, mpsc::Sender<Handed>>
     }
     out.complete = true;
     out
+}
+
+/// New daemon, upgrade rolled back: hands the adopted VMs back the way they came (quiesce,
+/// `vm`, release on `adopted`), then says `done`. Returns how many it keeps (the old daemon
+/// failed to take them back: this one resumes them).
+fn give_back(chan: &UnixStream, cids: &[u64], handles: &[VmHandle]) -> usize {
+    let mut kept = 0;
+    for &cid in cids {
+        let Some(v) = handles.iter().find(|h| h.cid == cid) else {
+            kept += 1;
+            continue;
+        };
+        let q = match post(v, UpgradeCmd::Quiesce)
+            .and_then(|q| q.map_err(|reason| UpgradeError::Vm { cid, reason }))
+        {
+            Ok(q) => q,
+            Err(e) => {
+                warn!(cid, error = %e, "cannot hand the VM back; keeping it");
+                kept += 1;
+                continue;
+            }
+        };
+        let verdict = q.verdict.clone();
+        match hand_one(chan, cid, q, 0) {
+            Ok(()) => {
+                let _ = verdict.send(Verdict::Release);
+            }
+            Err(e) => {
+                let _ = verdict.send(Verdict::Resume);
+                warn!(cid, error = %e, "cannot hand the VM back; keeping it");
+                kept += 1;
+            }
+        }
+    }
+    let _ = upchan::send(chan, &Wire::Done, &[], &[]);
+    info!(back = cids.len() - kept, kept, "live upgrade rolled back");
+    kept
 }
 
 /// A pre-handed session as received.
@@ -648,9 +775,31 @@ fn adopt_one(
     blob: Vec<u8>,
     fds: Vec<OwnedFd>,
 ) -> Result<(), String> {
+    if std::env::var(ENV_REFUSE).ok() == Some(cid.to_string()) {
+        return Err(format!(
+            "VM {cid} refused by fault injection ({ENV_REFUSE})"
+        ));
+    }
     let tx = vms
         .remove(&cid)
         .ok_or(format!("no VM with CID {cid} here"))?;
+    let (a, result) = adoption(frontend, record, record_fds, bases, blob, fds)?;
+    tx.send(Handed::Adopt(a))
+        .map_err(|_| "the VM's thread is gone".to_string())?;
+    answered(result)
+}
+
+type Answer = mpsc::Receiver<Result<(), String>>;
+
+/// A `vm` message's session, for a VM thread to adopt, and where its answer comes.
+fn adoption(
+    frontend: bool,
+    record: &WireRecord,
+    record_fds: usize,
+    bases: Vec<(u32, u16)>,
+    blob: Vec<u8>,
+    fds: Vec<OwnedFd>,
+) -> Result<(Adoption, Answer), String> {
     let mut fds = fds.into_iter();
     let front = if frontend {
         Some(UnixStream::from(fds.next().ok_or("no vhost-user socket")?))
@@ -668,8 +817,10 @@ fn adopt_one(
         conn_fds: fds.collect(),
         done,
     };
-    tx.send(Handed::Adopt(a))
-        .map_err(|_| "the VM's thread is gone".to_string())?;
+    Ok((a, result))
+}
+
+fn answered(result: Answer) -> Result<(), String> {
     result
         .recv_timeout(STEP_TIMEOUT)
         .map_err(|_| "the VM's thread did not answer".to_string())?

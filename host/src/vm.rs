@@ -493,8 +493,12 @@ impl Vm {
                 });
                 let sent = q.is_ok();
                 let _ = tx.send(q);
-                if sent && vrx.recv() == Ok(Verdict::Release) {
-                    return Ok(Flow::Exit);
+                if sent && matches!(vrx.recv(), Ok(Verdict::Release)) {
+                    return match self.released(&vrx) {
+                        Back::Gone => Ok(Flow::Exit),
+                        Back::Idle => Ok(Flow::Continue),
+                        Back::Serve(s) => self.serve_session(s),
+                    };
                 }
                 Ok(Flow::Continue)
             }
@@ -522,6 +526,30 @@ impl Vm {
         let session = Session::start(self.env(), frontend)?;
         info!(cid = self.cfg.guest_cid, "frontend connected");
         self.serve_session(session)
+    }
+
+    /// A VM handed to the new daemon: waits until the upgrade ends (the driver drops its
+    /// sender) or is rolled back and the new daemon hands the VM back, then serves it again.
+    fn released(&mut self, verdict: &mpsc::Receiver<Verdict>) -> Back {
+        let cid = self.cfg.guest_cid;
+        let Ok(Verdict::Return(a)) = verdict.recv() else {
+            return Back::Gone;
+        };
+        self.parked = false;
+        let done = a.done.clone();
+        match self.adopt(a) {
+            Ok(s) => {
+                let _ = done.send(Ok(()));
+                info!(cid, "VM handed back by the new daemon: upgrade rolled back");
+                s.map_or(Back::Idle, Back::Serve)
+            }
+            Err(e) => {
+                // The new daemon resumes it.
+                warn!(cid, error = %e, "cannot take the VM back");
+                let _ = done.send(Err(e.to_string()));
+                Back::Gone
+            }
+        }
     }
 
     /// Relays the session until the frontend leaves or the VM moves to a new daemon.
@@ -553,9 +581,13 @@ impl Vm {
                         match verdict.recv() {
                             Ok(Verdict::Release) => {
                                 session.end(true);
-                                return Ok(Flow::Exit);
+                                match self.released(&verdict) {
+                                    Back::Gone => return Ok(Flow::Exit),
+                                    Back::Idle => return Ok(Flow::Continue),
+                                    Back::Serve(s) => session = s,
+                                }
                             }
-                            Ok(Verdict::Resume) | Err(_) => {
+                            Ok(Verdict::Resume | Verdict::Return(_)) | Err(_) => {
                                 if let Err(e) = session.resume(&bases) {
                                     error!(cid, error = %e, "cannot resume after an abandoned upgrade");
                                     session.end(false);
@@ -572,6 +604,16 @@ impl Vm {
             }
         }
     }
+}
+
+/// Where a released VM goes on ([`Vm::released`]).
+enum Back {
+    /// It lives in the new daemon: this thread ends.
+    Gone,
+    /// Back here without a frontend.
+    Idle,
+    /// Back here with its session.
+    Serve(Session),
 }
 
 /// The frontend's vhost-user socket, as handed over.

@@ -1,10 +1,18 @@
 //! Helpers of the live-upgrade tests (tests/tests/upgrade.rs, guest_upgrade.rs).
 
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 
-use crate::harness::ctl;
+use crate::harness::{ctl, TestVm};
+use crate::host::{accept_timeout, host_connect, host_listen, HOST_TIMEOUT};
+use crate::packet::HOST_CID;
+use crate::{GuestSocket, SockType};
+
+const PROMPT: Duration = Duration::from_secs(10);
 use crate::state::{json_plugin_states, StateReader};
 
 /// Daemons started by upgrades are not children of the test: this ends the last one.
@@ -53,4 +61,68 @@ pub fn saved_hits(control: &Path, dir: &Path, name: &str, rule: &str) -> Result<
     let (ok, v) = ctl(control, &["save", &f])?;
     ensure!(ok, "ctl save: {v}");
     rule_hits(&std::fs::read(&file)?, rule)
+}
+
+/// One VM's open connections (tests/tests/upgrade_crash.rs, upgrade_partial.rs): guest -> host and host -> guest.
+pub struct Conns {
+    pub g2h: (GuestSocket, UnixStream),
+    pub h2g: (UnixStream, GuestSocket),
+}
+
+pub fn open_conns(vm: &TestVm, port: u32) -> Result<Conns> {
+    let uds = vm.spec.uds_path.clone();
+    let hl = host_listen(&uds, port)?;
+    let g = vm
+        .guest
+        .connect_timeout(HOST_CID, port, SockType::Stream, PROMPT)
+        .map_err(|e| anyhow::anyhow!("guest connect {port}: {e}"))?;
+    let h = accept_timeout(&hl, HOST_TIMEOUT)?;
+    h.set_read_timeout(Some(PROMPT))?;
+    let gl = vm.guest.listen(port + 1, SockType::Stream)?;
+    let (h2, _) = host_connect(&uds, port + 1)?;
+    h2.set_read_timeout(Some(PROMPT))?;
+    let g2 = gl.accept(PROMPT)?;
+    let mut c = Conns {
+        g2h: (g, h),
+        h2g: (h2, g2),
+    };
+    both_ways(&mut c, "before")?;
+    Ok(c)
+}
+
+/// Bytes both ways on both connections.
+pub fn both_ways(c: &mut Conns, tag: &str) -> Result<()> {
+    let msg = format!("{tag}: guest first");
+    (&c.g2h.0).write_all(msg.as_bytes())?;
+    let mut got = vec![0u8; msg.len()];
+    c.g2h.1.read_exact(&mut got)?;
+    ensure!(got == msg.as_bytes(), "{tag}: guest -> host got {got:?}");
+    c.g2h.1.write_all(b"pong")?;
+    let mut r = [0u8; 4];
+    (&c.g2h.0).read_exact(&mut r)?;
+    ensure!(&r == b"pong", "{tag}: host -> guest");
+    let msg = format!("{tag}: host first");
+    c.h2g.0.write_all(msg.as_bytes())?;
+    let mut got = vec![0u8; msg.len()];
+    (&c.h2g.1).read_exact(&mut got)?;
+    ensure!(got == msg.as_bytes(), "{tag}: host -> guest got {got:?}");
+    (&c.h2g.1).write_all(b"ping")?;
+    let mut r = [0u8; 4];
+    c.h2g.0.read_exact(&mut r)?;
+    ensure!(&r == b"ping", "{tag}: guest -> host");
+    Ok(())
+}
+
+/// The new daemon's pid, from the old daemon's log.
+pub fn new_pid(log: &str) -> Result<u32> {
+    let line = log
+        .lines()
+        .find(|l| l.contains("new daemon started"))
+        .context("no `new daemon started` in the log")?;
+    let at = line.find("pid=").context("no pid= in the log line")? + 4;
+    let digits: String = line[at..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    Ok(digits.parse()?)
 }

@@ -8,17 +8,15 @@
 //!
 //! Run: `cargo test -p vhost-plug-tests --release --test upgrade_crash -- --nocapture`.
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
+use std::io::Read;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use vhost_plug_tests::harness::{ctl, Setup, TestVm};
-use vhost_plug_tests::host::{accept_timeout, host_connect, host_listen, HOST_TIMEOUT};
-use vhost_plug_tests::packet::{EVENT_TRANSPORT_RESET, HOST_CID};
-use vhost_plug_tests::upgrade::Current;
-use vhost_plug_tests::{Daemon, DaemonKind, GuestSocket, SockType, VmSpec};
+use vhost_plug_tests::harness::{ctl, Setup};
+use vhost_plug_tests::packet::EVENT_TRANSPORT_RESET;
+use vhost_plug_tests::upgrade::{both_ways, new_pid, open_conns, Current};
+use vhost_plug_tests::{Daemon, DaemonKind, VmSpec};
 
 const PROMPT: Duration = Duration::from_secs(10);
 const CIDS: [u64; 3] = [3, 4, 5];
@@ -47,70 +45,6 @@ fn killed_with_the_second_vm_sent() -> Result<()> {
 #[test]
 fn killed_between_vms() -> Result<()> {
     crash_at("released:1", 1)
-}
-
-/// One VM's open connections: guest -> host and host -> guest.
-struct Conns {
-    g2h: (GuestSocket, UnixStream),
-    h2g: (UnixStream, GuestSocket),
-}
-
-fn open_conns(vm: &TestVm, port: u32) -> Result<Conns> {
-    let uds = vm.spec.uds_path.clone();
-    let hl = host_listen(&uds, port)?;
-    let g = vm
-        .guest
-        .connect_timeout(HOST_CID, port, SockType::Stream, PROMPT)
-        .map_err(|e| anyhow::anyhow!("guest connect {port}: {e}"))?;
-    let h = accept_timeout(&hl, HOST_TIMEOUT)?;
-    h.set_read_timeout(Some(PROMPT))?;
-    let gl = vm.guest.listen(port + 1, SockType::Stream)?;
-    let (h2, _) = host_connect(&uds, port + 1)?;
-    h2.set_read_timeout(Some(PROMPT))?;
-    let g2 = gl.accept(PROMPT)?;
-    let mut c = Conns {
-        g2h: (g, h),
-        h2g: (h2, g2),
-    };
-    both_ways(&mut c, "before")?;
-    Ok(c)
-}
-
-/// Bytes both ways on both connections.
-fn both_ways(c: &mut Conns, tag: &str) -> Result<()> {
-    let msg = format!("{tag}: guest first");
-    (&c.g2h.0).write_all(msg.as_bytes())?;
-    let mut got = vec![0u8; msg.len()];
-    c.g2h.1.read_exact(&mut got)?;
-    ensure!(got == msg.as_bytes(), "{tag}: guest -> host got {got:?}");
-    c.g2h.1.write_all(b"pong")?;
-    let mut r = [0u8; 4];
-    (&c.g2h.0).read_exact(&mut r)?;
-    ensure!(&r == b"pong", "{tag}: host -> guest");
-    let msg = format!("{tag}: host first");
-    c.h2g.0.write_all(msg.as_bytes())?;
-    let mut got = vec![0u8; msg.len()];
-    (&c.h2g.1).read_exact(&mut got)?;
-    ensure!(got == msg.as_bytes(), "{tag}: host -> guest got {got:?}");
-    (&c.h2g.1).write_all(b"ping")?;
-    let mut r = [0u8; 4];
-    c.h2g.0.read_exact(&mut r)?;
-    ensure!(&r == b"ping", "{tag}: guest -> host");
-    Ok(())
-}
-
-/// The new daemon's pid, from the old daemon's log.
-fn new_pid(log: &str) -> Result<u32> {
-    let line = log
-        .lines()
-        .find(|l| l.contains("new daemon started"))
-        .context("no `new daemon started` in the log")?;
-    let at = line.find("pid=").context("no pid= in the log line")? + 4;
-    let digits: String = line[at..]
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect();
-    Ok(digits.parse()?)
 }
 
 /// `ctl status` once the new daemon has bound the control socket.
