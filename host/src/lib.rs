@@ -17,6 +17,7 @@ pub mod daemon;
 pub mod device;
 pub mod frame;
 pub mod gate;
+pub mod handed;
 pub mod handover;
 pub mod inspect;
 pub mod metrics;

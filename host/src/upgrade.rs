@@ -48,8 +48,9 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tracing::{info, warn};
 
+use crate::handed::{adoption, answered, hold, old_daemon_gone, Held, ParkedVm};
 use crate::relay::{Record, WireRecord};
-use crate::session::{Adoption, Handed, UpgradeCmd, Verdict};
+use crate::session::{Handed, UpgradeCmd, Verdict};
 use crate::upchan::{self, ChanError};
 use crate::vm::VmHandle;
 
@@ -61,9 +62,6 @@ pub const ENV_FD: &str = "VHOST_PLUG_UPGRADE_FD";
 const ENV_FAULT: &str = "VHOST_PLUG_UPGRADE_FAULT";
 /// Test-only: a new daemon with this CID in its environment refuses to adopt that VM.
 const ENV_REFUSE: &str = "VHOST_PLUG_UPGRADE_REFUSE";
-/// How long the new daemon waits, after the channel closed without `done` or `abort`, to see
-/// its parent (the old daemon) gone before it takes the remaining VMs over.
-const DEATH_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the new daemon may take to start (load and compile its plugins) and speak.
 const START_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long one step of the exchange may take.
@@ -146,14 +144,6 @@ enum Wire {
     Done,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-struct ParkedVm {
-    cid: u64,
-    frontend: bool,
-    record: WireRecord,
-    record_fds: usize,
-}
-
 /// Test-only: stops here, for good, if [`ENV_FAULT`] names `step`.
 fn fault_point(step: &str) {
     static FAULT: OnceLock<Option<String>> = OnceLock::new();
@@ -175,9 +165,6 @@ static EXE: OnceLock<Option<PathBuf>> = OnceLock::new();
 /// Set once every VM has moved: the daemon exits and leaves the sockets to the new one.
 static COMPLETED: AtomicBool = AtomicBool::new(false);
 static RUNNING: AtomicBool = AtomicBool::new(false);
-/// New daemon: the old daemon's pid (this process's parent when it started).
-static OLD_PID: OnceLock<u32> = OnceLock::new();
-
 /// Notes the executable's path; call at start-up, before anything can replace it.
 pub fn remember_exe() {
     EXE.get_or_init(|| std::env::current_exe().ok());
@@ -422,7 +409,7 @@ fn roll_back(
                     .ok_or(format!("VM {cid} did not move"))?;
                 tx.send(Verdict::Return(a))
                     .map_err(|_| "the VM's thread is gone".to_string())?;
-                answered(r)
+                answered(r, STEP_TIMEOUT)
             });
             let answer = match r {
                 Ok(()) => {
@@ -506,7 +493,7 @@ pub fn inherited_channel() -> Option<UnixStream> {
     let v = std::env::var(ENV_FD).ok()?;
     // SAFETY: called at start-up, before any other thread of this process exists.
     unsafe { std::env::remove_var(ENV_FD) };
-    OLD_PID.get_or_init(std::os::unix::process::parent_id);
+    crate::handed::note_old_daemon();
     let fd: RawFd = v.parse().ok()?;
     // SAFETY: fstat on an fd number writes only into `st`.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
@@ -588,12 +575,6 @@ pub struct Outcome {
     pub taken_over: usize,
     /// This daemon serves every VM now (`done`, or the old daemon died).
     pub complete: bool,
-}
-
-/// A pre-handed VM, held untouched until it is adopted or taken over.
-struct Held {
-    frontend: Option<UnixStream>,
-    record: Record,
 }
 
 /// New daemon: adopts VMs until `done`, `abort`, or the old daemon's death; in the last
@@ -729,41 +710,6 @@ fn give_back(chan: &UnixStream, cids: &[u64], handles: &[VmHandle]) -> usize {
     kept
 }
 
-/// A pre-handed session as received.
-fn hold(p: ParkedVm, fds: Vec<OwnedFd>) -> Result<Held, String> {
-    let need = usize::from(p.frontend) + p.record_fds;
-    if need != fds.len() {
-        return Err(format!("{} fds, {need} announced", fds.len()));
-    }
-    let mut fds = fds.into_iter();
-    let frontend = if p.frontend {
-        fds.next().map(UnixStream::from)
-    } else {
-        None
-    };
-    let record = Record::import(&p.record, fds.collect()).map_err(|e| e.to_string())?;
-    Ok(Held { frontend, record })
-}
-
-/// Whether the old daemon (this process's parent at start) has exited: once it has, this
-/// process has another parent. Waits up to [`DEATH_TIMEOUT`], as the channel closes while
-/// the dying process releases its files, a little before it is gone.
-fn old_daemon_gone() -> bool {
-    let Some(&old) = OLD_PID.get() else {
-        return false;
-    };
-    let deadline = Instant::now() + DEATH_TIMEOUT;
-    loop {
-        if std::os::unix::process::parent_id() != old {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 #[allow(clippy::too_many_arguments)]
 fn adopt_one(
     vms: &mut BTreeMap<u64, mpsc::Sender<Handed>>,
@@ -786,44 +732,7 @@ fn adopt_one(
     let (a, result) = adoption(frontend, record, record_fds, bases, blob, fds)?;
     tx.send(Handed::Adopt(a))
         .map_err(|_| "the VM's thread is gone".to_string())?;
-    answered(result)
-}
-
-type Answer = mpsc::Receiver<Result<(), String>>;
-
-/// A `vm` message's session, for a VM thread to adopt, and where its answer comes.
-fn adoption(
-    frontend: bool,
-    record: &WireRecord,
-    record_fds: usize,
-    bases: Vec<(u32, u16)>,
-    blob: Vec<u8>,
-    fds: Vec<OwnedFd>,
-) -> Result<(Adoption, Answer), String> {
-    let mut fds = fds.into_iter();
-    let front = if frontend {
-        Some(UnixStream::from(fds.next().ok_or("no vhost-user socket")?))
-    } else {
-        None
-    };
-    let rfds: Vec<OwnedFd> = fds.by_ref().take(record_fds).collect();
-    let record = Record::import(record, rfds).map_err(|e| e.to_string())?;
-    let (done, result) = mpsc::channel();
-    let a = Adoption {
-        frontend: front,
-        record,
-        bases: bases.into_iter().collect(),
-        blob,
-        conn_fds: fds.collect(),
-        done,
-    };
-    Ok((a, result))
-}
-
-fn answered(result: Answer) -> Result<(), String> {
-    result
-        .recv_timeout(STEP_TIMEOUT)
-        .map_err(|_| "the VM's thread did not answer".to_string())?
+    answered(result, STEP_TIMEOUT)
 }
 
 /// New daemon: waits (bounded) until the old process has closed its end of the channel,
