@@ -244,10 +244,27 @@ fn spawn(binary: &PathBuf, theirs: &UnixStream) -> Result<std::process::Child, U
         .env(ENV_FD, fd.to_string())
         .env_remove(ENV_FAULT)
         .stdin(std::process::Stdio::null());
-    // SAFETY: only fcntl, async-signal-safe, runs between fork and exec: the channel end
-    // is inherited (everything else stays close-on-exec).
+    // Not every fd of this process is close-on-exec: eventfds and the fds the vhost-user
+    // handler receives come from crates that do not ask for it. Inherited, they would pile
+    // up in each generation of upgraded daemons (measured: one per VM plus ten per attached
+    // VM, every upgrade), so all of them are made close-on-exec in the child first.
+    let max_fd = open_files_limit();
+    // SAFETY: only close_range and fcntl, async-signal-safe, run between fork and exec: the
+    // channel end is the one fd above stderr the new process inherits.
     unsafe {
         cmd.pre_exec(move || {
+            if libc::syscall(
+                libc::SYS_close_range,
+                3u32,
+                u32::MAX,
+                libc::CLOSE_RANGE_CLOEXEC,
+            ) != 0
+            {
+                // Kernels before 5.11: one fcntl per possible fd.
+                for f in 3..max_fd {
+                    libc::fcntl(f, libc::F_SETFD, libc::FD_CLOEXEC);
+                }
+            }
             if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
@@ -258,6 +275,19 @@ fn spawn(binary: &PathBuf, theirs: &UnixStream) -> Result<std::process::Child, U
         binary: binary.clone(),
         source,
     })
+}
+
+/// The soft limit of open files (bounded): fds are below it.
+fn open_files_limit() -> RawFd {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into `r`.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
+        return 1 << 16;
+    }
+    r.rlim_cur.min(1 << 20) as RawFd
 }
 
 fn exchange(
@@ -434,10 +464,25 @@ fn roll_back(
 /// Sends `parked`: each VM's frontend socket and setup record, duplicated by its thread at a
 /// message boundary.
 fn park_all(chan: &UnixStream, vms: &[VmHandle]) -> Result<(), UpgradeError> {
+    let t0 = Instant::now();
     let (mut nfds, mut bytes) = (0, 0);
+    // Every VM thread is asked first and they answer in parallel: one wake-up each in
+    // turn would cost 1,000 VMs 0.05-1 s on a busy machine.
+    let mut asked = Vec::with_capacity(vms.len());
     for v in vms {
-        let p =
-            post(v, UpgradeCmd::Park)?.map_err(|reason| UpgradeError::Vm { cid: v.cid, reason })?;
+        let (tx, rx) = mpsc::channel();
+        v.upgrade.post(UpgradeCmd::Park(tx))?;
+        asked.push(rx);
+    }
+    for (v, rx) in vms.iter().zip(asked) {
+        let no_answer = |_| UpgradeError::Vm {
+            cid: v.cid,
+            reason: "the VM's thread did not answer".into(),
+        };
+        let p = rx
+            .recv_timeout(STEP_TIMEOUT)
+            .map_err(no_answer)?
+            .map_err(|reason| UpgradeError::Vm { cid: v.cid, reason })?;
         let msg = Wire::Parked(ParkedVm {
             cid: v.cid,
             frontend: p.frontend.is_some(),
@@ -455,6 +500,7 @@ fn park_all(chan: &UnixStream, vms: &[VmHandle]) -> Result<(), UpgradeError> {
         vms = vms.len(),
         fds = nfds,
         bytes,
+        elapsed_us = t0.elapsed().as_micros() as u64,
         "live upgrade: every VM pre-handed"
     );
     Ok(())

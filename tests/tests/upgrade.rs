@@ -101,6 +101,9 @@ fn connections_and_streams_survive_ten_upgrades() -> Result<()> {
     let stop = AtomicBool::new(false);
     let mut pids = vec![first_pid];
     let mut pauses = Vec::new();
+    // Open fds of each new daemon: fds the old one does not mark close-on-exec would pile up
+    // in every generation.
+    let mut fd_counts = Vec::new();
     let res = thread::scope(|sc| -> Result<()> {
         let g_tx = sc.spawn(|| send_until(&g_g2h, 21, &stop));
         let h_rx = sc.spawn(|| recv_digest(&h_g2h, u64::MAX, 65536));
@@ -114,6 +117,7 @@ fn connections_and_streams_survive_ten_upgrades() -> Result<()> {
                 ensure!(!pids.contains(&pid), "round {round}: pid {pid} again");
                 pids.push(pid);
                 pauses.push(v["pause_us"][0].as_u64().unwrap_or(0));
+                fd_counts.push(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count());
                 eprintln!("[upgrade] round {round}: {v}");
                 // The SEQPACKET connection keeps its message bounds both ways.
                 let msg = format!("round {round}");
@@ -197,6 +201,13 @@ fn connections_and_streams_survive_ten_upgrades() -> Result<()> {
     ensure!(
         hits_after == hits_before + 1 && hits_before == u64::from(CONNS) + 1,
         "allowlist hits of 2:* {hits_before} before, {hits_after} after (one guest connect since)"
+    );
+    // Transient fds (a control connection, a save file) aside, every generation holds the
+    // same: 1,003 connections, one VM's session.
+    let (first, last) = (fd_counts[0], fd_counts[fd_counts.len() - 1]);
+    ensure!(
+        last <= first + 8,
+        "open fds per new daemon across {UPGRADES} upgrades: {fd_counts:?}"
     );
     pauses.sort_unstable();
     eprintln!(
