@@ -1,18 +1,21 @@
 //! What a new daemon receives in a live upgrade (upgrade.rs, the layer above) and gives its VM
 //! threads: a live session (`vm` message) as an [`Adoption`], a pre-handed one (`parked`)
 //! held untouched, and whether the old daemon died (the condition for taking the held ones
-//! over).
+//! over), and the inherited channel itself.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::{mpsc, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+use tracing::warn;
 
 use crate::relay::{Record, WireRecord};
 use crate::session::Adoption;
 
+/// The environment variable naming the channel fd in the new process.
+pub const ENV_FD: &str = "VHOST_PLUG_UPGRADE_FD";
 /// How long the new daemon waits, after the channel closed without `done` or `abort`, to see
 /// its parent (the old daemon) gone before it takes the remaining VMs over.
 const DEATH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -110,4 +113,41 @@ pub fn answered(result: Answer, timeout: Duration) -> Result<(), String> {
     result
         .recv_timeout(timeout)
         .map_err(|_| "the VM's thread did not answer".to_string())?
+}
+
+/// New daemon: the channel named by [`ENV_FD`], if this process was started by an upgrade.
+pub fn inherited_channel() -> Option<UnixStream> {
+    let v = std::env::var(ENV_FD).ok()?;
+    // SAFETY: called at start-up, before any other thread of this process exists.
+    unsafe { std::env::remove_var(ENV_FD) };
+    crate::handed::note_old_daemon();
+    let fd: RawFd = v.parse().ok()?;
+    // SAFETY: fstat on an fd number writes only into `st`.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if fd < 3
+        || unsafe { libc::fstat(fd, &mut st) } != 0
+        || st.st_mode & libc::S_IFMT != libc::S_IFSOCK
+    {
+        warn!(fd, "{ENV_FD} does not name a socket; starting normally");
+        return None;
+    }
+    // SAFETY: the old daemon passed us this fd for exactly this; nothing else owns it.
+    let s = unsafe { UnixStream::from_raw_fd(fd) };
+    // SAFETY: fcntl on our own fd.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    Some(s)
+}
+
+/// New daemon: waits (bounded) until the old process has closed its end of the channel,
+/// i.e. exited, so the control and metrics sockets can be bound again.
+pub fn wait_old_exit(chan: &UnixStream) {
+    let _ = chan.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut b = [0u8; 64];
+    loop {
+        match crate::scm::recv_with_fds(chan, &mut b, 0) {
+            Ok((0, _)) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
 }

@@ -257,6 +257,15 @@ impl Record {
         Ok(())
     }
 
+    /// Whether a request of this kind changes what [`Record::note`] keeps.
+    pub fn changes(code: u32) -> bool {
+        matches!(
+            code,
+            code::SET_OWNER | code::RESET_OWNER | code::RESET_DEVICE | code::GET_VRING_BASE
+        ) || GLOBAL_CODES.contains(&code)
+            || RING_CODES.contains(&code)
+    }
+
     /// Rings the handler is running (a kick fd was given since the last stop).
     pub fn started_rings(&self) -> Vec<u32> {
         self.rings

@@ -106,6 +106,9 @@ pub struct Adoption {
 pub struct UpgradeSlot {
     wake: EventFd,
     cmd: Mutex<Option<UpgradeCmd>>,
+    /// The VM's setup record or frontend changed since the driver last looked: a session
+    /// pre-handed before that is out of date.
+    changed: std::sync::atomic::AtomicBool,
 }
 
 impl UpgradeSlot {
@@ -113,6 +116,7 @@ impl UpgradeSlot {
         Ok(UpgradeSlot {
             wake: EventFd::new(EFD_NONBLOCK)?,
             cmd: Mutex::new(None),
+            changed: Default::default(),
         })
     }
 
@@ -123,6 +127,15 @@ impl UpgradeSlot {
 
     pub fn fd(&self) -> RawFd {
         self.wake.as_raw_fd()
+    }
+
+    pub fn note_change(&self) {
+        self.changed.store(true, Ordering::Release);
+    }
+
+    /// Whether the setup or frontend changed since the last call.
+    pub fn take_change(&self) -> bool {
+        self.changed.swap(false, Ordering::AcqRel)
     }
 
     /// The posted command, if any (clears the wake-up).
@@ -250,6 +263,9 @@ impl Session {
                     return Err(RelayError::Closed.into());
                 };
                 self.record.note(&m)?;
+                if Record::changes(m.code) {
+                    slot.note_change();
+                }
                 if m.code == relay::code::GET_FEATURES {
                     features_pending += 1;
                 }

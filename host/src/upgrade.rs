@@ -37,7 +37,7 @@
 //! daemon serves every VM again and a retry starts from scratch.
 
 use std::collections::BTreeMap;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -49,6 +49,7 @@ use thiserror::Error;
 use tracing::{info, warn};
 
 use crate::handed::{adoption, answered, hold, old_daemon_gone, Held, ParkedVm};
+pub use crate::handed::{inherited_channel, wait_old_exit, ENV_FD};
 use crate::relay::{Record, WireRecord};
 use crate::session::{Handed, UpgradeCmd, Verdict};
 use crate::upchan::{self, ChanError};
@@ -56,8 +57,6 @@ use crate::vm::VmHandle;
 
 /// Version of the hand-over record; both sides must speak the same one.
 pub const RECORD_VERSION: u32 = 1;
-/// The environment variable naming the channel fd in the new process.
-pub const ENV_FD: &str = "VHOST_PLUG_UPGRADE_FD";
 /// Test-only fault injection (see the module documentation).
 const ENV_FAULT: &str = "VHOST_PLUG_UPGRADE_FAULT";
 /// Test-only: a new daemon with this CID in its environment refuses to adopt that VM.
@@ -381,6 +380,9 @@ fn hand_all(chan: &UnixStream, vms: &[VmHandle]) -> Result<Vec<u64>, UpgradeErro
     let mut released = BTreeMap::new();
     for (k, v) in vms.iter().enumerate() {
         let n = k + 1;
+        if let Err(e) = repark_changed(chan, &vms[k..]) {
+            return Err(roll_back(chan, released, e));
+        }
         let q0 = Instant::now();
         let q = match post(v, UpgradeCmd::Quiesce)
             .and_then(|q| q.map_err(|reason| UpgradeError::Vm { cid: v.cid, reason }))
@@ -461,10 +463,41 @@ fn roll_back(
     }
 }
 
-/// Sends `parked`: each VM's frontend socket and setup record, duplicated by its thread at a
-/// message boundary.
+/// Sends `parked` for every VM: its frontend socket and setup record, duplicated by its
+/// thread at a message boundary.
 fn park_all(chan: &UnixStream, vms: &[VmHandle]) -> Result<(), UpgradeError> {
     let t0 = Instant::now();
+    for v in vms {
+        v.upgrade.take_change();
+    }
+    let all: Vec<&VmHandle> = vms.iter().collect();
+    let (fds, bytes) = park(chan, &all)?;
+    info!(
+        vms = vms.len(),
+        fds,
+        bytes,
+        elapsed_us = t0.elapsed().as_micros() as u64,
+        "live upgrade: every VM pre-handed"
+    );
+    Ok(())
+}
+
+/// Pre-hands again each VM of `vms` whose setup or frontend changed since (the new daemon
+/// replaces what it holds), so a take-over uses the setup of the moment.
+fn repark_changed(chan: &UnixStream, vms: &[VmHandle]) -> Result<(), UpgradeError> {
+    let changed: Vec<&VmHandle> = vms.iter().filter(|v| v.upgrade.take_change()).collect();
+    if !changed.is_empty() {
+        park(chan, &changed)?;
+        info!(
+            vms = changed.len(),
+            "live upgrade: changed sessions pre-handed again"
+        );
+    }
+    Ok(())
+}
+
+/// Sends `parked` for `vms`; returns the fds and header bytes sent.
+fn park(chan: &UnixStream, vms: &[&VmHandle]) -> Result<(usize, usize), UpgradeError> {
     let (mut nfds, mut bytes) = (0, 0);
     // Every VM thread is asked first and they answer in parallel: one wake-up each in
     // turn would cost 1,000 VMs 0.05-1 s on a busy machine.
@@ -496,14 +529,7 @@ fn park_all(chan: &UnixStream, vms: &[VmHandle]) -> Result<(), UpgradeError> {
         bytes += serde_json::to_vec(&msg).map(|v| v.len()).unwrap_or(0);
         upchan::send(chan, &msg, &[], &fds)?;
     }
-    info!(
-        vms = vms.len(),
-        fds = nfds,
-        bytes,
-        elapsed_us = t0.elapsed().as_micros() as u64,
-        "live upgrade: every VM pre-handed"
-    );
-    Ok(())
+    Ok((nfds, bytes))
 }
 
 fn hand_one(
@@ -532,30 +558,6 @@ fn hand_one(
         Wire::Failed { reason, .. } => Err(UpgradeError::Vm { cid, reason }),
         _ => Err(UpgradeError::Protocol),
     }
-}
-
-/// New daemon: the channel named by [`ENV_FD`], if this process was started by an upgrade.
-pub fn inherited_channel() -> Option<UnixStream> {
-    let v = std::env::var(ENV_FD).ok()?;
-    // SAFETY: called at start-up, before any other thread of this process exists.
-    unsafe { std::env::remove_var(ENV_FD) };
-    crate::handed::note_old_daemon();
-    let fd: RawFd = v.parse().ok()?;
-    // SAFETY: fstat on an fd number writes only into `st`.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    if fd < 3
-        || unsafe { libc::fstat(fd, &mut st) } != 0
-        || st.st_mode & libc::S_IFMT != libc::S_IFSOCK
-    {
-        warn!(fd, "{ENV_FD} does not name a socket; starting normally");
-        return None;
-    }
-    // SAFETY: the old daemon passed us this fd for exactly this; nothing else owns it.
-    let s = unsafe { UnixStream::from_raw_fd(fd) };
-    // SAFETY: fcntl on our own fd.
-    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
-    Some(s)
 }
 
 /// New daemon: says hello and receives the listening sockets, 3 per VM in `cids` order.
@@ -779,17 +781,4 @@ fn adopt_one(
     tx.send(Handed::Adopt(a))
         .map_err(|_| "the VM's thread is gone".to_string())?;
     answered(result, STEP_TIMEOUT)
-}
-
-/// New daemon: waits (bounded) until the old process has closed its end of the channel,
-/// i.e. exited, so the control and metrics sockets can be bound again.
-pub fn wait_old_exit(chan: &UnixStream) {
-    let _ = chan.set_read_timeout(Some(Duration::from_secs(10)));
-    let mut b = [0u8; 64];
-    loop {
-        match crate::scm::recv_with_fds(chan, &mut b, 0) {
-            Ok((0, _)) | Err(_) => return,
-            Ok(_) => {}
-        }
-    }
 }

@@ -562,6 +562,7 @@ impl Vm {
                 Err(e) => {
                     tracing::debug!(cid, error = %e, "session over");
                     session.end(false);
+                    self.upgrade.note_change();
                     return Ok(Flow::Continue);
                 }
             }
