@@ -266,6 +266,11 @@ impl Record {
             || RING_CODES.contains(&code)
     }
 
+    /// Whether the frontend set up any ring (the guest driver has been live).
+    pub fn has_rings(&self) -> bool {
+        !self.rings.is_empty()
+    }
+
     /// Rings the handler is running (a kick fd was given since the last stop).
     pub fn started_rings(&self) -> Vec<u32> {
         self.rings

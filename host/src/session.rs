@@ -361,7 +361,8 @@ impl Session {
     /// after a migration. Plugin states start afresh.
     pub fn take_over(&mut self, record: Record) -> Result<(), SessionError> {
         let bases = record.used_indices()?;
-        if !bases.is_empty() {
+        // Also when the rings are stopped now: the reset goes out once they run again.
+        if record.has_rings() {
             let st = crate::plugin::types::DeviceState {
                 guest_cid: self.cid,
                 acked_features: 0,

@@ -29,7 +29,8 @@
 //! Test-only fault injection: with `VHOST_PLUG_UPGRADE_FAULT=<step>` in its environment the
 //! old daemon logs "upgrade fault point <step> reached" and stops there (waiting to be
 //! killed) when it reaches `<step>`: `parked`, `quiesced:N`, `sent:N`, `released:N` (N counts
-//! VMs from 1). The new daemon is started without it. A new daemon with
+//! VMs from 1); `wait:<step>:<path>` pauses there until the file exists; several are
+//! separated by commas. The new daemon is started without it. A new daemon with
 //! `VHOST_PLUG_UPGRADE_REFUSE=<cid>` refuses to adopt that VM.
 //!
 //! A VM failing after others moved rolls the upgrade back: the old daemon says `give-back`,
@@ -143,17 +144,26 @@ enum Wire {
     Done,
 }
 
-/// Test-only: stops here, for good, if [`ENV_FAULT`] names `step`.
+/// Test-only: stops here, for good, if [`ENV_FAULT`] names `step`; pauses here until the
+/// file `<path>` exists if it names `wait:<step>:<path>`.
 fn fault_point(step: &str) {
     static FAULT: OnceLock<Option<String>> = OnceLock::new();
-    if FAULT
-        .get_or_init(|| std::env::var(ENV_FAULT).ok())
-        .as_deref()
-        == Some(step)
-    {
-        warn!("upgrade fault point {step} reached");
-        loop {
-            std::thread::sleep(Duration::from_secs(3600));
+    let Some(spec) = FAULT.get_or_init(|| std::env::var(ENV_FAULT).ok()) else {
+        return;
+    };
+    for f in spec.split(',') {
+        if f == step {
+            warn!("upgrade fault point {step} reached");
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+        }
+        let go = f.strip_prefix("wait:").and_then(|w| w.strip_prefix(step));
+        if let Some(path) = go.and_then(|r| r.strip_prefix(':')) {
+            warn!("upgrade fault point {step} reached; waiting for {path}");
+            while !std::path::Path::new(path).exists() {
+                std::thread::sleep(Duration::from_millis(10));
+            }
         }
     }
 }

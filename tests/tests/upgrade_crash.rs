@@ -47,6 +47,77 @@ fn killed_between_vms() -> Result<()> {
     crash_at("released:1", 1)
 }
 
+/// The VMM of the 3rd VM stops its rings while the old daemon is paused between VMs, then the
+/// old daemon is killed with the 2nd VM quiesced: the new daemon takes the 3rd VM over as it
+/// is now (pre-handed again after the change), rings stopped, not as at the pre-hand. No
+/// reset while stopped; once the VMM restarts the rings, the reset and new connections.
+#[test]
+fn a_setup_changed_during_the_upgrade_is_taken_over_as_changed() -> Result<()> {
+    let dir = tempfile::Builder::new()
+        .prefix("vhost-plug-test")
+        .tempdir()?;
+    let go = dir.path().join("go");
+    let control = dir.path().join("vhost-plug.ctl");
+    let c = control.display().to_string();
+    let fault = format!("wait:released:1:{},quiesced:2", go.display());
+    let vms: Vec<VmSpec> = CIDS
+        .iter()
+        .map(|&cid| VmSpec::new(dir.path(), cid))
+        .collect();
+    let daemon = Daemon::spawn_with_env(
+        DaemonKind::VhostPlug,
+        dir.path(),
+        &vms,
+        &["--control-socket", &c],
+        &[("VHOST_PLUG_UPGRADE_FAULT", &fault)],
+    )?;
+    let mut s = Setup { daemon, vms, dir };
+    let mut current = Current(None);
+    let res = (|| -> Result<()> {
+        let mut booted = Vec::new();
+        for i in 0..CIDS.len() {
+            booted.push(s.boot(i)?);
+        }
+        let mark = s.daemon.log_mark();
+        let ctl_path = control.clone();
+        let upgrading = std::thread::spawn(move || ctl(&ctl_path, &["upgrade"]));
+        s.daemon
+            .wait_log(mark, &["upgrade fault point released:1 reached"], PROMPT)
+            .context("the old daemon did not pause at released:1")?;
+        let bases = booted[2].sim.stop_vrings()?;
+        std::fs::write(&go, b"")?;
+        s.daemon
+            .wait_log(mark, &["upgrade fault point quiesced:2 reached"], PROMPT)
+            .context("the old daemon did not reach quiesced:2")?;
+        let log = s.daemon.log_since(mark);
+        ensure!(
+            log.contains("changed sessions pre-handed again"),
+            "the 3rd VM was not pre-handed again"
+        );
+        current.0 = Some(new_pid(&log)?);
+        s.daemon.kill();
+        let _ = upgrading.join();
+        status_when_up(&control)?;
+        let vm = &mut booted[2];
+        ensure!(vm.sim.read_guest_cid()? == CIDS[2], "VM 5: wrong guest CID");
+        ensure!(
+            vm.guest.events().is_empty(),
+            "VM 5: events {:?} while its rings are stopped",
+            vm.guest.events()
+        );
+        vm.sim.resume_vrings(&bases)?;
+        ensure!(
+            vm.guest.wait_events(0, PROMPT) && vm.guest.events() == vec![EVENT_TRANSPORT_RESET],
+            "VM 5: events {:?} after its rings restarted",
+            vm.guest.events()
+        );
+        let mut fresh = open_conns(vm, 7100)?;
+        both_ways(&mut fresh, "VM 5 taken over")?;
+        Ok(())
+    })();
+    res.with_context(|| format!("daemon log:\n{}", s.daemon.stderr()))
+}
+
 /// `ctl status` once the new daemon has bound the control socket.
 fn status_when_up(control: &Path) -> Result<serde_json::Value> {
     let deadline = Instant::now() + PROMPT;
