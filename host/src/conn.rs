@@ -272,8 +272,12 @@ pub struct Conn {
     pub out_msg: Vec<u8>,
     pub out_off: usize,
 
-    /// The host socket may have bytes (edge-triggered readiness, cleared on EAGAIN).
+    /// The host socket may have bytes (edge-triggered readiness, cleared on EAGAIN, or by a
+    /// stream read that took everything queued: see [`Conn::drained_by`]).
     pub readable: bool,
+    /// An event reported the host end's hang-up (RDHUP, HUP or an error): its end of stream
+    /// comes without another edge, so reads go on until EOF or EAGAIN.
+    pub hangup_seen: bool,
     /// The host end hung up completely.
     pub host_hup: bool,
     /// The host end takes no more bytes (its SHUT_RD or close, or a write failed with
@@ -335,6 +339,7 @@ impl Conn {
             out_msg: Vec::new(),
             out_off: 0,
             readable: false,
+            hangup_seen: false,
             host_hup: false,
             host_shut_rcv: false,
             shut_wr_done: false,
@@ -439,6 +444,17 @@ impl Conn {
     /// True when the host side may still deliver data to the guest.
     pub fn may_read_host(&self) -> bool {
         self.state == State::Established && !self.host_eof && !self.guest_shut_rcv
+    }
+
+    /// Whether a stream read of `n` bytes that asked for `want` (and found `queued` bytes
+    /// queued just before, when known) emptied the socket as far as its events go. Every
+    /// byte or end of stream that arrives after the event that made the socket readable
+    /// raises a new edge, so a read that took everything queued before it needs no EAGAIN
+    /// read after it to re-arm anything: saving that read and its rx buffer pop matters
+    /// most to small messages, where it came between the data and the guest's interrupt.
+    /// A hang-up already reported has no further edge to come: then only EOF ends reading.
+    pub fn drained_by(&self, n: usize, want: usize, queued: Option<usize>) -> bool {
+        !self.hangup_seen && (n < want || queued.is_some_and(|q| n >= q))
     }
 
     /// Whether a zero-length send can tell us the host end stopped receiving: only a unix

@@ -327,6 +327,7 @@ pub fn restart(setup: Setup, vm: TestVm) -> Result<String> {
 pub fn bench(kind: DaemonKind) -> Result<String> {
     const BENCH_BYTES: u64 = 32 << 20;
     const RTT_ROUNDS: usize = 2000;
+    const COUNT_ROUNDS: usize = 1000;
     let setup = forwarding_daemon(kind, &[])?;
     let vm = setup.boot(0)?;
     let l = VsockSocket::listen(5101, SockType::Stream)?;
@@ -350,18 +351,128 @@ pub fn bench(kind: DaemonKind) -> Result<String> {
         ensure!(sent == got, "host -> guest: sent {sent:?}, got {got:?}");
         Ok((g2h_t, t0.elapsed()))
     })?;
-    let mut rtts = Vec::with_capacity(RTT_ROUNDS);
+    let mut rtts = round_trips(&g, &h, RTT_ROUNDS)?;
+    // The same again, counted (not timed): system calls and context switches per round trip
+    // of the daemon and of this process (simulated VMM and guest driver, the echoing host
+    // program).
+    let counts = if crate::syscount::available() {
+        let daemon = setup.daemon.pid().context("daemon pid")?;
+        let perf = std::path::Path::new("/bin/perf").exists().then(|| {
+            let out = format!("/tmp/perf-{}.data", kind.name());
+            std::process::Command::new("/bin/perf")
+                .args([
+                    "record",
+                    "-q",
+                    "-e",
+                    "cpu-clock",
+                    "-F",
+                    "4000",
+                    "-a",
+                    "-o",
+                    &out,
+                ])
+                .spawn()
+                .map(|child| (child, out))
+        });
+        if perf.is_some() {
+            thread::sleep(Duration::from_secs(2));
+        }
+        let rec = crate::syscount::Recorder::start(&[daemon, std::process::id()])?;
+        round_trips(&g, &h, COUNT_ROUNDS)?;
+        let (c, extra) = rec.stop()?;
+        if let Some(Ok((child, out))) = perf {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+            let _ = child.wait_with_output();
+            let _ = std::process::Command::new("/bin/perf")
+                .args([
+                    "report",
+                    "--stdio",
+                    "--no-children",
+                    "--percent-limit",
+                    "0.7",
+                    "--sort",
+                    "comm,dso,sym",
+                    "-i",
+                    &out,
+                ])
+                .status();
+            let _ = std::process::Command::new("/bin/perf")
+                .args([
+                    "report",
+                    "--stdio",
+                    "--no-children",
+                    "--sort",
+                    "comm",
+                    "-i",
+                    &out,
+                ])
+                .status();
+        }
+        // `ev:key:count/round,...` for what happens at least once per 10 rounds.
+        let mut ex: Vec<_> = extra
+            .iter()
+            .filter(|(_, v)| **v * 10 >= COUNT_ROUNDS as u64)
+            .collect();
+        ex.sort_by(|a, b| b.1.cmp(a.1));
+        let ex = |which: &str| {
+            ex.iter()
+                .filter(|((e, _), _)| e.contains(which))
+                .map(|((_, k), v)| {
+                    format!(
+                        "{}:{:.2}",
+                        k.replace(' ', "_"),
+                        **v as f64 / COUNT_ROUNDS as f64
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let n = COUNT_ROUNDS as u64;
+        let per = |x: u64| x as f64 / n as f64;
+        format!(
+            " d_sys={:.2} d_vcsw={:.2} d_icsw={:.2} d_cpu_us={:.1} h_sys={:.2} h_vcsw={:.2} \
+             h_cpu_us={:.1} d_calls={} h_calls={} vsock_ops={} wakeups={}",
+            per(c[0].total_syscalls()),
+            per(c[0].voluntary),
+            per(c[0].involuntary),
+            per(c[0].cpu_ns) / 1000.0,
+            per(c[1].total_syscalls()),
+            per(c[1].voluntary),
+            per(c[1].cpu_ns) / 1000.0,
+            crate::syscount::per_round(&c[0], n),
+            crate::syscount::per_round(&c[1], n),
+            ex("vsock"),
+            ex("sched"),
+        )
+    } else {
+        String::new()
+    };
+    rtts.sort();
+    let rtt = rtts[rtts.len() / 2];
+    Ok(format!(
+        "g2h_mbs={:.1} h2g_mbs={:.1} rtt_us={:.1}{counts}",
+        mbs(BENCH_BYTES, g2h_t),
+        mbs(BENCH_BYTES, h2g_t),
+        rtt.as_secs_f64() * 1e6
+    ))
+}
+
+/// `rounds` one-byte round trips: the guest sends a byte, the host end echoes it. Returns
+/// each one's time.
+fn round_trips(g: &GuestSocket, h: &VsockSocket, rounds: usize) -> Result<Vec<Duration>> {
+    let mut rtts = Vec::with_capacity(rounds);
     let mut b = [0u8; 1];
     thread::scope(|sc| -> Result<()> {
         let echo_one = sc.spawn(|| -> std::io::Result<()> {
             let mut b = [0u8; 1];
-            for _ in 0..RTT_ROUNDS {
-                std::io::Read::read_exact(&mut &h, &mut b)?;
-                std::io::Write::write_all(&mut &h, &b)?;
+            for _ in 0..rounds {
+                std::io::Read::read_exact(&mut &*h, &mut b)?;
+                std::io::Write::write_all(&mut &*h, &b)?;
             }
             Ok(())
         });
-        for _ in 0..RTT_ROUNDS {
+        for _ in 0..rounds {
             let t0 = Instant::now();
             g.send(&b)?;
             ensure!(g.recv(&mut b)? == 1, "round trip: end of stream");
@@ -372,12 +483,5 @@ pub fn bench(kind: DaemonKind) -> Result<String> {
             .map_err(|_| anyhow::anyhow!("echo panicked"))?
             .context("echo")
     })?;
-    rtts.sort();
-    let rtt = rtts[rtts.len() / 2];
-    Ok(format!(
-        "g2h_mbs={:.1} h2g_mbs={:.1} rtt_us={:.1}",
-        mbs(BENCH_BYTES, g2h_t),
-        mbs(BENCH_BYTES, h2g_t),
-        rtt.as_secs_f64() * 1e6
-    ))
+    Ok(rtts)
 }

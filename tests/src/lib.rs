@@ -45,6 +45,7 @@ pub mod qemu_pair;
 pub mod ring;
 pub mod sim;
 pub mod state;
+pub mod syscount;
 pub mod upgrade;
 pub mod vhost_raw;
 pub mod vsockhost;

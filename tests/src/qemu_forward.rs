@@ -47,11 +47,16 @@ pub fn build_image(fwdguest: Option<&Path>, kernel: GuestKernel) -> Result<(Path
             GuestKernel::Debian612 => "guest-forward-6.12",
         });
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/build_forward.sh");
-    let bins = [
+    let mut bins = vec![
         DaemonKind::VhostPlug.binary()?,
         fwdguest,
         DaemonKind::Peer.binary()?,
     ];
+    // `FWDBENCH_PERF=<path of perf>`: the benchmark profiles each daemon's counted round
+    // trips with it inside the guest and prints the report on the serial console.
+    if let Some(perf) = std::env::var_os("FWDBENCH_PERF") {
+        bins.push(PathBuf::from(perf));
+    }
     let o = Command::new("bash")
         .arg(&script)
         .arg(&out)

@@ -368,6 +368,9 @@ impl Device {
         if ev.contains(EventSet::HANG_UP) {
             c.host_hup = true;
         }
+        if ev.intersects(EventSet::READ_HANG_UP | EventSet::HANG_UP | EventSet::ERROR) {
+            c.hangup_seen = true;
+        }
         if ev.contains(EventSet::OUT) {
             self.flush(idx);
         }

@@ -170,10 +170,10 @@ impl Device {
         }
         // No more buffers than the bytes already queued need (a small message takes one; the
         // first buffer still sees end of stream or EAGAIN).
-        let queued = sys::queued_bytes(c.fd.as_raw_fd()).unwrap_or(MAX_BATCH_BYTES);
+        let queued = sys::queued_bytes(c.fd.as_raw_fd()).ok();
         let cap = (c.peer_credit() as usize)
             .min(MAX_BATCH_BYTES)
-            .min(queued.max(1));
+            .min(queued.unwrap_or(MAX_BATCH_BYTES).max(1));
         let mut bufs: Vec<(u16, ChainBuf<'m>, usize)> = Vec::with_capacity(MAX_BATCH_CHAINS);
         let iov = &mut self.iov;
         iov.clear();
@@ -221,8 +221,9 @@ impl Device {
                         .bytes_to_guest
                         .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
                 }
-                // A short read may still be followed by end of stream (a shutdown that came
-                // with the same edge), so `readable` stays set until EAGAIN or EOF.
+                if c.drained_by(n, want, queued) {
+                    c.readable = false;
+                }
                 let mut left = n;
                 for (head, buf, take) in &bufs {
                     if left == 0 {
@@ -361,6 +362,9 @@ fn read_host(
             Ok(true)
         }
         Ok((n, _)) => {
+            if c.drained_by(n, want, None) {
+                c.readable = false;
+            }
             buf.mark_dirty(HDR_LEN, n);
             c.tx_cnt = c.tx_cnt.wrapping_add(n as u32);
             c.bytes_to_guest += n as u64;

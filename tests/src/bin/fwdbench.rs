@@ -50,5 +50,40 @@ fn main() -> Result<()> {
             ours[i] / peer[i]
         );
     }
+    // Counted round trips (absent when the guest kernel cannot count).
+    let counts = |who: &str| {
+        markers
+            .iter()
+            .find(|m| m.scenario == format!("bench-{who}"))
+            .map(|m| m.values())
+            .filter(|v| v.contains_key("d_sys"))
+    };
+    if let (Some(o), Some(p)) = (counts("vhost-plug"), counts("vhost-device-vsock")) {
+        println!();
+        println!("per 1-byte round trip (counted, not timed)");
+        println!("| count | vhost-plug | vhost-device-vsock |");
+        println!("| --- | --- | --- |");
+        for (k, name) in [
+            ("d_sys", "daemon syscalls"),
+            ("d_vcsw", "daemon voluntary context switches (wakeups)"),
+            ("d_icsw", "daemon involuntary context switches"),
+            ("d_cpu_us", "daemon CPU us"),
+            ("h_sys", "harness + host program syscalls"),
+            (
+                "h_vcsw",
+                "harness + host program voluntary context switches",
+            ),
+            ("h_cpu_us", "harness + host program CPU us"),
+            ("d_calls", "daemon syscalls by name"),
+            ("h_calls", "harness syscalls by name"),
+            ("vsock_ops", "vsock packets on the loopback by op"),
+            ("wakeups", "guest-wide wakeups by task"),
+        ] {
+            let v = |m: &std::collections::BTreeMap<String, String>| {
+                m.get(k).cloned().unwrap_or_default()
+            };
+            println!("| {name} | {} | {} |", v(&o), v(&p));
+        }
+    }
     Ok(())
 }
