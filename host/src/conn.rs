@@ -546,6 +546,21 @@ mod tests {
     }
 
     #[test]
+    fn a_read_of_everything_queued_drains_until_a_hang_up_was_seen() {
+        let mut c = conn();
+        // Asked for 4096, got 1 of 1 queued; and a short read without a FIONREAD figure.
+        assert!(c.drained_by(1, 4096, Some(1)));
+        assert!(c.drained_by(10, 4096, None));
+        // The read stopped at the room or credit given, with more queued: read again.
+        assert!(!c.drained_by(4096, 4096, Some(10_000)));
+        assert!(!c.drained_by(4096, 4096, None));
+        // End of stream comes without another edge once a hang-up was reported.
+        c.hangup_seen = true;
+        assert!(!c.drained_by(1, 4096, Some(1)));
+        assert!(!c.drained_by(10, 4096, None));
+    }
+
+    #[test]
     fn txbuf_consumes_across_chunks() {
         let mut b = TxBuf::default();
         b.push(vec![1, 2, 3]);
