@@ -62,6 +62,7 @@ const EXPECTED: &[&str] = &[
     "peer_allowlist",
     "tcp_bridge",
     "proxy_bridge",
+    "proxy_bridge_v2",
     "audit",
     "serializer_postcard",
     "serializer_json",

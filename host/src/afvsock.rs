@@ -122,3 +122,21 @@ pub fn local_port(fd: RawFd) -> io::Result<u32> {
     }
     Ok(a.svm_port)
 }
+
+/// Whether `fd` is an AF_VSOCK socket (`SO_DOMAIN`): an adopted connection's socket says
+/// which backend it belongs to.
+pub fn is_vsock(fd: RawFd) -> bool {
+    let mut domain: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `domain` and `len` are valid for getsockopt to write.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_DOMAIN,
+            (&mut domain as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    r == 0 && domain == libc::AF_VSOCK
+}

@@ -289,6 +289,9 @@ pub struct Conn {
     pub framed: bool,
     /// The host socket is TCP (a bridge route): no probing for the peer's SHUT_RD.
     pub tcp: bool,
+    /// The host socket is AF_VSOCK (the forwarding backend, or a `host-vsock` route):
+    /// counted apart in the VM's metrics (`vhost_plug_afvsock_*`).
+    pub afvsock: bool,
     /// Receiving a frame: payload bytes of it still in the socket.
     pub frame_left: u32,
     /// Receiving a frame: its EOM/EOR flags, sent with its last byte.
@@ -345,6 +348,7 @@ impl Conn {
             shut_wr_done: false,
             framed: false,
             tcp: false,
+            afvsock: false,
             frame_left: 0,
             frame_flags: 0,
             in_frame: false,

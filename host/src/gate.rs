@@ -43,6 +43,12 @@ pub enum Target {
     /// naming the guest ([`crate::proxy`]). Guest-initiated connections only.
     ProxyUnix(PathBuf),
     ProxyTcp(SocketAddr),
+    /// An AF_VSOCK address of the host kernel (`host-vsock` route): reached with an
+    /// AF_VSOCK connect like the forwarding backend's, whatever backend the VM has.
+    HostVsock {
+        cid: u32,
+        port: u32,
+    },
 }
 
 /// The gate's answer for one connection.
@@ -288,6 +294,10 @@ fn target_of(route: Route) -> Result<Target, String> {
         },
         Route::ProxyUnix(p) => Target::ProxyUnix(PathBuf::from(p)),
         Route::ProxyTcp(t) => Target::ProxyTcp(parse_tcp_target(&t)?),
+        Route::HostVsock(e) => Target::HostVsock {
+            cid: u32::try_from(e.cid).map_err(|_| format!("host vsock cid {} too wide", e.cid))?,
+            port: e.port,
+        },
     })
 }
 
@@ -420,6 +430,7 @@ impl PluginSet {
             let res = match r {
                 RouteSpec::UnixDir(d) => list.allow_unix_dir(d).map(|_| ()),
                 RouteSpec::Tcp(t) => list.allow_tcp(t).map(|_| ()),
+                RouteSpec::Vsock(v) => list.allow_vsock(v).map(|_| ()),
             };
             res.map_err(|e| PluginSetError::Route(format!("{r:?}"), e.to_string()))?;
         }

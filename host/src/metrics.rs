@@ -347,6 +347,35 @@ impl Collector for VmCollector {
         )?;
         family(
             &mut enc,
+            "afvsock_connections_opened",
+            "Connections over a host AF_VSOCK socket (forwarding backend, host-vsock route), by initiator (guest, host program).",
+            MetricType::Counter,
+            vms.iter().flat_map(|v| {
+                DECIDED_FOR.iter().enumerate().map(move |(i, who)| {
+                    (
+                        vec![("cid", v.cid.as_str()), ("initiator", *who)],
+                        v.stats.counters.afvsock_opened[i].load(r),
+                    )
+                })
+            }),
+        )?;
+        family(
+            &mut enc,
+            "afvsock_bytes",
+            "Payload bytes of closed AF_VSOCK connections (added when a connection closes): guest_to_host = sent by the guest, host_to_guest = delivered to it.",
+            MetricType::Counter,
+            vms.iter().flat_map(|v| {
+                let c = &v.stats.counters;
+                [
+                    ("guest_to_host", c.afvsock_bytes[0].load(r)),
+                    ("host_to_guest", c.afvsock_bytes[1].load(r)),
+                ]
+                .into_iter()
+                .map(move |(d, n)| (vec![("cid", v.cid.as_str()), ("direction", d)], n))
+            }),
+        )?;
+        family(
+            &mut enc,
             "policy_verdicts",
             "Decisions of the VM's policy-plugin chain.",
             MetricType::Counter,

@@ -99,7 +99,7 @@ impl Plan {
         let ports: Option<Vec<u16>> = routes
             .filter_map(|r| match r {
                 RouteSpec::Tcp(t) => tcp_route_port(t).ok(),
-                RouteSpec::UnixDir(_) => None,
+                RouteSpec::UnixDir(_) | RouteSpec::Vsock(_) => None,
             })
             .collect();
         plan.connect_ports = ports.map(|mut p| {

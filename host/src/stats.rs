@@ -65,6 +65,12 @@ pub struct VmCounters {
     pub bytes_from_guest: AtomicU64,
     /// Payload bytes placed in the guest's rx buffers.
     pub bytes_to_guest: AtomicU64,
+    /// Connections over a host AF_VSOCK socket (forwarding backend, `host-vsock` route), by
+    /// initiator (0 = guest, 1 = host program through `forward-listen`).
+    pub afvsock_opened: [AtomicU64; 2],
+    /// Payload bytes of those connections once closed (0 = from the guest, 1 = to it).
+    /// Added when a connection goes, so the data path pays nothing for them.
+    pub afvsock_bytes: [AtomicU64; 2],
     /// Policy-chain decisions ([`Verdict`] as index).
     pub verdicts: [AtomicU64; 3],
     /// Policy-chain decisions by initiator (0 = guest, 1 = host program) and [`Outcome`].
@@ -82,6 +88,17 @@ pub struct VmCounters {
 impl VmCounters {
     pub fn opened(&self, who: Initiator) {
         self.opened[who as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts an AF_VSOCK connection the guest (`from_guest`) or a host program opened.
+    pub fn afvsock_opened(&self, from_guest: bool) {
+        self.afvsock_opened[usize::from(!from_guest)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Adds the payload totals of a closed AF_VSOCK connection.
+    pub fn afvsock_closed(&self, from_guest: u64, to_guest: u64) {
+        self.afvsock_bytes[0].fetch_add(from_guest, Ordering::Relaxed);
+        self.afvsock_bytes[1].fetch_add(to_guest, Ordering::Relaxed);
     }
 
     pub fn verdict(&self, v: Verdict) {

@@ -26,13 +26,14 @@ pub const LISTEN: [u32; 2] = [6001, 6002];
 const STREAM_BYTES: u64 = 4 << 20;
 
 /// The cases `fwdguest test` runs, in order.
-pub const CASES: [&str; 7] = [
+pub const CASES: [&str; 8] = [
     "streams",
     "half-close",
     "seqpacket",
     "rst",
     "listen",
     "conns100",
+    "route",
     "restart",
 ];
 
@@ -49,9 +50,9 @@ fn refused(e: ConnectError) -> anyhow::Error {
     anyhow::anyhow!("guest connect: {e}")
 }
 
-/// A guest connection to host port `port`, forwarded to (CID 1, `port`), and its accepted
-/// host end.
-fn g2h(
+/// A guest connection to host port `port` and its end accepted on `l` (where the daemon
+/// connected it over AF_VSOCK).
+pub(crate) fn g2h(
     vm: &TestVm,
     l: &VsockSocket,
     port: u32,
@@ -69,7 +70,7 @@ fn g2h(
 
 /// Checksummed bytes both ways at once, each side half-closing after its last byte: the
 /// other side must read all of it and then end of stream.
-fn both_ways(g: &GuestSocket, h: &VsockSocket, total: u64) -> Result<()> {
+pub(crate) fn both_ways(g: &GuestSocket, h: &VsockSocket, total: u64) -> Result<()> {
     thread::scope(|sc| -> Result<()> {
         let g_tx = sc.spawn(|| -> std::io::Result<_> {
             let d = send_pattern(g, 1, total, 65536)?;
@@ -173,9 +174,16 @@ fn half_close(vm: &TestVm) -> Result<String> {
 
 /// SEQPACKET keeps message bounds both ways, from 1 byte to 128 KiB.
 fn seqpacket(vm: &TestVm) -> Result<String> {
-    let sizes = [1usize, 7, 1000, 4096, 65536, 131072];
     let l = VsockSocket::listen(5003, SockType::Seqpacket)?;
     let (g, h) = g2h(vm, &l, 5003, SockType::Seqpacket)?;
+    let n = messages_both_ways(&g, &h)?;
+    Ok(format!("message_bytes_each_way={n}"))
+}
+
+/// Messages of 1 byte to 128 KiB each way, bounds and bytes checked; returns the payload
+/// bytes sent in each direction.
+pub(crate) fn messages_both_ways(g: &GuestSocket, h: &VsockSocket) -> Result<usize> {
+    let sizes = [1usize, 7, 1000, 4096, 65536, 131072];
     let mut buf = vec![0u8; 256 << 10];
     for (i, &n) in sizes.iter().enumerate() {
         let msg = Pattern::bytes(i as u64, n);
@@ -203,7 +211,7 @@ fn seqpacket(vm: &TestVm) -> Result<String> {
             "host -> guest message {i}: bytes differ"
         );
     }
-    Ok(format!("messages={}", sizes.len() * 2))
+    Ok(sizes.iter().sum())
 }
 
 /// Nothing listens at the forward address: the guest's connect is refused (RST), for both
@@ -296,6 +304,7 @@ pub fn run_case(name: &str, setup: &Setup, vm: &TestVm) -> Result<String> {
         "rst" => rst(vm),
         "listen" => listen(vm),
         "conns100" => conns100(setup, vm),
+        "route" => crate::forward_route::host_vsock_route(),
         other => bail!("unknown case {other}"),
     }
 }

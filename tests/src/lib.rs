@@ -32,6 +32,7 @@ pub mod daemon;
 pub mod data;
 pub mod driver;
 pub mod forward;
+pub mod forward_route;
 pub mod frontends;
 pub mod harness;
 pub mod host;

@@ -4,7 +4,9 @@
 //! in front of the simulated VMM and guest driver; the "host programs" are AF_VSOCK sockets
 //! of that guest. The cases ([`vhost_plug_tests::forward`]): checksummed streams both ways,
 //! half-close and reset both ways, SEQPACKET bounds, RST when nothing listens,
-//! `forward-listen` ports, 100 concurrent connections, a daemon restart. Both Debian kernels:
+//! `forward-listen` ports, 100 concurrent connections, a bridge plugin's `host-vsock` route
+//! from a VM on the unix backend (allowed and refused, [`vhost_plug_tests::forward_route`]),
+//! a daemon restart. Both Debian kernels:
 //! 6.1 (AF_VSOCK SEQPACKET cannot peek there) and 6.12.
 //!
 //! Run: `cargo test --release -p vhost-plug-tests --test guest_forward -- --nocapture`.

@@ -246,12 +246,15 @@ impl DaemonConfig {
     }
 }
 
-/// A destination plugins may route to: `unix:DIR` (sockets inside DIR) or `tcp:HOST:PORT`
-/// (`HOST:*` for any port).
+/// A destination plugins may route to: `unix:DIR` (sockets inside DIR), `tcp:HOST:PORT`
+/// (`HOST:*` for any port) or `vsock:CID:PORT` (`CID:*` for any port), a host AF_VSOCK
+/// address. The `vsock:` prefix names the host kernel's CIDs, which a `host-vsock` route
+/// reaches; sibling VMs (`vsock` routes) need no entry, they are checked against the VM's group.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RouteSpec {
     UnixDir(PathBuf),
     Tcp(String),
+    Vsock(String),
 }
 
 impl std::str::FromStr for RouteSpec {
@@ -264,8 +267,13 @@ impl std::str::FromStr for RouteSpec {
             Ok(RouteSpec::UnixDir(PathBuf::from(dir)))
         } else if let Some(t) = s.strip_prefix("tcp:") {
             Ok(RouteSpec::Tcp(t.to_string()))
+        } else if let Some(v) = s.strip_prefix("vsock:") {
+            crate::route::parse_vsock(v).map_err(|e| e.to_string())?;
+            Ok(RouteSpec::Vsock(v.to_string()))
         } else {
-            Err(format!("expected unix:DIR or tcp:HOST:PORT, got {s}"))
+            Err(format!(
+                "expected unix:DIR, tcp:HOST:PORT or vsock:CID:PORT, got {s}"
+            ))
         }
     }
 }

@@ -26,6 +26,10 @@ pub enum RouteError {
     NotSibling(u64),
     #[error("vsock cid {0} is reserved")]
     ReservedCid(u64),
+    #[error("host vsock target `{0}` is not CID:PORT (CID below 4294967295, PORT a number or `*`)")]
+    BadVsock(String),
+    #[error("host vsock address {0}:{1} is not in the --allow-route list")]
+    VsockNotAllowed(u64, u32),
 }
 
 /// What plugins may route to. Empty (the default) allows only `Route::Default`.
@@ -34,6 +38,8 @@ pub struct RouteAllowlist {
     unix_dirs: Vec<PathBuf>,
     /// (lowercase host, port; `None` = any port)
     tcp: Vec<(String, Option<u16>)>,
+    /// Host AF_VSOCK addresses: (CID, port; `None` = any port).
+    vsock: Vec<(u32, Option<u32>)>,
 }
 
 /// Lexically normalize an absolute path: drop `.` and repeated `/`; refuse `..` outright (a `..`
@@ -89,6 +95,26 @@ fn parse_tcp(s: &str) -> Result<(String, Option<u16>), RouteError> {
     Ok((host.to_ascii_lowercase(), port))
 }
 
+/// Parses a host AF_VSOCK allowlist entry `CID:PORT` or `CID:*` (`None`: any port). The CID
+/// is the host kernel's (`VMADDR_CID_LOCAL` 1, the host 2, an enclave's); `VMADDR_CID_ANY`
+/// (4294967295) names no peer and is refused, as is a port of `VMADDR_PORT_ANY`.
+pub fn parse_vsock(s: &str) -> Result<(u32, Option<u32>), RouteError> {
+    let bad = || RouteError::BadVsock(s.into());
+    let (cid, port) = s.split_once(':').ok_or_else(bad)?;
+    let number = |v: &str| {
+        if v.is_empty() || v.len() > 10 || !v.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        v.parse::<u32>().ok().filter(|n| *n != u32::MAX)
+    };
+    let cid = number(cid).ok_or_else(bad)?;
+    let port = match port {
+        "*" => None,
+        p => Some(number(p).ok_or_else(bad)?),
+    };
+    Ok((cid, port))
+}
+
 /// The port of a `host:port` / `host:*` TCP route (`None`: any port), checked as
 /// [`RouteAllowlist::allow_tcp`] checks it.
 pub fn tcp_route_port(target: &str) -> Result<Option<u16>, RouteError> {
@@ -111,6 +137,31 @@ impl RouteAllowlist {
     pub fn allow_tcp(&mut self, target: &str) -> Result<&mut Self, RouteError> {
         self.tcp.push(parse_tcp(target)?);
         Ok(self)
+    }
+
+    /// Allow a host AF_VSOCK address, `CID:PORT` or `CID:*` (an `--allow-route vsock:` entry).
+    pub fn allow_vsock(&mut self, target: &str) -> Result<&mut Self, RouteError> {
+        self.vsock.push(parse_vsock(target)?);
+        Ok(self)
+    }
+
+    /// Whether host AF_VSOCK address (`cid`, `port`) is allowed. Only a listed CID is: a
+    /// route cannot reach `VMADDR_CID_ANY` or a CID wider than 32 bits; `VMADDR_PORT_ANY`
+    /// names no port.
+    pub fn allows_vsock(&self, cid: u64, port: u32) -> Result<(), RouteError> {
+        if port == u32::MAX {
+            return Err(RouteError::BadVsock(format!("{cid}:{port}")));
+        }
+        let listed = u32::try_from(cid).is_ok_and(|c| {
+            self.vsock
+                .iter()
+                .any(|(lc, lp)| *lc == c && lp.is_none_or(|lp| lp == port))
+        });
+        if listed {
+            Ok(())
+        } else {
+            Err(RouteError::VsockNotAllowed(cid, port))
+        }
     }
 
     /// Whether a unix socket `path` lies below an allowed directory.
@@ -136,5 +187,53 @@ impl RouteAllowlist {
         } else {
             Err(RouteError::TcpNotAllowed(target.into()))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vsock_entries_parse() {
+        assert_eq!(parse_vsock("1:5000"), Ok((1, Some(5000))));
+        assert_eq!(parse_vsock("16:*"), Ok((16, None)));
+        assert_eq!(parse_vsock("0:1"), Ok((0, Some(1))));
+        for bad in [
+            "", "1", ":1", "1:", "x:1", "1:x", "-1:2", "+1:2", "1:5000:6", "4294967295:1",
+            "1:4294967295", "4294967296:1", "1: 2", "*:1", "01234567890:1",
+        ] {
+            assert_eq!(
+                parse_vsock(bad),
+                Err(RouteError::BadVsock(bad.into())),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn vsock_routes_must_be_listed() {
+        let mut a = RouteAllowlist::new();
+        assert_eq!(a.allows_vsock(1, 5000), Err(RouteError::VsockNotAllowed(1, 5000)));
+        a.allow_vsock("1:5000").unwrap().allow_vsock("16:*").unwrap();
+        assert_eq!(a.allows_vsock(1, 5000), Ok(()));
+        assert_eq!(a.allows_vsock(1, 5001), Err(RouteError::VsockNotAllowed(1, 5001)));
+        assert_eq!(a.allows_vsock(2, 5000), Err(RouteError::VsockNotAllowed(2, 5000)));
+        assert_eq!(a.allows_vsock(16, 1), Ok(()));
+        assert_eq!(
+            a.allows_vsock(16, u32::MAX),
+            Err(RouteError::BadVsock("16:4294967295".into()))
+        );
+        // The CID is the host kernel's 32-bit one: a wider value never matches a listed CID.
+        assert_eq!(
+            a.allows_vsock(u64::from(u32::MAX) + 17, 1),
+            Err(RouteError::VsockNotAllowed(u64::from(u32::MAX) + 17, 1))
+        );
+        // Entries of other kinds allow no vsock address.
+        let mut t = RouteAllowlist::new();
+        t.allow_tcp("127.0.0.1:*").unwrap();
+        t.allow_unix_dir("/run").unwrap();
+        assert!(t.allows_vsock(1, 5000).is_err());
+        assert!(a.allow_vsock("1:5000:1").is_err());
     }
 }

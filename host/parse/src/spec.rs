@@ -29,8 +29,10 @@ pub const BUILTIN_NAMES: &[&str] = &[
 pub enum WitVersion {
     /// `vhost-plug:plugin@0.1.0`: no peer identity in `conn-request`.
     V0_1,
-    /// `vhost-plug:plugin@0.2.0` (current).
+    /// `vhost-plug:plugin@0.2.0`: no `host-vsock` route.
     V0_2,
+    /// `vhost-plug:plugin@0.3.0` (current).
+    V0_3,
 }
 
 impl WitVersion {
@@ -38,6 +40,7 @@ impl WitVersion {
         match self {
             WitVersion::V0_1 => "0.1.0",
             WitVersion::V0_2 => "0.2.0",
+            WitVersion::V0_3 => "0.3.0",
         }
     }
 }
@@ -54,6 +57,11 @@ impl PluginKind {
     /// Fully qualified WIT world name in package version `v`.
     pub fn world(self, v: WitVersion) -> &'static str {
         match (self, v) {
+            (PluginKind::Policy, WitVersion::V0_3) => "vhost-plug:plugin/policy-plugin@0.3.0",
+            (PluginKind::Bridge, WitVersion::V0_3) => "vhost-plug:plugin/bridge-plugin@0.3.0",
+            (PluginKind::Serializer, WitVersion::V0_3) => {
+                "vhost-plug:plugin/serializer-plugin@0.3.0"
+            }
             (PluginKind::Policy, WitVersion::V0_2) => "vhost-plug:plugin/policy-plugin@0.2.0",
             (PluginKind::Bridge, WitVersion::V0_2) => "vhost-plug:plugin/bridge-plugin@0.2.0",
             (PluginKind::Serializer, WitVersion::V0_2) => {

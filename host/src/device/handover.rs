@@ -307,8 +307,10 @@ impl Device {
             // A SEQPACKET connection over a unix stream is a framed sibling connection.
             let framed = kind == SockType::Seqpacket
                 && crate::sys::socket_type(fd.as_raw_fd()).ok() == Some(libc::SOCK_STREAM);
+            let afvsock = crate::afvsock::is_vsock(fd.as_raw_fd());
             let mut c = Conn::new(0, key, kind, fd, state);
             c.framed = framed;
+            c.afvsock = afvsock;
             if state != State::AwaitConnectLine {
                 // The guest knows the window of the old daemon; it must not shrink.
                 let want = if r.local_cid == HOST_CID {

@@ -187,6 +187,7 @@ impl Device {
         );
         conn.initiator = Initiator::Host;
         conn.id = id;
+        conn.afvsock = true;
         conn.window = self.window_for(false);
         conn.pending = pending::REQUEST;
         match self.insert(conn, true) {

@@ -560,10 +560,14 @@ impl Device {
         }
         let handshake = conn.in_handshake();
         let who = conn.initiator;
+        let afvsock = conn.afvsock;
         entry.insert(conn);
         if keyed {
             self.publish_count();
             self.note_opened(who);
+            if let (true, Some(s)) = (afvsock, &self.stats) {
+                s.counters.afvsock_opened(who != Initiator::Host);
+            }
         }
         if handshake {
             self.arm_timer();
@@ -591,6 +595,10 @@ impl Device {
             }
             if c.holds_handshake() {
                 self.handshakes -= 1;
+            }
+            if let (true, Some(s)) = (c.afvsock, &self.stats) {
+                s.counters
+                    .afvsock_closed(c.bytes_from_guest, c.bytes_to_guest);
             }
             if c.id != 0 {
                 if let Some(Ok(mut g)) = self.gate.as_ref().map(|g| g.lock()) {

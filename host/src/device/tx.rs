@@ -269,7 +269,11 @@ impl Device {
         let sibling = match target {
             Target::Vsock { .. } => true,
             Target::Default => h.dst_cid != HOST_CID,
-            Target::Unix(_) | Target::Tcp(_) | Target::ProxyUnix(_) | Target::ProxyTcp(_) => false,
+            Target::Unix(_)
+            | Target::Tcp(_)
+            | Target::ProxyUnix(_)
+            | Target::ProxyTcp(_)
+            | Target::HostVsock { .. } => false,
         };
         let tcp = matches!(target, Target::Tcp(_) | Target::ProxyTcp(_));
         let connecting = |(fd, done)| {
@@ -281,6 +285,11 @@ impl Device {
             (fd, state)
         };
         let forward_cid = self.cfg.forward.as_ref().map(|f| f.cid);
+        let afvsock = match target {
+            Target::Default => h.dst_cid == HOST_CID && forward_cid.is_some(),
+            Target::HostVsock { .. } => true,
+            _ => false,
+        };
         let opened = match target {
             Target::Default if h.dst_cid == HOST_CID && forward_cid.is_some() => {
                 let cid = forward_cid.unwrap_or(afvsock::CID_ANY);
@@ -293,6 +302,7 @@ impl Device {
             }
             Target::Default => self.sibling_open(h, kind, h.dst_cid, h.dst_port),
             Target::Vsock { cid, port } => self.sibling_open(h, kind, cid, port),
+            Target::HostVsock { cid, port } => afvsock::connect(cid, port, ukind).map(connecting),
             Target::Unix(path) => sys::connect(&path, ukind).map(|fd| (fd, State::Established)),
             Target::Tcp(addr) if kind == SockType::Stream => {
                 sys::tcp_connect(&addr).map(connecting)
@@ -335,6 +345,7 @@ impl Device {
         let mut conn = Conn::new(0, key, kind, fd, state);
         conn.id = id;
         conn.tcp = tcp;
+        conn.afvsock = afvsock;
         conn.framed = sibling && kind == SockType::Seqpacket;
         conn.window = self.window_for(sibling);
         conn.update_peer_credit(h.buf_alloc, h.fwd_cnt);

@@ -1,13 +1,14 @@
-//! Conversions between the types of `vhost-plug:plugin@0.1.0` and the current package.
+//! Conversions between the types of `vhost-plug:plugin@0.1.0` and `@0.2.0`.
 //!
 //! The two packages differ only in `conn-request` (0.2.0 added `peer`) and `route` (0.2.0 added
 //! `proxy-unix` and `proxy-tcp`), but the component model
 //! names every type by its package version, so each version has Rust types of its own. Requests
 //! go down (the 0.1.0 plugin does not see `peer`); answers come up unchanged (0.2.0's `route`
-//! is a superset: it added the proxied routes).
+//! is a superset: it added the proxied routes). A 0.1.0 plugin's values then go on through
+//! [`super::compat_v0_2`] to the current package (0.3.0).
 
 use super::bindings::v0_1::{host as old_host, types as old};
-use super::bindings::{host, types as new};
+use super::bindings::v0_2::{host, types as new};
 
 /// Copies a flags value field by field (both sides have the same flag names).
 macro_rules! flags {

@@ -4,7 +4,7 @@
 use sha2::{Digest, Sha256};
 use wasmtime::component::Component;
 
-use super::bindings::{bridge_world, policy_world, serializer_world, v0_1};
+use super::bindings::{bridge_world, policy_world, serializer_world, v0_1, v0_2};
 use super::cache::hex;
 use super::dispatch::WitVersion;
 use super::runtime::PluginInfo;
@@ -19,6 +19,9 @@ pub(crate) enum KindPre {
     PolicyV0_1(v0_1::policy_world::PolicyPluginPre<HostState>),
     BridgeV0_1(v0_1::bridge_world::BridgePluginPre<HostState>),
     SerializerV0_1(v0_1::serializer_world::SerializerPluginPre<HostState>),
+    PolicyV0_2(v0_2::policy_world::PolicyPluginPre<HostState>),
+    BridgeV0_2(v0_2::bridge_world::BridgePluginPre<HostState>),
+    SerializerV0_2(v0_2::serializer_world::SerializerPluginPre<HostState>),
 }
 
 const PACKAGE: &str = "vhost-plug:plugin/";
@@ -32,6 +35,7 @@ fn our_export(export: &str) -> Option<(&str, Option<Result<WitVersion, &str>>)> 
         None => (rest, None),
         Some((name, v)) if v.starts_with("0.1.") => (name, Some(Ok(WitVersion::V0_1))),
         Some((name, v)) if v.starts_with("0.2.") => (name, Some(Ok(WitVersion::V0_2))),
+        Some((name, v)) if v.starts_with("0.3.") => (name, Some(Ok(WitVersion::V0_3))),
         Some((name, v)) => (name, Some(Err(v))),
     })
 }
@@ -52,7 +56,7 @@ impl PluginRuntime {
         let version_of = |iface: &str| -> Option<Result<WitVersion, String>> {
             exports.iter().find_map(|e| match our_export(e) {
                 Some((name, v)) if name == iface => Some(match v {
-                    None => Ok(WitVersion::V0_2),
+                    None => Ok(WitVersion::V0_3),
                     Some(Ok(v)) => Ok(v),
                     Some(Err(v)) => Err(v.to_string()),
                 }),
@@ -72,7 +76,7 @@ impl PluginRuntime {
         if matching.is_empty() {
             problems.push(format!(
                 "exports none of `{PACKAGE}policy`, `{PACKAGE}bridge`, `{PACKAGE}serializer` \
-                 of version 0.1 or 0.2 (exports: [{}])",
+                 of version 0.1, 0.2 or 0.3 (exports: [{}])",
                 exports.join(", "),
             ));
         }
@@ -88,7 +92,7 @@ impl PluginRuntime {
                 Ok(v) => Some(*v),
                 Err(v) => {
                     problems.push(format!(
-                        "exports `{PACKAGE}{}@{v}`: this daemon loads versions 0.1.x and 0.2.x",
+                        "exports `{PACKAGE}{}@{v}`: this daemon loads versions 0.1.x, 0.2.x and 0.3.x",
                         ifs[0]
                     ));
                     None
@@ -147,15 +151,24 @@ impl PluginRuntime {
             .map_err(|e| format!("{e:#}"))?;
         let e = |e: wasmtime::Error| format!("{e:#}");
         Ok(match (kind, version) {
-            (PluginKind::Policy, WitVersion::V0_2) => {
+            (PluginKind::Policy, WitVersion::V0_3) => {
                 KindPre::Policy(policy_world::PolicyPluginPre::new(ipre).map_err(e)?)
             }
-            (PluginKind::Bridge, WitVersion::V0_2) => {
+            (PluginKind::Bridge, WitVersion::V0_3) => {
                 KindPre::Bridge(bridge_world::BridgePluginPre::new(ipre).map_err(e)?)
             }
-            (PluginKind::Serializer, WitVersion::V0_2) => {
+            (PluginKind::Serializer, WitVersion::V0_3) => {
                 KindPre::Serializer(serializer_world::SerializerPluginPre::new(ipre).map_err(e)?)
             }
+            (PluginKind::Policy, WitVersion::V0_2) => {
+                KindPre::PolicyV0_2(v0_2::policy_world::PolicyPluginPre::new(ipre).map_err(e)?)
+            }
+            (PluginKind::Bridge, WitVersion::V0_2) => {
+                KindPre::BridgeV0_2(v0_2::bridge_world::BridgePluginPre::new(ipre).map_err(e)?)
+            }
+            (PluginKind::Serializer, WitVersion::V0_2) => KindPre::SerializerV0_2(
+                v0_2::serializer_world::SerializerPluginPre::new(ipre).map_err(e)?,
+            ),
             (PluginKind::Policy, WitVersion::V0_1) => {
                 KindPre::PolicyV0_1(v0_1::policy_world::PolicyPluginPre::new(ipre).map_err(e)?)
             }
@@ -188,6 +201,10 @@ mod tests {
         assert_eq!(
             v("vhost-plug:plugin/policy@1.0.0"),
             Some(("policy".into(), Some(Err("1.0.0".into()))))
+        );
+        assert_eq!(
+            v("vhost-plug:plugin/serializer@0.3.0"),
+            Some(("serializer".into(), Some(Ok(WitVersion::V0_3))))
         );
         assert_eq!(v("vhost-plug:plugin/policy"), Some(("policy".into(), None)));
         assert_eq!(v("wasi:io/poll@0.2.6"), None);

@@ -1,11 +1,12 @@
-//! One instantiated plugin of either WIT package version, behind one set of calls in the
-//! current package's types. A 0.1.0 instance gets its arguments converted down and its answers
-//! converted up ([`super::compat`]); a 0.2.0 instance is called directly.
+//! One instantiated plugin of any WIT package version, behind one set of calls in the
+//! current package's types. A 0.2.0 instance gets its arguments converted down and its answers
+//! converted up ([`super::compat_v0_2`]); a 0.1.0 instance goes one step further down and up
+//! ([`super::compat`]); a 0.3.0 instance is called directly.
 
 use wasmtime::Store;
 
-use super::bindings::{bridge_world, policy_world, serializer_world, v0_1};
-use super::compat;
+use super::bindings::{bridge_world, policy_world, serializer_world, v0_1, v0_2};
+use super::{compat, compat_v0_2 as compat2};
 use super::detect::KindPre;
 use super::store::HostState;
 use super::types::{ConnRequest, ConnStats, DeviceState, PluginState, Route, Verdict};
@@ -20,23 +21,27 @@ pub(crate) trait World: Sized + Send {
 
 pub(crate) enum PolicyImpl {
     V0_1(v0_1::policy_world::PolicyPlugin),
-    V0_2(policy_world::PolicyPlugin),
+    V0_2(v0_2::policy_world::PolicyPlugin),
+    V0_3(policy_world::PolicyPlugin),
 }
 
 pub(crate) enum BridgeImpl {
     V0_1(v0_1::bridge_world::BridgePlugin),
-    V0_2(bridge_world::BridgePlugin),
+    V0_2(v0_2::bridge_world::BridgePlugin),
+    V0_3(bridge_world::BridgePlugin),
 }
 
 pub(crate) enum SerializerImpl {
     V0_1(v0_1::serializer_world::SerializerPlugin),
-    V0_2(serializer_world::SerializerPlugin),
+    V0_2(v0_2::serializer_world::SerializerPlugin),
+    V0_3(serializer_world::SerializerPlugin),
 }
 
 impl World for PolicyImpl {
     fn instantiate(pre: &KindPre, store: &mut Store<HostState>) -> wasmtime::Result<Self> {
         match pre {
-            KindPre::Policy(p) => p.instantiate(store).map(Self::V0_2),
+            KindPre::Policy(p) => p.instantiate(store).map(Self::V0_3),
+            KindPre::PolicyV0_2(p) => p.instantiate(store).map(Self::V0_2),
             KindPre::PolicyV0_1(p) => p.instantiate(store).map(Self::V0_1),
             _ => wasmtime::bail!("not a policy plugin"),
         }
@@ -46,7 +51,8 @@ impl World for PolicyImpl {
 impl World for BridgeImpl {
     fn instantiate(pre: &KindPre, store: &mut Store<HostState>) -> wasmtime::Result<Self> {
         match pre {
-            KindPre::Bridge(p) => p.instantiate(store).map(Self::V0_2),
+            KindPre::Bridge(p) => p.instantiate(store).map(Self::V0_3),
+            KindPre::BridgeV0_2(p) => p.instantiate(store).map(Self::V0_2),
             KindPre::BridgeV0_1(p) => p.instantiate(store).map(Self::V0_1),
             _ => wasmtime::bail!("not a bridge plugin"),
         }
@@ -59,7 +65,8 @@ impl World for SerializerImpl {
     const CALL_BUDGETS: u64 = 20;
     fn instantiate(pre: &KindPre, store: &mut Store<HostState>) -> wasmtime::Result<Self> {
         match pre {
-            KindPre::Serializer(p) => p.instantiate(store).map(Self::V0_2),
+            KindPre::Serializer(p) => p.instantiate(store).map(Self::V0_3),
+            KindPre::SerializerV0_2(p) => p.instantiate(store).map(Self::V0_2),
             KindPre::SerializerV0_1(p) => p.instantiate(store).map(Self::V0_1),
             _ => wasmtime::bail!("not a serializer plugin"),
         }
@@ -73,11 +80,15 @@ impl PolicyImpl {
         req: &ConnRequest,
     ) -> wasmtime::Result<Verdict> {
         match self {
-            Self::V0_2(w) => w.vhost_plug_plugin_policy().call_on_connect(s, req),
+            Self::V0_3(w) => w.vhost_plug_plugin_policy().call_on_connect(s, req),
+            Self::V0_2(w) => w
+                .vhost_plug_plugin_policy()
+                .call_on_connect(s, &compat2::conn_request(req))
+                .map(compat2::verdict),
             Self::V0_1(w) => w
                 .vhost_plug_plugin_policy()
-                .call_on_connect(s, &compat::conn_request(req))
-                .map(compat::verdict),
+                .call_on_connect(s, &compat::conn_request(&compat2::conn_request(req)))
+                .map(|v| compat2::verdict(compat::verdict(v))),
         }
     }
 
@@ -88,11 +99,16 @@ impl PolicyImpl {
         stats: ConnStats,
     ) -> wasmtime::Result<()> {
         match self {
-            Self::V0_2(w) => w.vhost_plug_plugin_policy().call_on_close(s, id, stats),
-            Self::V0_1(w) => {
+            Self::V0_3(w) => w.vhost_plug_plugin_policy().call_on_close(s, id, stats),
+            Self::V0_2(w) => {
                 w.vhost_plug_plugin_policy()
-                    .call_on_close(s, id, compat::conn_stats(stats))
+                    .call_on_close(s, id, compat2::conn_stats(stats))
             }
+            Self::V0_1(w) => w.vhost_plug_plugin_policy().call_on_close(
+                s,
+                id,
+                compat::conn_stats(compat2::conn_stats(stats)),
+            ),
         }
     }
 }
@@ -104,11 +120,15 @@ impl BridgeImpl {
         req: &ConnRequest,
     ) -> wasmtime::Result<Result<Route, String>> {
         match self {
-            Self::V0_2(w) => w.vhost_plug_plugin_bridge().call_route(s, req),
+            Self::V0_3(w) => w.vhost_plug_plugin_bridge().call_route(s, req),
+            Self::V0_2(w) => w
+                .vhost_plug_plugin_bridge()
+                .call_route(s, &compat2::conn_request(req))
+                .map(|r| r.map(compat2::route)),
             Self::V0_1(w) => w
                 .vhost_plug_plugin_bridge()
-                .call_route(s, &compat::conn_request(req))
-                .map(|r| r.map(compat::route)),
+                .call_route(s, &compat::conn_request(&compat2::conn_request(req)))
+                .map(|r| r.map(|r| compat2::route(compat::route(r)))),
         }
     }
 }
@@ -120,10 +140,13 @@ impl SerializerImpl {
         state: &DeviceState,
     ) -> wasmtime::Result<Result<Vec<u8>, String>> {
         match self {
-            Self::V0_2(w) => w.vhost_plug_plugin_serializer().call_encode(s, state),
+            Self::V0_3(w) => w.vhost_plug_plugin_serializer().call_encode(s, state),
+            Self::V0_2(w) => w
+                .vhost_plug_plugin_serializer()
+                .call_encode(s, &compat2::device_state_down(state)),
             Self::V0_1(w) => w
                 .vhost_plug_plugin_serializer()
-                .call_encode(s, &compat::device_state_down(state)),
+                .call_encode(s, &compat::device_state_down(&compat2::device_state_down(state))),
         }
     }
 
@@ -133,11 +156,15 @@ impl SerializerImpl {
         blob: &[u8],
     ) -> wasmtime::Result<Result<DeviceState, String>> {
         match self {
-            Self::V0_2(w) => w.vhost_plug_plugin_serializer().call_decode(s, blob),
+            Self::V0_3(w) => w.vhost_plug_plugin_serializer().call_decode(s, blob),
+            Self::V0_2(w) => w
+                .vhost_plug_plugin_serializer()
+                .call_decode(s, blob)
+                .map(|r| r.map(compat2::device_state_up)),
             Self::V0_1(w) => w
                 .vhost_plug_plugin_serializer()
                 .call_decode(s, blob)
-                .map(|r| r.map(compat::device_state_up)),
+                .map(|r| r.map(|d| compat2::device_state_up(compat::device_state_up(d)))),
         }
     }
 }
@@ -152,17 +179,21 @@ pub(crate) trait Stateful {
     ) -> wasmtime::Result<Result<(), String>>;
 }
 
-/// `stateful` is the same interface in both versions; only the type paths differ.
+/// `stateful` is the same interface in every version; only the type paths differ.
 macro_rules! stateful {
     ($t:ty) => {
         impl Stateful for $t {
             fn export(&self, s: &mut Store<HostState>) -> wasmtime::Result<PluginState> {
                 match self {
-                    Self::V0_2(w) => w.vhost_plug_plugin_stateful().call_export_state(s),
+                    Self::V0_3(w) => w.vhost_plug_plugin_stateful().call_export_state(s),
+                    Self::V0_2(w) => w
+                        .vhost_plug_plugin_stateful()
+                        .call_export_state(s)
+                        .map(compat2::plugin_state_up),
                     Self::V0_1(w) => w
                         .vhost_plug_plugin_stateful()
                         .call_export_state(s)
-                        .map(compat::plugin_state_up),
+                        .map(|st| compat2::plugin_state_up(compat::plugin_state_up(st))),
                 }
             }
             fn import(
@@ -171,10 +202,14 @@ macro_rules! stateful {
                 st: &PluginState,
             ) -> wasmtime::Result<Result<(), String>> {
                 match self {
-                    Self::V0_2(w) => w.vhost_plug_plugin_stateful().call_import_state(s, st),
-                    Self::V0_1(w) => w
+                    Self::V0_3(w) => w.vhost_plug_plugin_stateful().call_import_state(s, st),
+                    Self::V0_2(w) => w
                         .vhost_plug_plugin_stateful()
-                        .call_import_state(s, &compat::plugin_state_down(st)),
+                        .call_import_state(s, &compat2::plugin_state_down(st)),
+                    Self::V0_1(w) => w.vhost_plug_plugin_stateful().call_import_state(
+                        s,
+                        &compat::plugin_state_down(&compat2::plugin_state_down(st)),
+                    ),
                 }
             }
         }

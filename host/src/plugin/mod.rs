@@ -1,10 +1,12 @@
 //! WebAssembly plugin runtime (wasmtime component model).
 //!
-//! Plugins implement one of three WIT worlds of `vhost-plug:plugin@0.2.0` (see `wit/`):
+//! Plugins implement one of three WIT worlds of `vhost-plug:plugin@0.3.0` (see `wit/`):
 //! `policy-plugin` (allow / deny / redirect connection requests), `bridge-plugin` (choose a
 //! route) and `serializer-plugin` (device state <-> bytes). Plugins built against the frozen
-//! `vhost-plug:plugin@0.1.0` (`wit/0.1.0/`) load and run too: they get the same requests
-//! without the host peer's identity ([`compat`], [`dispatch`]).
+//! `vhost-plug:plugin@0.2.0` (`wit/0.2.0/`) and `@0.1.0` (`wit/0.1.0/`) load and run too: a
+//! 0.2.0 plugin gets the same requests, a 0.1.0 plugin gets them without the host peer's
+//! identity, and neither can name a route its version lacks ([`compat`], [`compat_v0_2`],
+//! [`dispatch`]).
 //!
 //! ```text
 //! let rt = PluginRuntime::new(RuntimeConfig::default())?;           // one per daemon
@@ -30,6 +32,7 @@ mod bindings;
 pub mod builtin;
 pub mod cache;
 mod compat;
+mod compat_v0_2;
 mod detect;
 mod dispatch;
 mod error;
@@ -40,6 +43,8 @@ mod store;
 pub mod validate;
 mod worlds;
 
+#[cfg(test)]
+mod host_vsock_tests;
 #[cfg(test)]
 mod peer_tests;
 #[cfg(test)]

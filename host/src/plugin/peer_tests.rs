@@ -1,4 +1,4 @@
-//! Host peer identity in policy requests: WIT 0.2.0 plugins see it (peer-allowlist, audit),
+//! Host peer identity in policy requests: plugins of WIT 0.2.0 and later see it (peer-allowlist, audit),
 //! 0.1.0 plugins load and decide as before without it.
 use super::tests::{chain, denied, load, req};
 use super::types::*;
@@ -30,14 +30,17 @@ fn versions_are_detected() {
     let v1 = load("port_allowlist_v1", "");
     assert_eq!(v1.info().version, WitVersion::V0_1);
     assert_eq!(v1.info().world, "vhost-plug:plugin/policy-plugin@0.1.0");
-    let v2 = load("port_allowlist", "");
-    assert_eq!(v2.info().version, WitVersion::V0_2);
-    assert_eq!(v2.info().world, "vhost-plug:plugin/policy-plugin@0.2.0");
-    assert!(v2
+    let v3 = load("port_allowlist", "");
+    assert_eq!(v3.info().version, WitVersion::V0_3);
+    assert_eq!(v3.info().world, "vhost-plug:plugin/policy-plugin@0.3.0");
+    assert!(v3
         .info()
         .imports
         .iter()
-        .any(|i| i == "vhost-plug:plugin/types@0.2.0"));
+        .any(|i| i == "vhost-plug:plugin/types@0.3.0"));
+    let v2 = load("proxy_bridge_v2", "");
+    assert_eq!(v2.info().version, WitVersion::V0_2);
+    assert_eq!(v2.info().world, "vhost-plug:plugin/bridge-plugin@0.2.0");
 }
 
 /// The same rules give the same answers from a 0.1.0 build (port-allowlist v1) and a 0.2.0
@@ -228,7 +231,7 @@ fn audit_records_identity() {
     assert_eq!(records, 1);
 }
 
-/// The conversions a 0.1.0 serializer goes through keep every field of a device state (the
+/// The conversions 0.1.0 and 0.2.0 serializers go through keep every field of a device state (the
 /// fixture `serializer-postcard-v1` is run end to end in `plugin/tests`).
 #[test]
 fn device_state_conversion_round_trips() {
@@ -272,6 +275,10 @@ fn device_state_conversion_round_trips() {
             bytes_from_guest: 11,
         }],
     };
-    let back = compat::device_state_up(compat::device_state_down(&st));
+    // 0.3.0 -> 0.2.0 -> 0.3.0, and 0.3.0 -> 0.2.0 -> 0.1.0 -> 0.2.0 -> 0.3.0.
+    let v2 = compat_v0_2::device_state_down(&st);
+    assert_eq!(compat_v0_2::device_state_up(v2.clone()), st);
+    let v1 = compat::device_state_down(&v2);
+    let back = compat_v0_2::device_state_up(compat::device_state_up(v1));
     assert_eq!(back, st);
 }

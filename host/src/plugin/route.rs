@@ -45,6 +45,8 @@ impl RouteCheck for RouteAllowlist {
             Route::Default => Ok(()),
             Route::UnixSocket(p) | Route::ProxyUnix(p) => self.allows_unix(p),
             Route::Tcp(t) | Route::ProxyTcp(t) => self.allows_tcp(t),
+            // The host kernel's CID namespace, never a sibling: only a listed entry admits it.
+            Route::HostVsock(ep) => self.allows_vsock(ep.cid, ep.port),
             Route::Vsock(ep) => {
                 // 0 hypervisor, 1 local, 2 host, u32::MAX = VMADDR_CID_ANY.
                 if ep.cid <= 2 || ep.cid >= u64::from(u32::MAX) {

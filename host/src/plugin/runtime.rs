@@ -10,7 +10,7 @@ use wasmtime::{
     Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreLimitsBuilder,
 };
 
-use super::bindings::{policy_world, v0_1};
+use super::bindings::{policy_world, v0_1, v0_2};
 use super::cache::{ArtifactCache, CacheDir};
 use super::detect::KindPre;
 use super::dispatch::WitVersion;
@@ -112,7 +112,7 @@ pub struct PluginInfo {
     pub kind: PluginKind,
     /// The WIT package version the component was built against.
     pub version: WitVersion,
-    /// WIT world name, e.g. `vhost-plug:plugin/policy-plugin@0.2.0`.
+    /// WIT world name, e.g. `vhost-plug:plugin/policy-plugin@0.3.0`.
     pub world: &'static str,
     /// Component imports (interface names).
     pub imports: Vec<String>,
@@ -324,6 +324,11 @@ impl PluginRuntime {
             |s| s,
         )
         .map_err(|e| PluginError::Engine(format!("host functions (0.1.0): {e}")))?;
+        v0_2::policy_world::PolicyPlugin::add_to_linker::<HostState, HasSelf<HostState>>(
+            &mut linker,
+            |s| s,
+        )
+        .map_err(|e| PluginError::Engine(format!("host functions (0.2.0): {e}")))?;
 
         let stop = Arc::new(AtomicBool::new(false));
         let ctl = Arc::new(TickerCtl::default());

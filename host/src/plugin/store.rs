@@ -8,8 +8,8 @@ use wasmtime::component::ResourceTable;
 use wasmtime::{ResourceLimiter, StoreLimits};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use super::bindings::{host, policy_world, v0_1};
-use super::compat;
+use super::bindings::{host, policy_world, v0_1, v0_2};
+use super::{compat, compat_v0_2};
 
 /// Per-store host data: WASI context with nothing granted, limits and the plugin's identity.
 pub(crate) struct HostState {
@@ -74,11 +74,27 @@ impl WasiView for HostState {
 
 impl policy_world::vhost_plug::plugin::types::Host for HostState {}
 impl v0_1::types::Host for HostState {}
+impl v0_2::types::Host for HostState {}
 
 /// A 0.1.0 plugin gets the same host functions.
 impl v0_1::host::Host for HostState {
     fn log(&mut self, level: v0_1::host::LogLevel, msg: String) {
-        host::Host::log(self, compat::log_level(level), msg)
+        v0_2::host::Host::log(self, compat::log_level(level), msg)
+    }
+
+    fn now_ns(&mut self) -> u64 {
+        host::Host::now_ns(self)
+    }
+
+    fn config(&mut self) -> String {
+        host::Host::config(self)
+    }
+}
+
+/// A 0.2.0 plugin gets the same host functions.
+impl v0_2::host::Host for HostState {
+    fn log(&mut self, level: v0_2::host::LogLevel, msg: String) {
+        host::Host::log(self, compat_v0_2::log_level(level), msg)
     }
 
     fn now_ns(&mut self) -> u64 {

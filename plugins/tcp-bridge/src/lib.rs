@@ -1,7 +1,11 @@
-//! tcp-bridge: route guest connections to TCP endpoints by destination port.
+//! tcp-bridge: route guest connections by destination port to TCP endpoints or to AF_VSOCK
+//! addresses of the host.
 //!
-//! Config: `map=1234=127.0.0.1:8080,5000=db.internal:5432`. A port without a mapping is refused.
-//! The host still checks every returned `host:port` against its `--allow-route` list.
+//! Config: `map=1234=127.0.0.1:8080,5000=db.internal:5432,6000=vsock:1:7000`. `HOST:PORT` is a
+//! TCP endpoint; `vsock:CID:PORT` an AF_VSOCK address in the host kernel's vsock namespace
+//! (CID 1 is the host itself, or an enclave's or the outer host's CID; never a sibling VM).
+//! A port without a mapping is refused. The host still checks every returned target against
+//! its `--allow-route` list (`tcp:HOST:PORT`, `vsock:CID:PORT`).
 //! State: schema 1 = per-mapping routed-connection counters.
 
 use std::cell::RefCell;
@@ -9,7 +13,7 @@ use vhost_plug_sdk_bridge::*;
 
 struct Map {
     port: u32,
-    target: String,
+    target: Route,
     routed: u64,
 }
 
@@ -32,18 +36,32 @@ fn load() -> Result<Vec<Map>, String> {
                 .trim()
                 .parse()
                 .map_err(|_| format!("bad port `{port}`"))?;
-            let target = target.trim();
-            if !target.contains(':') {
-                return Err(format!("`{target}`: expected HOST:PORT"));
-            }
             maps.push(Map {
                 port,
-                target: target.to_string(),
+                target: parse_target(target.trim())?,
                 routed: 0,
             });
         }
     }
     Ok(maps)
+}
+
+/// `HOST:PORT` (TCP) or `vsock:CID:PORT` (host AF_VSOCK).
+fn parse_target(t: &str) -> Result<Route, String> {
+    if let Some(addr) = t.strip_prefix("vsock:") {
+        let bad = || format!("`{t}`: expected vsock:CID:PORT");
+        let (cid, port) = addr.split_once(':').ok_or_else(bad)?;
+        let cid: u32 = cid.parse().map_err(|_| bad())?;
+        let port: u32 = port.parse().map_err(|_| bad())?;
+        return Ok(Route::HostVsock(Endpoint {
+            cid: u64::from(cid),
+            port,
+        }));
+    }
+    if !t.contains(':') {
+        return Err(format!("`{t}`: expected HOST:PORT or vsock:CID:PORT"));
+    }
+    Ok(Route::Tcp(t.to_string()))
 }
 
 fn with_maps<R>(f: impl FnOnce(&mut Result<Vec<Map>, String>) -> R) -> R {
@@ -61,7 +79,7 @@ impl BridgePlugin for TcpBridge {
             match maps.iter_mut().find(|m| m.port == req.dst.port) {
                 Some(m) => {
                     m.routed += 1;
-                    Ok(Route::Tcp(m.target.clone()))
+                    Ok(m.target.clone())
                 }
                 None => Err(format!("tcp-bridge: no mapping for port {}", req.dst.port)),
             }

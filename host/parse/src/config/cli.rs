@@ -202,8 +202,9 @@ struct Cli {
     #[arg(long = "plugin", value_name = "SPEC", value_parser = plugin_value, verbatim_doc_comment)]
     plugins: Vec<crate::spec::PluginSpec>,
 
-    /// Where plugins may route connections: unix:DIR (sockets inside DIR) or
-    /// tcp:HOST:PORT (HOST an IP address or localhost; PORT may be *). Repeatable.
+    /// Where plugins may route connections: unix:DIR (sockets inside DIR),
+    /// tcp:HOST:PORT (HOST an IP address or localhost; PORT may be *) or
+    /// vsock:CID:PORT (a host AF_VSOCK address, not a sibling VM; PORT may be *). Repeatable.
     #[arg(long = "allow-route", value_name = "ROUTE", value_parser = route_value, verbatim_doc_comment)]
     allow_routes: Vec<super::RouteSpec>,
 

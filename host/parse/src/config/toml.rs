@@ -15,6 +15,7 @@
 //! [routes]                         # optional: where plugins may route (--allow-route)
 //! unix = ["/run/vsock-services"]   # sockets inside these directories
 //! tcp = ["127.0.0.1:8080", "127.0.0.1:*"]
+//! vsock = ["1:5000", "16:*"]       # host AF_VSOCK CID:PORT (not sibling VMs)
 //!
 //! [plugins]                        # optional: plugins of every VM (--plugin); absent means
 //! policy = [                       # the built-in defaults
@@ -175,6 +176,8 @@ struct Routes {
     unix: Vec<Spanned<String>>,
     #[serde(default)]
     tcp: Vec<Spanned<String>>,
+    #[serde(default)]
+    vsock: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -296,7 +299,7 @@ impl File<'_> {
         // The same parser the daemon uses when it builds the allowlist, so what passes here
         // loads there.
         let mut probe = RouteAllowlist::new();
-        let mut out = Vec::with_capacity(r.unix.len() + r.tcp.len());
+        let mut out = Vec::with_capacity(r.unix.len() + r.tcp.len() + r.vsock.len());
         for (i, d) in r.unix.iter().enumerate() {
             let field = format!("{prefix}unix[{i}]");
             let dir = d.get_ref();
@@ -322,6 +325,13 @@ impl File<'_> {
                 )
             })?;
             out.push(RouteSpec::Tcp(t.get_ref().clone()));
+        }
+        for (i, v) in r.vsock.iter().enumerate() {
+            let field = format!("{prefix}vsock[{i}]");
+            probe
+                .allow_vsock(v.get_ref())
+                .map_err(|e| self.error(v.span(), field, e.to_string()))?;
+            out.push(RouteSpec::Vsock(v.get_ref().clone()));
         }
         Ok(out)
     }

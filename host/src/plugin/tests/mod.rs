@@ -378,7 +378,7 @@ fn serializers_round_trip() {
 
 /// A serializer built against WIT 0.1.0 loads, reports its version, round-trips a device
 /// state (connection table included) through the converted bindings, and writes the same
-/// bytes as its 0.2.0 build: each reads the other's blobs.
+/// bytes as its current build: each reads the other's blobs.
 #[test]
 fn serializer_built_against_0_1_0_round_trips() {
     let st = sample_state();

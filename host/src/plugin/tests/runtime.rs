@@ -14,7 +14,7 @@ fn check_reports_worlds() {
     );
     let info = rt().check(&wasm("serializer_json")).unwrap();
     assert_eq!(info.kind, PluginKind::Serializer);
-    assert_eq!(info.world, "vhost-plug:plugin/serializer-plugin@0.2.0");
+    assert_eq!(info.world, "vhost-plug:plugin/serializer-plugin@0.3.0");
     assert!(info.wasi_imports.iter().all(|i| i.starts_with("wasi:")));
     assert!(
         !info

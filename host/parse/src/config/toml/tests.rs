@@ -357,16 +357,35 @@ fn bad_routes_are_refused_where_written() {
         4,
         "not HOST:PORT",
     );
+    assert_err(
+        &format!("[routes]\nvsock = ['1:5000', '1']\n{ONE_VM}"),
+        "routes.vsock[1]",
+        2,
+        "not CID:PORT",
+    );
+    assert_err(
+        &format!("{ONE_VM}routes = {{ vsock = ['4294967295:1'] }}\n"),
+        "vm[0].routes.vsock[0]",
+        4,
+        "not CID:PORT",
+    );
     let l = parse(&format!(
-        "[routes]\ntcp = ['localhost:22']\n{ONE_VM}routes = {{ unix = ['/srv'], tcp = ['[::1]:*'] }}\n"
+        "[routes]\ntcp = ['localhost:22']\nvsock = ['1:5000']\n{ONE_VM}routes = {{ unix = ['/srv'], tcp = ['[::1]:*'], vsock = ['16:*'] }}\n"
     ))
     .expect("good routes");
-    assert_eq!(l.allow_routes, vec![RouteSpec::Tcp("localhost:22".into())]);
+    assert_eq!(
+        l.allow_routes,
+        vec![
+            RouteSpec::Tcp("localhost:22".into()),
+            RouteSpec::Vsock("1:5000".into())
+        ]
+    );
     assert_eq!(
         l.specs[0].allow_routes,
         vec![
             RouteSpec::UnixDir("/srv".into()),
-            RouteSpec::Tcp("[::1]:*".into())
+            RouteSpec::Tcp("[::1]:*".into()),
+            RouteSpec::Vsock("16:*".into())
         ]
     );
 }
