@@ -26,7 +26,9 @@ pub enum RouteError {
     NotSibling(u64),
     #[error("vsock cid {0} is reserved")]
     ReservedCid(u64),
-    #[error("host vsock target `{0}` is not CID:PORT (CID below 4294967295, PORT a number or `*`)")]
+    #[error(
+        "host vsock target `{0}` is not CID:PORT (CID below 4294967295, PORT a number or `*`)"
+    )]
     BadVsock(String),
     #[error("host vsock address {0}:{1} is not in the --allow-route list")]
     VsockNotAllowed(u64, u32),
@@ -200,8 +202,21 @@ mod tests {
         assert_eq!(parse_vsock("16:*"), Ok((16, None)));
         assert_eq!(parse_vsock("0:1"), Ok((0, Some(1))));
         for bad in [
-            "", "1", ":1", "1:", "x:1", "1:x", "-1:2", "+1:2", "1:5000:6", "4294967295:1",
-            "1:4294967295", "4294967296:1", "1: 2", "*:1", "01234567890:1",
+            "",
+            "1",
+            ":1",
+            "1:",
+            "x:1",
+            "1:x",
+            "-1:2",
+            "+1:2",
+            "1:5000:6",
+            "4294967295:1",
+            "1:4294967295",
+            "4294967296:1",
+            "1: 2",
+            "*:1",
+            "01234567890:1",
         ] {
             assert_eq!(
                 parse_vsock(bad),
@@ -214,11 +229,23 @@ mod tests {
     #[test]
     fn vsock_routes_must_be_listed() {
         let mut a = RouteAllowlist::new();
-        assert_eq!(a.allows_vsock(1, 5000), Err(RouteError::VsockNotAllowed(1, 5000)));
-        a.allow_vsock("1:5000").unwrap().allow_vsock("16:*").unwrap();
+        assert_eq!(
+            a.allows_vsock(1, 5000),
+            Err(RouteError::VsockNotAllowed(1, 5000))
+        );
+        a.allow_vsock("1:5000")
+            .unwrap()
+            .allow_vsock("16:*")
+            .unwrap();
         assert_eq!(a.allows_vsock(1, 5000), Ok(()));
-        assert_eq!(a.allows_vsock(1, 5001), Err(RouteError::VsockNotAllowed(1, 5001)));
-        assert_eq!(a.allows_vsock(2, 5000), Err(RouteError::VsockNotAllowed(2, 5000)));
+        assert_eq!(
+            a.allows_vsock(1, 5001),
+            Err(RouteError::VsockNotAllowed(1, 5001))
+        );
+        assert_eq!(
+            a.allows_vsock(2, 5000),
+            Err(RouteError::VsockNotAllowed(2, 5000))
+        );
         assert_eq!(a.allows_vsock(16, 1), Ok(()));
         assert_eq!(
             a.allows_vsock(16, u32::MAX),

@@ -6,10 +6,10 @@
 use wasmtime::Store;
 
 use super::bindings::{bridge_world, policy_world, serializer_world, v0_1, v0_2};
-use super::{compat, compat_v0_2 as compat2};
 use super::detect::KindPre;
 use super::store::HostState;
 use super::types::{ConnRequest, ConnStats, DeviceState, PluginState, Route, Verdict};
+use super::{compat, compat_v0_2 as compat2};
 
 pub use crate::spec::WitVersion;
 
@@ -144,9 +144,10 @@ impl SerializerImpl {
             Self::V0_2(w) => w
                 .vhost_plug_plugin_serializer()
                 .call_encode(s, &compat2::device_state_down(state)),
-            Self::V0_1(w) => w
-                .vhost_plug_plugin_serializer()
-                .call_encode(s, &compat::device_state_down(&compat2::device_state_down(state))),
+            Self::V0_1(w) => w.vhost_plug_plugin_serializer().call_encode(
+                s,
+                &compat::device_state_down(&compat2::device_state_down(state)),
+            ),
         }
     }
 

@@ -45,7 +45,11 @@ fn host_vsock_routes_need_a_listed_address() {
         Err(RouteError::ReservedCid(1))
     );
     assert_eq!(
-        allow.check(&r, &Route::Vsock(Endpoint { cid: 16, port: 9 }), &NoSiblings),
+        allow.check(
+            &r,
+            &Route::Vsock(Endpoint { cid: 16, port: 9 }),
+            &NoSiblings
+        ),
         Err(RouteError::NotSibling(16))
     );
     // Malformed: wider than the kernel's 32-bit CID, or the "any" port.
