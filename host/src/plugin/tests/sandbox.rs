@@ -64,11 +64,17 @@ fn hostile_redirects_outside_allowlist() {
     let mut allow = RouteAllowlist::new();
     allow.allow_unix_dir("/run/vhost-plug").unwrap();
     allow.allow_tcp("127.0.0.1:*").unwrap();
+    allow.allow_vsock("1:22").unwrap();
     c.set_routes(RoutePolicy {
         allow: Arc::new(allow),
         siblings: Arc::new(|_: &ConnRequest, cid| cid == 4),
     });
-    for (src_port, want) in [(1, "`..`"), (2, "sibling"), (3, "allow-route")] {
+    for (src_port, want) in [
+        (1, "`..`"),
+        (2, "sibling"),
+        (3, "allow-route"),
+        (4, "host vsock address 4:22 is not in"),
+    ] {
         let mut r = req(src_port as u64, 2, 666);
         r.src.port = src_port;
         let (reason, failure) = denied(&c.decide(&r));

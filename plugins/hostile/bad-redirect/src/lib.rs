@@ -15,6 +15,10 @@ impl PolicyPlugin for Hostile {
         if req.src.port == 2 {
             return Verdict::Redirect(Route::Vsock(Endpoint { cid: 99, port: 22 }));
         }
+        if req.src.port == 4 {
+            // A host AF_VSOCK address whose CID is a sibling's: still needs a vsock: entry.
+            return Verdict::Redirect(Route::HostVsock(Endpoint { cid: 4, port: 22 }));
+        }
         Verdict::Redirect(Route::Tcp("evil.example.com:22".into()))
     }
 }

@@ -757,3 +757,38 @@ fn duplicate_paths_refused() {
 }
 
 mod yaml;
+
+#[test]
+fn allow_route_vsock_entries() {
+    let cfg = ok(&[
+        "--vm",
+        "guest-cid=3,socket=/run/a.sock,uds-path=/run/a.vsock",
+        "--allow-route",
+        "vsock:1:5201",
+        "--allow-route",
+        "vsock:16:*",
+    ]);
+    assert_eq!(
+        cfg.allow_routes,
+        vec![
+            RouteSpec::Vsock("1:5201".into()),
+            RouteSpec::Vsock("16:*".into())
+        ]
+    );
+    for bad in [
+        "vsock:1",
+        "vsock:x:1",
+        "vsock:4294967295:1",
+        "vsock:1:-2",
+        "vsock:",
+    ] {
+        let (kind, text) = cli_err(&[
+            "--vm",
+            "guest-cid=3,socket=/run/a.sock,uds-path=/run/a.vsock",
+            "--allow-route",
+            bad,
+        ]);
+        assert_eq!(kind, ErrorKind::ValueValidation, "{bad}: {text}");
+        assert!(text.contains("not CID:PORT"), "{bad}: {text}");
+    }
+}
