@@ -2,7 +2,8 @@
 //!
 //! `route` is called for each connection the policy chain allowed and says where it goes. This
 //! one reads a port map from its config string,
-//! `--plugin bridge=PATH,config=map=80=tcp:127.0.0.1:8080,22=unix:/run/svc/ssh.sock`,
+//! `--plugin bridge=PATH,config=map=80=tcp:127.0.0.1:8080,22=unix:/run/svc/ssh.sock,5000=vsock:1:5000`
+//! (`vsock:CID:PORT` is an AF_VSOCK address of the host, not a sibling VM),
 //! sends mapped destination ports there and leaves the others on their default route. The
 //! daemon only follows a route the operator allowed (`--allow-route`, TOML `[routes]`).
 use vhost_plug_sdk_bridge::*;
@@ -21,7 +22,7 @@ impl BridgePlugin for Plugin {
             for item in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
                 let (port, target) = item
                     .split_once('=')
-                    .ok_or_else(|| format!("`{item}`: expected PORT=tcp:HOST:PORT or PORT=unix:PATH"))?;
+                    .ok_or_else(|| format!("`{item}`: expected PORT=tcp:HOST:PORT, PORT=unix:PATH or PORT=vsock:CID:PORT"))?;
                 if port.trim().parse() != Ok(req.dst.port) {
                     continue;
                 }
@@ -29,8 +30,15 @@ impl BridgePlugin for Plugin {
                 return match target.trim().split_once(':') {
                     Some(("tcp", host_port)) => Ok(Route::Tcp(host_port.to_string())),
                     Some(("unix", path)) => Ok(Route::UnixSocket(path.to_string())),
+                    Some(("vsock", addr)) => match addr.split_once(':') {
+                        Some((cid, port)) => match (cid.parse(), port.parse()) {
+                            (Ok(cid), Ok(port)) => Ok(Route::HostVsock(Endpoint { cid, port })),
+                            _ => Err(format!("`{target}`: expected vsock:CID:PORT")),
+                        },
+                        None => Err(format!("`{target}`: expected vsock:CID:PORT")),
+                    },
                     // `Err` refuses the connection (the guest sees RST).
-                    _ => Err(format!("`{target}`: expected tcp:HOST:PORT or unix:PATH")),
+                    _ => Err(format!("`{target}`: expected tcp:HOST:PORT, unix:PATH or vsock:CID:PORT")),
                 };
             }
         }
