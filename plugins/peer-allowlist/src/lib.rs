@@ -52,7 +52,11 @@ fn parse_who(s: &str) -> Result<Who, String> {
         "gid" => Ok(Who::Gid(num(v)?)),
         "cgroup" if v.starts_with('/') => {
             let t = v.trim_end_matches('/');
-            Ok(Who::Cgroup(if t.is_empty() { "/".into() } else { t.into() }))
+            Ok(Who::Cgroup(if t.is_empty() {
+                "/".into()
+            } else {
+                t.into()
+            }))
         }
         "cgroup" => Err(format!("cgroup `{v}` must start with /")),
         other => Err(format!("unknown selector `{other}` (uid, gid, cgroup)")),

@@ -11,7 +11,12 @@ impl PolicyPlugin for Hostile {
         // Touch the static so that it is kept.
         let i = req.dst.port as usize % (96 << 20);
         // SAFETY: plugins are single-threaded; nothing else holds a reference to BIG.
-        let b = unsafe { std::ptr::addr_of_mut!(BIG).cast::<u8>().add(i).read_volatile() };
+        let b = unsafe {
+            std::ptr::addr_of_mut!(BIG)
+                .cast::<u8>()
+                .add(i)
+                .read_volatile()
+        };
         Verdict::Deny(format!("byte {b}"))
     }
 }
