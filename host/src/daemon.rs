@@ -42,16 +42,13 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     );
     // Started by a live upgrade: the listening sockets come from the old daemon (once the
     // plugins are ready, so a plugin that fails here fails before anything moved).
-    let mut adopted_sockets = match &chan {
+    let (mut adopted_sockets, metrics_fd) = match &chan {
         Some(c) => {
             let cids: Vec<u64> = cfg.vms.iter().map(|v| v.guest_cid).collect();
-            crate::upgrade::receive_listeners(c, &cids)
-                .context("live upgrade")?
-                .into_iter()
-                .map(Some)
-                .collect()
+            let got = crate::upgrade::receive_listeners(c, &cids).context("live upgrade")?;
+            (got.vms.into_iter().map(Some).collect(), got.metrics)
         }
-        None => Vec::new(),
+        None => (Vec::new(), None),
     };
     let mut paths: Vec<OwnedPath> = Vec::new();
     let mut vms = Vec::new();
@@ -123,7 +120,7 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
             .context("spawning control thread")?;
     }
     if let Some(addr) = &cfg.metrics {
-        let server = match MetricsServer::bind(addr, metrics_handles) {
+        let server = match MetricsServer::bind(addr, metrics_fd, metrics_handles) {
             Ok(s) => s,
             Err(e) => {
                 remove_all(&paths);
@@ -131,6 +128,10 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
             }
         };
         paths.extend(server.path().map(|p| OwnedPath::new(p.to_path_buf())));
+        match server.listener_dup() {
+            Ok(fd) => crate::listenset::offer_metrics(fd),
+            Err(e) => warn!(error = %e, "a live upgrade will bind the metrics endpoint again"),
+        }
         std::thread::Builder::new()
             .name("metrics".into())
             .spawn(move || server.run())

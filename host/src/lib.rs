@@ -20,6 +20,7 @@ pub mod gate;
 pub mod handed;
 pub mod handover;
 pub mod inspect;
+pub mod listenset;
 pub mod metrics;
 pub mod migration;
 pub mod peer;

@@ -16,6 +16,7 @@
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::TcpListener;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -69,23 +70,35 @@ pub struct MetricsServer {
 }
 
 impl MetricsServer {
-    /// Binds `addr` (a unix socket is created 0600, like the control socket).
-    pub fn bind(addr: &MetricsAddr, vms: Vec<VmHandle>) -> Result<Self, MetricsError> {
+    /// Binds `addr` (a unix socket is created 0600, like the control socket), or serves on
+    /// `inherited`, the listening socket a live upgrade handed over, if it is bound there.
+    pub fn bind(
+        addr: &MetricsAddr,
+        inherited: Option<OwnedFd>,
+        vms: Vec<VmHandle>,
+    ) -> Result<Self, MetricsError> {
         let err = |source| MetricsError::Listen {
             addr: format!("{addr:?}"),
             source,
         };
-        let (listener, local, path) = match addr {
-            MetricsAddr::Unix(p) => (
-                Listener::Unix(bind_private_unix(p).map_err(err)?),
-                format!("unix:{}", p.display()),
-                Some(p.clone()),
-            ),
-            MetricsAddr::Tcp(a) => {
-                let l = TcpListener::bind(a).map_err(err)?;
-                let local = l.local_addr().map_err(err)?.to_string();
-                (Listener::Tcp(l), local, None)
+        let inherited = inherited.and_then(|fd| match adopt(addr, fd) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                warn!(error = %e, "metrics listener of the old daemon not used; binding again");
+                None
             }
+        });
+        let listener = match (inherited, addr) {
+            (Some(l), _) => l,
+            (None, MetricsAddr::Unix(p)) => Listener::Unix(bind_private_unix(p).map_err(err)?),
+            (None, MetricsAddr::Tcp(a)) => Listener::Tcp(TcpListener::bind(a).map_err(err)?),
+        };
+        let (local, path) = match (&listener, addr) {
+            (Listener::Tcp(l), _) => (l.local_addr().map_err(err)?.to_string(), None),
+            (Listener::Unix(_), MetricsAddr::Unix(p)) => {
+                (format!("unix:{}", p.display()), Some(p.clone()))
+            }
+            (Listener::Unix(_), MetricsAddr::Tcp(a)) => (a.to_string(), None),
         };
         let mut registry = Registry::with_prefix("vhost_plug");
         registry.register_collector(Box::new(VmCollector {
@@ -104,6 +117,14 @@ impl MetricsServer {
             local,
             path,
         })
+    }
+
+    /// A duplicate of the listening socket, for a live upgrade to hand over.
+    pub fn listener_dup(&self) -> std::io::Result<OwnedFd> {
+        match &self.listener {
+            Listener::Unix(l) => l.try_clone().map(OwnedFd::from),
+            Listener::Tcp(l) => l.try_clone().map(OwnedFd::from),
+        }
     }
 
     /// The unix socket this server created, to remove on exit.
@@ -142,6 +163,30 @@ impl MetricsServer {
                     std::thread::sleep(Duration::from_millis(100));
                 }
             }
+        }
+    }
+}
+
+/// The handed-over listening socket `fd`, if it is what `addr` asks for: the same kind and
+/// the same path, or the same address (any port when `addr` asks for port 0).
+fn adopt(addr: &MetricsAddr, fd: OwnedFd) -> std::io::Result<Listener> {
+    let other = |what: String| std::io::Error::other(what);
+    match addr {
+        MetricsAddr::Unix(p) => {
+            let l = UnixListener::from(fd);
+            let at = l.local_addr()?;
+            if at.as_pathname() != Some(p.as_path()) {
+                return Err(other(format!("it listens on {at:?}")));
+            }
+            Ok(Listener::Unix(l))
+        }
+        MetricsAddr::Tcp(a) => {
+            let l = TcpListener::from(fd);
+            let at = l.local_addr()?;
+            if at.ip() != a.ip() || (a.port() != 0 && at.port() != a.port()) {
+                return Err(other(format!("it listens on {at}")));
+            }
+            Ok(Listener::Tcp(l))
         }
     }
 }

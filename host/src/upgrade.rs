@@ -5,8 +5,10 @@
 //! SOCK_SEQPACKET socketpair ([`crate::upchan`]) named by `VHOST_PLUG_UPGRADE_FD`. Then:
 //! 1. new -> old `hello` with its record version; a different version is refused and the new
 //!    process exits; nothing has moved.
-//! 2. old -> new `listeners`: the VMs' listening sockets (vhost-user, stream, seqpacket); the
-//!    new daemon builds its VMs on them (same configuration required) and answers `ready`.
+//! 2. old -> new `listeners`: the VMs' listening sockets (vhost-user, then stream and
+//!    seqpacket, or the `forward-listen` AF_VSOCK ones) and the metrics endpoint's; the new
+//!    daemon builds its VMs and endpoint on them (same configuration required) and answers
+//!    `ready`. No listening socket is ever closed, so no connect is refused meanwhile.
 //! 3. old -> new `parked`: for every VM, duplicates of its connected vhost-user socket and
 //!    its setup record with the record's fds. The new daemon holds them and touches
 //!    nothing (it never reads those sockets) unless the old process dies: then it takes
@@ -116,6 +118,12 @@ enum Wire {
         vms: Vec<u64>,
         /// Open connections over all VMs: the fds the new daemon is about to receive.
         connections: usize,
+        /// Listening sockets of each VM, in `vms` order (absent: 3 each, the hybrid ones).
+        #[serde(default)]
+        counts: Vec<usize>,
+        /// The metrics endpoint's listening socket follows the VMs' ones.
+        #[serde(default)]
+        metrics: bool,
     },
     Ready,
     Vm {
@@ -335,9 +343,13 @@ fn exchange(
         _ => return Err(UpgradeError::Protocol),
     }
     let mut fds = Vec::with_capacity(vms.len() * 3);
+    let mut counts = Vec::with_capacity(vms.len());
     for v in vms {
-        fds.extend(post(v, UpgradeCmd::Listeners)??);
+        let l = post(v, UpgradeCmd::Listeners)??;
+        counts.push(l.len());
+        fds.extend(l);
     }
+    let metrics = crate::listenset::append_metrics(&mut fds);
     let connections: usize = vms
         .iter()
         .map(|v| v.stats.connections.load(Ordering::Relaxed))
@@ -346,6 +358,8 @@ fn exchange(
         record_version: RECORD_VERSION,
         vms: vms.iter().map(|v| v.cid).collect(),
         connections,
+        counts,
+        metrics,
     };
     // Room for the duplicates the quiesce makes, grown now rather than during a pause.
     crate::scm::reserve_fds(chan, connections + 64 * vms.len());
@@ -570,11 +584,11 @@ fn hand_one(
     }
 }
 
-/// New daemon: says hello and receives the listening sockets, 3 per VM in `cids` order.
+/// New daemon: says hello and receives the listening sockets of the VMs in `cids` order.
 pub fn receive_listeners(
     chan: &UnixStream,
     cids: &[u64],
-) -> Result<Vec<[OwnedFd; 3]>, UpgradeError> {
+) -> Result<crate::listenset::Inherited, UpgradeError> {
     let hello = Wire::Hello {
         record_version: RECORD_VERSION,
         version: env!("CARGO_PKG_VERSION").into(),
@@ -603,17 +617,16 @@ pub fn receive_listeners(
         Wire::Listeners { vms, .. } if vms != cids => Err(refuse(format!(
             "the old daemon serves VMs {vms:?}, this configuration {cids:?}"
         ))),
-        Wire::Listeners { .. } if m.fds.len() != cids.len() * 3 => {
-            Err(refuse("listening sockets missing".into()))
-        }
-        Wire::Listeners { connections, .. } => {
+        Wire::Listeners {
+            connections,
+            counts,
+            metrics,
+            ..
+        } => {
+            let got = crate::listenset::split(m.fds, counts, metrics, cids.len())
+                .ok_or_else(|| refuse("listening sockets missing".into()))?;
             crate::scm::reserve_fds(chan, connections.min(1 << 20) + 64 * cids.len());
-            let mut it = m.fds.into_iter();
-            let mut out = Vec::new();
-            while let (Some(a), Some(b), Some(c)) = (it.next(), it.next(), it.next()) {
-                out.push([a, b, c]);
-            }
-            Ok(out)
+            Ok(got)
         }
         Wire::Refused { reason } => Err(UpgradeError::Refused(reason)),
         _ => Err(UpgradeError::Protocol),

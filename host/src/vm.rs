@@ -96,10 +96,11 @@ pub struct Vm {
 }
 
 /// Where a VM's listening sockets come from: bound here, or handed over by an old daemon
-/// (vhost-user, stream, seqpacket).
+/// (vhost-user first, then stream and seqpacket, or the `forward-listen` ones in
+/// configuration order: what [`Vm::listener_dups`] gives).
 pub enum Sockets {
     Bind,
-    Adopted([OwnedFd; 3]),
+    Adopted(Vec<OwnedFd>),
 }
 
 impl Vm {
@@ -157,13 +158,10 @@ impl Vm {
                 })?;
                 (l, stream, seqpacket, forward)
             }
-            // Only VMs with hybrid sockets are handed over ([`Vm::listener_dups`]).
-            Sockets::Adopted([l, stream, seqpacket]) => (
-                UnixListener::from(l),
-                Some(stream),
-                Some(seqpacket),
-                Vec::new(),
-            ),
+            Sockets::Adopted(fds) => {
+                let (l, stream, seqpacket, forward) = adopted_sockets(&cfg, fds)?;
+                (UnixListener::from(l), stream, seqpacket, forward)
+            }
         };
         let listener = Listener::from(listener);
         registry.add_vm(cfg.guest_cid, cfg.groups.clone());
@@ -427,20 +425,20 @@ impl Vm {
         }
     }
 
+    /// Duplicates of the VM's listening sockets for a live upgrade, in the order
+    /// [`Sockets::Adopted`] takes them.
     fn listener_dups(&self) -> std::io::Result<Vec<OwnedFd>> {
         let l = self.listener.as_raw_fd();
         // SAFETY: the listener lives as long as `self`; the borrow ends with the dup.
         let l = unsafe { std::os::fd::BorrowedFd::borrow_raw(l) };
-        let (Some(stream), Some(seqpacket)) = (&self.stream, &self.seqpacket) else {
-            return Err(std::io::Error::other(
-                "a VM with the vsock forwarding backend cannot be live-upgraded yet",
-            ));
-        };
-        Ok(vec![
-            l.try_clone_to_owned()?,
-            stream.try_clone()?,
-            seqpacket.try_clone()?,
-        ])
+        let mut out = vec![l.try_clone_to_owned()?];
+        for fd in self.stream.iter().chain(&self.seqpacket) {
+            out.push(fd.try_clone()?);
+        }
+        for (fd, _) in &self.forward {
+            out.push(fd.try_clone()?);
+        }
+        Ok(out)
     }
 
     /// An upgrade command while no frontend is connected.
@@ -615,6 +613,53 @@ enum Back {
     Idle,
     /// Back here with its session.
     Serve(Session),
+}
+
+/// The VM's listening sockets of [`Sockets::Adopted`], checked against its configuration:
+/// the backend's kind and, for `forward-listen`, the ports.
+#[allow(clippy::type_complexity)]
+fn adopted_sockets(
+    cfg: &VmConfig,
+    fds: Vec<OwnedFd>,
+) -> Result<
+    (
+        OwnedFd,
+        Option<OwnedFd>,
+        Option<OwnedFd>,
+        Vec<(OwnedFd, u32)>,
+    ),
+    VmError,
+> {
+    let mismatch = |what: String| {
+        VmError::Io(std::io::Error::other(format!(
+            "listening sockets of the old daemon: {what}"
+        )))
+    };
+    let mut it = fds.into_iter();
+    let l = it.next().ok_or_else(|| mismatch("none".into()))?;
+    match &cfg.forward {
+        None => {
+            let (Some(stream), Some(seqpacket), None) = (it.next(), it.next(), it.next()) else {
+                return Err(mismatch("not the stream and seqpacket sockets".into()));
+            };
+            Ok((l, Some(stream), Some(seqpacket), Vec::new()))
+        }
+        Some(f) => {
+            let rest: Vec<OwnedFd> = it.collect();
+            let ports = rest
+                .iter()
+                .map(|fd| crate::afvsock::local_port(fd.as_raw_fd()))
+                .collect::<std::io::Result<Vec<u32>>>()
+                .map_err(|e| mismatch(format!("not AF_VSOCK listeners ({e})")))?;
+            if ports != f.listen {
+                return Err(mismatch(format!(
+                    "forward-listen ports {ports:?}, this configuration {:?}",
+                    f.listen
+                )));
+            }
+            Ok((l, None, None, rest.into_iter().zip(ports).collect()))
+        }
+    }
 }
 
 /// The frontend's vhost-user socket, as handed over.

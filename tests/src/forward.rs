@@ -14,7 +14,7 @@ use anyhow::{bail, ensure, Context, Result};
 use crate::data::{recv_digest, send_pattern, Pattern};
 use crate::driver::{ConnectError, Direction, GuestSocket, SockType};
 use crate::harness::{echo, exchange, Setup, TestVm};
-use crate::packet::{HOST_CID, OP_SHUTDOWN, SHUTDOWN_RCV, SHUTDOWN_SEND};
+use crate::packet::{HOST_CID, OP_RST, OP_SHUTDOWN, SHUTDOWN_RCV, SHUTDOWN_SEND};
 use crate::vsockhost::{VsockSocket, CID_LOCAL};
 use crate::{DaemonKind, VmSpec};
 
@@ -25,8 +25,8 @@ pub const LISTEN: [u32; 2] = [6001, 6002];
 /// Bytes each way of the checksummed streams.
 const STREAM_BYTES: u64 = 4 << 20;
 
-/// The cases `fwdguest test` runs, in order.
-pub const CASES: [&str; 8] = [
+/// The cases `fwdguest test` runs, in order (`restart` and `upgrade` start their own daemon).
+pub const CASES: [&str; 9] = [
     "streams",
     "half-close",
     "seqpacket",
@@ -35,7 +35,10 @@ pub const CASES: [&str; 8] = [
     "conns100",
     "route",
     "restart",
+    "upgrade",
 ];
+/// Live upgrades in the `upgrade` case.
+const UPGRADES: usize = 3;
 
 /// A daemon of `kind` forwarding CID 3's connections to CID 1 and listening on `listen`.
 pub fn forwarding_daemon(kind: DaemonKind, listen: &[u32]) -> Result<Setup> {
@@ -328,6 +331,139 @@ pub fn restart(setup: Setup, vm: TestVm) -> Result<String> {
     both_ways(&g, &h, 1 << 20)?;
     vm.guest.health()?;
     Ok(format!("ms={}", t0.elapsed().as_millis()))
+}
+
+/// Live upgrade of a forwarding VM (`vhost-plug ctl upgrade`, 3 times): a checksummed
+/// stream flows each way over a connection forwarded to CID 1 throughout, and a
+/// `forward-listen` connection is held open; both carry on with nothing lost or duplicated,
+/// the guest sees no RST and no TRANSPORT_RESET, the simulated VMM keeps its one vhost-user
+/// connection, and new connections both ways work after. Reports each upgrade's pause.
+pub fn upgrade() -> Result<String> {
+    let dir = tempfile::tempdir()?;
+    let control = dir.path().join("ctl");
+    let c = control.display().to_string();
+    let setup = Setup::with(
+        DaemonKind::VhostPlug,
+        |d| vec![VmSpec::new(d, 3).forward(CID_LOCAL, &LISTEN)],
+        &["--control-socket", &c],
+    )?;
+    let mut current = crate::upgrade::Current(None);
+    let r = upgrade_on(&setup, &control, &mut current);
+    drop(current);
+    r.map_err(|e| {
+        let log = setup.daemon.stderr();
+        let tail: Vec<&str> = log.lines().rev().take(12).collect();
+        anyhow::anyhow!("{e:#} || daemon log, newest first: {}", tail.join(" / "))
+    })
+}
+
+fn upgrade_on(
+    setup: &Setup,
+    control: &std::path::Path,
+    current: &mut crate::upgrade::Current,
+) -> Result<String> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let vm = setup.boot(0)?;
+    let l = VsockSocket::listen(5006, SockType::Stream)?;
+    let (g, h) = g2h(&vm, &l, 5006, SockType::Stream)?;
+    let gl = vm.guest.listen(LISTEN[0], SockType::Stream)?;
+    let held_h = VsockSocket::connect_retry(CID_LOCAL, LISTEN[0], SockType::Stream, STEP)?;
+    held_h.set_timeout(STEP)?;
+    let mut held_g = gl.accept(STEP)?;
+    held_g.set_timeout(STEP);
+    let seq = vm.guest.log_seq();
+    let stop = AtomicBool::new(false);
+    let mut pauses = Vec::new();
+    thread::scope(|sc| -> Result<()> {
+        let g_tx = sc.spawn(|| crate::data::send_until(&g, 31, &stop));
+        let h_tx = sc.spawn(|| crate::data::send_until(&h, 32, &stop));
+        let h_rx = sc.spawn(|| recv_digest(&h, u64::MAX, 65536));
+        let g_rx = sc.spawn(|| recv_digest(&g, u64::MAX, 65536));
+        let r = (|| -> Result<()> {
+            for round in 0..UPGRADES {
+                thread::sleep(Duration::from_millis(200));
+                let (pid, v) = crate::upgrade::upgrade(control, &[])
+                    .with_context(|| format!("upgrade {round}"))?;
+                current.0 = Some(pid);
+                pauses.push(v["pause_us"][0].as_u64().unwrap_or(0));
+            }
+            thread::sleep(Duration::from_millis(200));
+            Ok(())
+        })();
+        stop.store(true, Ordering::SeqCst);
+        let join = |r: thread::Result<std::io::Result<_>>, what: &str| {
+            r.map_err(|_| anyhow::anyhow!("{what} panicked"))?
+                .with_context(|| what.to_string())
+        };
+        let sent_g = join(g_tx.join(), "guest send")?;
+        g.shutdown(false, true)?;
+        let sent_h = join(h_tx.join(), "host send")?;
+        h.shutdown(Shutdown::Write)?;
+        let got_h = join(h_rx.join(), "host receive")?;
+        let got_g = join(g_rx.join(), "guest receive")?;
+        r?;
+        ensure!(
+            sent_g == got_h,
+            "guest -> host: sent {sent_g:?}, got {got_h:?}"
+        );
+        ensure!(
+            sent_h == got_g,
+            "host -> guest: sent {sent_h:?}, got {got_g:?}"
+        );
+        Ok(())
+    })?;
+    let rsts = vm
+        .guest
+        .packets_since(seq)
+        .iter()
+        .filter(|p| p.hdr.op == OP_RST)
+        .count();
+    ensure!(rsts == 0, "{rsts} RST packets during the upgrades");
+    // The held forward-listen connection, both ways.
+    std::io::Write::write_all(&mut &held_h, b"held")?;
+    let mut b = [0u8; 4];
+    let mut at = 0;
+    while at < 4 {
+        let n = held_g.recv(&mut b[at..])?;
+        ensure!(n > 0, "held connection: guest saw EOF");
+        at += n;
+    }
+    ensure!(&b == b"held", "held connection host -> guest: {b:?}");
+    held_g.send(b"back")?;
+    std::io::Read::read_exact(&mut &held_h, &mut b)?;
+    ensure!(&b == b"back", "held connection guest -> host: {b:?}");
+    // New connections both ways, served by the newest daemon.
+    let (g, h) = g2h(&vm, &l, 5006, SockType::Stream)?;
+    both_ways(&g, &h, 1 << 20)?;
+    let h = VsockSocket::connect_retry(CID_LOCAL, LISTEN[0], SockType::Stream, STEP)?;
+    h.set_timeout(STEP)?;
+    let mut g = gl.accept(STEP)?;
+    g.set_timeout(STEP);
+    both_ways(&g, &h, 1 << 20)?;
+    ensure!(
+        vm.guest.events().is_empty(),
+        "the guest saw events {:?}",
+        vm.guest.events()
+    );
+    vm.guest.health()?;
+    ensure!(
+        vm.sim.is_connected(),
+        "the VMM lost its vhost-user connection"
+    );
+    let (ok, st) = crate::harness::ctl(control, &["status"])?;
+    ensure!(
+        ok && st["vms"][0]["frontend"] == true,
+        "status after the upgrades: {st}"
+    );
+    vm.shutdown();
+    Ok(format!(
+        "upgrades={UPGRADES} pause_us={}",
+        pauses
+            .iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    ))
 }
 
 /// One benchmark run of `kind`'s forward path in this guest: guest -> AF_VSOCK and back

@@ -4,7 +4,9 @@
 //! forward paths one after the other. Every result is an `@@` line on stdout (the serial
 //! console): `@@ OK <case> ...`, `@@ FAIL <case> <reason>`, then `@@ DONE`.
 
-use vhost_plug_tests::forward::{bench, forwarding_daemon, restart, run_case, CASES, LISTEN};
+use vhost_plug_tests::forward::{
+    bench, forwarding_daemon, restart, run_case, upgrade, CASES, LISTEN,
+};
 use vhost_plug_tests::DaemonKind;
 
 fn report(case: &str, r: anyhow::Result<String>) {
@@ -24,10 +26,20 @@ fn test() {
         Err(e) => return report("setup", Err(e)),
     };
     println!("@@ OK setup");
+    let mut running = Some((setup, vm));
     for case in CASES {
         println!("@@ BEGIN {case}");
+        if case == "upgrade" {
+            report(case, upgrade());
+            continue;
+        }
+        let Some((setup, vm)) = running.take() else {
+            report(case, Err(anyhow::anyhow!("no daemon left to run it on")));
+            continue;
+        };
         if case == "restart" {
-            return report(case, restart(setup, vm));
+            report(case, restart(setup, vm));
+            continue;
         }
         let r = run_case(case, &setup, &vm).map_err(|e| {
             let log = setup.daemon.stderr();
@@ -35,6 +47,7 @@ fn test() {
             anyhow::anyhow!("{e:#} || daemon log, newest first: {}", tail.join(" / "))
         });
         report(case, r);
+        running = Some((setup, vm));
     }
 }
 
