@@ -5,11 +5,26 @@
 //! never refused, and a port the kernel chose for `:0` stays the same).
 
 use std::os::fd::OwnedFd;
-use std::sync::OnceLock;
+use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use tracing::warn;
 
 static METRICS: OnceLock<OwnedFd> = OnceLock::new();
+/// `true` once an upgrade handed the metrics listening socket over: this daemon accepts no
+/// more scrapers (they wait in the backlog for the new one; none is accepted here and then
+/// cut off by this process's exit).
+static PAUSED: Mutex<bool> = Mutex::new(false);
+
+/// The metrics endpoint's gate: it accepts and serves a scraper only while holding it and
+/// finding `false`, so once an upgrade has set it, no scraper is being served here.
+pub fn metrics_gate() -> MutexGuard<'static, bool> {
+    PAUSED.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The upgrade failed: this daemon's endpoint accepts scrapers again.
+pub fn resume_metrics() {
+    *metrics_gate() = false;
+}
 
 /// Offers the metrics endpoint's listening socket (a duplicate) to every later upgrade.
 pub fn offer_metrics(fd: OwnedFd) {
@@ -17,11 +32,12 @@ pub fn offer_metrics(fd: OwnedFd) {
 }
 
 /// Old daemon: appends a duplicate of the metrics endpoint's listening socket to `fds`, if
-/// the daemon has one; whether it did.
+/// the daemon has one, and stops accepting on it ([`metrics_gate`]); whether it did.
 pub fn append_metrics(fds: &mut Vec<OwnedFd>) -> bool {
     match METRICS.get().map(OwnedFd::try_clone) {
         Some(Ok(fd)) => {
             fds.push(fd);
+            *metrics_gate() = true;
             true
         }
         Some(Err(e)) => {

@@ -16,7 +16,7 @@
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::TcpListener;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -42,6 +42,8 @@ use crate::vm::VmHandle;
 const MAX_REQUEST_HEAD: usize = 8 * 1024;
 /// How long one scraper may take to send its request or read the answer.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the endpoint waits for a scraper before it looks at the upgrade gate again.
+const ACCEPT_POLL: Duration = Duration::from_millis(100);
 /// Most request headers parsed.
 const MAX_HEADERS: usize = 32;
 
@@ -93,6 +95,11 @@ impl MetricsServer {
             (None, MetricsAddr::Unix(p)) => Listener::Unix(bind_private_unix(p).map_err(err)?),
             (None, MetricsAddr::Tcp(a)) => Listener::Tcp(TcpListener::bind(a).map_err(err)?),
         };
+        match &listener {
+            Listener::Unix(l) => l.set_nonblocking(true),
+            Listener::Tcp(l) => l.set_nonblocking(true),
+        }
+        .map_err(err)?;
         let (local, path) = match (&listener, addr) {
             (Listener::Tcp(l), _) => (l.local_addr().map_err(err)?.to_string(), None),
             (Listener::Unix(_), MetricsAddr::Unix(p)) => {
@@ -137,10 +144,26 @@ impl MetricsServer {
         render(&self.registry, openmetrics)
     }
 
-    /// Serves scrapers forever, one at a time.
+    /// Serves scrapers forever, one at a time. The listening socket is non-blocking and
+    /// polled: during a live upgrade it is shared with the other daemon, and this one stops
+    /// accepting while [`crate::listenset::metrics_gate`] says so (scrapers wait in the backlog
+    /// for the new daemon; none is accepted here and then dropped by this one's exit).
     pub fn run(self) {
         info!(addr = %self.local, "metrics endpoint ready");
+        let fd = match &self.listener {
+            Listener::Unix(l) => l.as_raw_fd(),
+            Listener::Tcp(l) => l.as_raw_fd(),
+        };
         loop {
+            if !readable(fd, ACCEPT_POLL) {
+                continue;
+            }
+            let paused = crate::listenset::metrics_gate();
+            if *paused {
+                drop(paused);
+                std::thread::sleep(ACCEPT_POLL);
+                continue;
+            }
             let r = match &self.listener {
                 Listener::Unix(l) => l.accept().map(|(s, _)| {
                     let _ = s.set_read_timeout(Some(CLIENT_TIMEOUT));
@@ -154,9 +177,12 @@ impl MetricsServer {
                     serve(s, &self.registry)
                 }),
             };
+            drop(paused);
             match r {
                 Ok(Err(e)) => debug!(error = %e, "metrics client"),
                 Ok(Ok(())) => {}
+                // The other daemon of a live upgrade took it first.
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(e) => {
                     warn!(error = %e, "metrics endpoint: accept failed");
                     // EMFILE and friends: do not spin.
@@ -165,6 +191,17 @@ impl MetricsServer {
             }
         }
     }
+}
+
+/// Whether `fd` became readable within `t`.
+fn readable(fd: std::os::fd::RawFd, t: Duration) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `p` is one valid pollfd for the duration of the call.
+    unsafe { libc::poll(&mut p, 1, t.as_millis() as libc::c_int) > 0 }
 }
 
 /// The handed-over listening socket `fd`, if it is what `addr` asks for: the same kind and

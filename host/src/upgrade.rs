@@ -219,7 +219,8 @@ pub fn run_old(binary: Option<PathBuf>, vms: &[VmHandle]) -> Result<Report, Upgr
     if RUNNING.swap(true, Ordering::AcqRel) {
         return Err(UpgradeError::Busy);
     }
-    let r = upgrade(binary, vms);
+    // Failed, this daemon goes on serving, scrapers included.
+    let r = upgrade(binary, vms).inspect_err(|_| crate::listenset::resume_metrics());
     RUNNING.store(false, Ordering::Release);
     r
 }

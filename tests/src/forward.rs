@@ -456,13 +456,35 @@ fn upgrade_on(
         "status after the upgrades: {st}"
     );
     vm.shutdown();
+    // Where the pauses went, from the daemons' own log lines.
+    let log = setup.daemon.stderr();
+    let fields = |msg: &str, keys: &[&str]| -> String {
+        log.lines()
+            .filter(|l| l.contains(msg))
+            .map(|l| {
+                keys.iter()
+                    .filter_map(|k| l.split_whitespace().find(|w| w.starts_with(k)))
+                    .collect::<Vec<_>>()
+                    .join("/")
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    };
     Ok(format!(
-        "upgrades={UPGRADES} pause_us={}",
+        "upgrades={UPGRADES} pause_us={} quiesce={} adopt={}",
         pauses
             .iter()
             .map(u64::to_string)
             .collect::<Vec<_>>()
-            .join(",")
+            .join(","),
+        fields(
+            "quiesced for a live upgrade",
+            &["stopped_us=", "encoded_us="]
+        ),
+        fields(
+            "adopted a live-upgraded session",
+            &["restored_us=", "replayed_us="]
+        ),
     ))
 }
 

@@ -334,3 +334,113 @@ fn non_loopback_metrics_address_is_refused() -> Result<()> {
     ensure!(err.contains("not a loopback address"), "stderr: {err}");
     Ok(())
 }
+
+/// `ctl upgrade` hands the endpoint's listening socket to the new daemon: the address stays
+/// the same (also a kernel-chosen TCP port), a scraper looping through the upgrade is never
+/// refused or cut off, and after it the new process answers: the open connection it
+/// adopted is there, its byte counters start again from zero (a counter reset, which
+/// Prometheus expects of a new process) and count the traffic since.
+fn endpoint_across_an_upgrade(transport: Transport) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let control = dir.path().join("ctl");
+    let c = control.display().to_string();
+    let metrics_arg = match transport {
+        Transport::Unix => format!("unix:{}", dir.path().join("metrics.sock").display()),
+        Transport::Tcp => "127.0.0.1:0".to_string(),
+    };
+    let s = Setup::with(
+        DaemonKind::VhostPlug,
+        |d| vec![VmSpec::new(d, 3)],
+        &["--metrics", &metrics_arg, "--control-socket", &c],
+    )?;
+    let ep = match transport {
+        Transport::Unix => Endpoint::Unix(dir.path().join("metrics.sock")),
+        Transport::Tcp => Endpoint::Tcp(s.daemon.metrics_addr(PROMPT)?),
+    };
+    let mut current = vhost_plug_tests::upgrade::Current(None);
+    let r = (|| -> Result<()> {
+        let vm = s.boot(0)?;
+        let uds = vm.spec.uds_path.clone();
+        let l = host_listen(&uds, 1234)?;
+        let g = vm
+            .guest
+            .connect_timeout(HOST_CID, 1234, SockType::Stream, PROMPT)
+            .map_err(|e| anyhow::anyhow!("connect 1234: {e}"))?;
+        let mut h = accept_timeout(&l, HOST_TIMEOUT)?;
+        let up = vec![1u8; 10_000];
+        g.send(&up)?;
+        let mut got = vec![0u8; up.len()];
+        h.read_exact(&mut got)?;
+        let g2h = [("cid", "3"), ("direction", "guest_to_host")];
+        expect(&ep, "vhost_plug_bytes_total", &g2h, 10_000.0)?;
+
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let scraper = {
+            let (ep, stop) = (ep.clone(), stop.clone());
+            std::thread::spawn(move || -> Result<(usize, Duration)> {
+                let (mut n, mut slowest) = (0, Duration::ZERO);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let t0 = Instant::now();
+                    let sc = scrape(&ep).with_context(|| format!("scrape {n}"))?;
+                    slowest = slowest.max(t0.elapsed());
+                    value(&sc, "vhost_plug_connections_open", &[("cid", "3")])?;
+                    n += 1;
+                }
+                Ok((n, slowest))
+            })
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        let old = s.daemon.pid().context("daemon pid")?;
+        let (pid, v) = vhost_plug_tests::upgrade::upgrade(&control, &[])?;
+        current.0 = Some(pid);
+        ensure!(pid != old, "same pid after the upgrade: {v}");
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (scrapes, slowest) = scraper
+            .join()
+            .map_err(|_| anyhow::anyhow!("scraper panicked"))??;
+        ensure!(scrapes > 0, "no scrape");
+        eprintln!(
+            "[metrics {transport:?}] {scrapes} scrapes across an upgrade, slowest {slowest:?}"
+        );
+
+        let log = s.daemon.stderr();
+        let ready: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("metrics endpoint ready"))
+            .filter_map(|l| l.split_whitespace().find(|w| w.starts_with("addr=")))
+            .collect();
+        ensure!(
+            ready.len() == 2 && ready[0] == ready[1],
+            "endpoint addresses of the two daemons: {ready:?}"
+        );
+        let sc = scrape(&ep)?;
+        ensure!(value(&sc, "vhost_plug_connections_open", &[("cid", "3")])? == 1.0);
+        ensure!(value(&sc, "vhost_plug_frontend_connected", &[("cid", "3")])? == 1.0);
+        ensure!(
+            value(&sc, "vhost_plug_bytes_total", &g2h)? == 0.0,
+            "the new daemon's counters start from zero"
+        );
+        g.send(&up[..3_000])?;
+        h.read_exact(&mut got[..3_000])?;
+        expect(&ep, "vhost_plug_bytes_total", &g2h, 3_000.0)?;
+        ensure!(
+            vm.guest.events().is_empty(),
+            "guest events {:?}",
+            vm.guest.events()
+        );
+        Ok(())
+    })();
+    drop(current);
+    r.with_context(|| format!("daemon stderr:\n{}", s.daemon.stderr()))
+}
+
+#[test]
+fn tcp_metrics_endpoint_is_handed_over_by_an_upgrade() -> Result<()> {
+    endpoint_across_an_upgrade(Transport::Tcp)
+}
+
+#[test]
+fn unix_metrics_endpoint_is_handed_over_by_an_upgrade() -> Result<()> {
+    endpoint_across_an_upgrade(Transport::Unix)
+}
