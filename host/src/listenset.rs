@@ -56,17 +56,17 @@ pub struct Inherited {
     pub metrics: Option<OwnedFd>,
 }
 
-/// New daemon: splits the received `fds` into `vms` VMs' sockets (`counts` each; none given:
-/// 3 each, the hybrid ones) and the metrics endpoint's; `None` if they do not add up.
+/// New daemon: splits the received `fds` into `vms` VMs' sockets (`counts` each; none given,
+/// as from an older daemon: 3 each, the hybrid ones) and the metrics endpoint's (if
+/// `metrics`); `None` if they do not add up.
 pub fn split(
     fds: Vec<OwnedFd>,
-    mut counts: Vec<usize>,
-    metrics: bool,
+    counts: Option<Vec<usize>>,
+    metrics: Option<bool>,
     vms: usize,
 ) -> Option<Inherited> {
-    if counts.is_empty() {
-        counts = vec![3; vms];
-    }
+    let counts = counts.unwrap_or_else(|| vec![3; vms]);
+    let metrics = metrics.unwrap_or(false);
     let want = counts.iter().sum::<usize>() + usize::from(metrics);
     if counts.len() != vms || fds.len() != want {
         return None;

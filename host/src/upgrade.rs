@@ -5,10 +5,9 @@
 //! SOCK_SEQPACKET socketpair ([`crate::upchan`]) named by `VHOST_PLUG_UPGRADE_FD`. Then:
 //! 1. new -> old `hello` with its record version; a different version is refused and the new
 //!    process exits; nothing has moved.
-//! 2. old -> new `listeners`: the VMs' listening sockets (vhost-user, then stream and
-//!    seqpacket, or the `forward-listen` AF_VSOCK ones) and the metrics endpoint's; the new
-//!    daemon builds its VMs and endpoint on them (same configuration required) and answers
-//!    `ready`. No listening socket is ever closed, so no connect is refused meanwhile.
+//! 2. old -> new `listeners`: every VM's listening sockets (vhost-user, then stream and
+//!    seqpacket or the `forward-listen` ones) and the metrics endpoint's, never closed; the new
+//!    daemon builds on them (same configuration required) and answers `ready`.
 //! 3. old -> new `parked`: for every VM, duplicates of its connected vhost-user socket and
 //!    its setup record with the record's fds. The new daemon holds them and touches
 //!    nothing (it never reads those sockets) unless the old process dies: then it takes
@@ -118,12 +117,9 @@ enum Wire {
         vms: Vec<u64>,
         /// Open connections over all VMs: the fds the new daemon is about to receive.
         connections: usize,
-        /// Listening sockets of each VM, in `vms` order (absent: 3 each, the hybrid ones).
-        #[serde(default)]
-        counts: Vec<usize>,
-        /// The metrics endpoint's listening socket follows the VMs' ones.
-        #[serde(default)]
-        metrics: bool,
+        /// Listening sockets per VM in `vms` order (absent: 3 each), then the metrics one.
+        counts: Option<Vec<usize>>,
+        metrics: Option<bool>,
     },
     Ready,
     Vm {
@@ -219,7 +215,6 @@ pub fn run_old(binary: Option<PathBuf>, vms: &[VmHandle]) -> Result<Report, Upgr
     if RUNNING.swap(true, Ordering::AcqRel) {
         return Err(UpgradeError::Busy);
     }
-    // Failed, this daemon goes on serving, scrapers included.
     let r = upgrade(binary, vms).inspect_err(|_| crate::listenset::resume_metrics());
     RUNNING.store(false, Ordering::Release);
     r
@@ -343,14 +338,12 @@ fn exchange(
         Wire::Hello { .. } => {}
         _ => return Err(UpgradeError::Protocol),
     }
-    let mut fds = Vec::with_capacity(vms.len() * 3);
-    let mut counts = Vec::with_capacity(vms.len());
+    let (mut fds, mut counts) = (Vec::with_capacity(vms.len() * 3), Vec::new());
     for v in vms {
-        let l = post(v, UpgradeCmd::Listeners)??;
-        counts.push(l.len());
-        fds.extend(l);
+        let n = fds.len();
+        fds.extend(post(v, UpgradeCmd::Listeners)??);
+        counts.push(fds.len() - n);
     }
-    let metrics = crate::listenset::append_metrics(&mut fds);
     let connections: usize = vms
         .iter()
         .map(|v| v.stats.connections.load(Ordering::Relaxed))
@@ -359,8 +352,8 @@ fn exchange(
         record_version: RECORD_VERSION,
         vms: vms.iter().map(|v| v.cid).collect(),
         connections,
-        counts,
-        metrics,
+        counts: Some(counts),
+        metrics: Some(crate::listenset::append_metrics(&mut fds)),
     };
     // Room for the duplicates the quiesce makes, grown now rather than during a pause.
     crate::scm::reserve_fds(chan, connections + 64 * vms.len());
@@ -624,10 +617,9 @@ pub fn receive_listeners(
             metrics,
             ..
         } => {
-            let got = crate::listenset::split(m.fds, counts, metrics, cids.len())
-                .ok_or_else(|| refuse("listening sockets missing".into()))?;
             crate::scm::reserve_fds(chan, connections.min(1 << 20) + 64 * cids.len());
-            Ok(got)
+            crate::listenset::split(m.fds, counts, metrics, cids.len())
+                .ok_or_else(|| refuse("listening sockets missing".into()))
         }
         Wire::Refused { reason } => Err(UpgradeError::Refused(reason)),
         _ => Err(UpgradeError::Protocol),
