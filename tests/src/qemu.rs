@@ -311,13 +311,42 @@ impl QemuRig {
         extra_args: &[&str],
         adjust: impl FnOnce(VmSpec) -> VmSpec,
     ) -> Result<QemuRig> {
+        Self::new_full(kind, name, cid, extra_args, &[], adjust)
+    }
+
+    /// [`QemuRig::new`] with extra environment variables for the daemon (e.g. the live
+    /// upgrade's test-only fault points).
+    pub fn new_env(
+        kind: DaemonKind,
+        name: &str,
+        cid: u64,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<QemuRig> {
+        Self::new_full(kind, name, cid, extra_args, env, |spec| spec)
+    }
+
+    fn new_full(
+        kind: DaemonKind,
+        name: &str,
+        cid: u64,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+        adjust: impl FnOnce(VmSpec) -> VmSpec,
+    ) -> Result<QemuRig> {
         let image = guest_image()?;
         let dir = tempfile::Builder::new()
             .prefix("vhost-plug-guest")
             .tempdir()
             .context("creating temp dir")?;
         let spec = adjust(VmSpec::new(dir.path(), cid));
-        let daemon = Daemon::spawn(kind, dir.path(), std::slice::from_ref(&spec), extra_args)?;
+        let daemon = Daemon::spawn_with_env(
+            kind,
+            dir.path(),
+            std::slice::from_ref(&spec),
+            extra_args,
+            env,
+        )?;
         Ok(QemuRig {
             qemu: None,
             daemon,
