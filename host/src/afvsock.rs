@@ -7,7 +7,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
-use crate::sys::UnixKind;
+use crate::sys::{self, UnixKind};
 
 /// Any CID (`VMADDR_CID_ANY`): listeners take connections addressed to every local CID.
 pub const CID_ANY: u32 = libc::VMADDR_CID_ANY;
@@ -57,15 +57,7 @@ pub fn connect(cid: u32, port: u32, kind: UnixKind) -> io::Result<(OwnedFd, bool
             ADDR_LEN,
         )
     };
-    if r == 0 {
-        return Ok((fd, true));
-    }
-    let e = io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::EINPROGRESS) {
-        Ok((fd, false))
-    } else {
-        Err(e)
-    }
+    Ok((fd, sys::connect_started(r)?))
 }
 
 /// Listens on `port` for any CID.

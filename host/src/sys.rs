@@ -341,12 +341,18 @@ pub fn tcp_connect(addr: &std::net::SocketAddr) -> io::Result<(OwnedFd, bool)> {
             len as libc::socklen_t,
         )
     };
+    Ok((fd, connect_started(r)?))
+}
+
+/// The outcome of a non-blocking `connect(2)` that returned `r`: connected already (true),
+/// under way (false: the socket becomes writable once the peer answered), or the error.
+pub fn connect_started(r: libc::c_int) -> io::Result<bool> {
     if r == 0 {
-        return Ok((fd, true));
+        return Ok(true);
     }
     let e = io::Error::last_os_error();
     if e.raw_os_error() == Some(libc::EINPROGRESS) {
-        Ok((fd, false))
+        Ok(false)
     } else {
         Err(e)
     }
