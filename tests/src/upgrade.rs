@@ -3,7 +3,7 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 
@@ -125,4 +125,19 @@ pub fn new_pid(log: &str) -> Result<u32> {
         .take_while(char::is_ascii_digit)
         .collect();
     Ok(digits.parse()?)
+}
+
+/// `ctl status` once the new daemon of an upgrade has bound the control socket, waiting at
+/// most `timeout`.
+pub fn status_when_up(control: &Path, timeout: Duration) -> Result<serde_json::Value> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok((true, v)) = ctl(control, &["status"]) {
+            return Ok(v);
+        }
+        if Instant::now() >= deadline {
+            bail!("ctl does not reach the new daemon");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

@@ -10,14 +10,13 @@ use std::io::{Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 
 use vhost_plug_tests::harness::ctl;
 use vhost_plug_tests::host::{accept_timeout, host_listen};
 use vhost_plug_tests::qemu::{connect_retry, guest_lock, read_to_eof, QemuRig as Rig, STEP};
-use vhost_plug_tests::upgrade::{new_pid, upgrade, Current};
+use vhost_plug_tests::upgrade::{new_pid, status_when_up, upgrade, Current};
 use vhost_plug_tests::DaemonKind;
 
 const CID: u64 = 3;
@@ -264,7 +263,7 @@ fn killed(rig: &mut Rig, o: &mut Open, dir: &Path, current: &mut Current) -> Res
         .join()
         .map_err(|_| anyhow::anyhow!("ctl panicked"))?;
     ensure!(!matches!(r, Ok((true, _))), "ctl upgrade succeeded: {r:?}");
-    let st = status_when_up(&control)?;
+    let st = status_when_up(&control, STEP)?;
     ensure!(
         st["vms"].as_array().map(Vec::len) == Some(1),
         "status from the new daemon: {st}"
@@ -310,18 +309,4 @@ fn killed(rig: &mut Rig, o: &mut Open, dir: &Path, current: &mut Current) -> Res
         "the new daemon did not reject the old tick stream's packet"
     );
     Ok(())
-}
-
-/// `ctl status` once the new daemon has bound the control socket.
-fn status_when_up(control: &Path) -> Result<serde_json::Value> {
-    let deadline = Instant::now() + STEP;
-    loop {
-        if let Ok((true, v)) = ctl(control, &["status"]) {
-            return Ok(v);
-        }
-        if Instant::now() >= deadline {
-            bail!("ctl does not reach the new daemon");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }

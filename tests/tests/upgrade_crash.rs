@@ -9,13 +9,12 @@
 //! Run: `cargo test -p vhost-plug-tests --release --test upgrade_crash -- --nocapture`.
 
 use std::io::Read;
-use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use vhost_plug_tests::harness::{ctl, Setup};
 use vhost_plug_tests::packet::EVENT_TRANSPORT_RESET;
-use vhost_plug_tests::upgrade::{both_ways, new_pid, open_conns, Current};
+use vhost_plug_tests::upgrade::{both_ways, new_pid, open_conns, status_when_up, Current};
 use vhost_plug_tests::{Daemon, DaemonKind, VmSpec};
 
 const PROMPT: Duration = Duration::from_secs(10);
@@ -97,7 +96,7 @@ fn a_setup_changed_during_the_upgrade_is_taken_over_as_changed() -> Result<()> {
         current.0 = Some(new_pid(&log)?);
         s.daemon.kill();
         let _ = upgrading.join();
-        status_when_up(&control)?;
+        status_when_up(&control, PROMPT)?;
         let vm = &mut booted[2];
         ensure!(vm.sim.read_guest_cid()? == CIDS[2], "VM 5: wrong guest CID");
         ensure!(
@@ -116,20 +115,6 @@ fn a_setup_changed_during_the_upgrade_is_taken_over_as_changed() -> Result<()> {
         Ok(())
     })();
     res.with_context(|| format!("daemon log:\n{}", s.daemon.stderr()))
-}
-
-/// `ctl status` once the new daemon has bound the control socket.
-fn status_when_up(control: &Path) -> Result<serde_json::Value> {
-    let deadline = Instant::now() + PROMPT;
-    loop {
-        if let Ok((true, v)) = ctl(control, &["status"]) {
-            return Ok(v);
-        }
-        if Instant::now() >= deadline {
-            bail!("ctl does not reach the new daemon");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Upgrades with the old daemon stopping at `step`, kills it there, and checks that the
@@ -178,7 +163,7 @@ fn crash_at(step: &str, adopted: usize) -> Result<()> {
             .join()
             .map_err(|_| anyhow::anyhow!("ctl panicked"))?;
         ensure!(!matches!(r, Ok((true, _))), "ctl upgrade succeeded: {r:?}");
-        let st = status_when_up(&control)?;
+        let st = status_when_up(&control, PROMPT)?;
         ensure!(
             st["vms"].as_array().map(Vec::len) == Some(CIDS.len()),
             "status from the new daemon: {st}"
